@@ -1,0 +1,257 @@
+"""Typed, frozen configuration objects. Each validates itself when built.
+
+``ExtractionConfig`` holds what a user chooses for extraction; ``models``/``features`` change the
+features (they are fingerprinted into every store), ``runtime`` only changes where and how fast
+the work runs. Presets are TOML files with the same three tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from tidy_detect.errors import ConfigError, UnknownNameError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+GLOBAL_VIEWS = ("center-crop", "clip")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+# Chunks that name a part of the picture rather than an object in it ("a close" from "a close up
+# of", "front" from "in front of", "the image"). Compared with the chunk's root lemma, lower case.
+DEFAULT_PHRASE_STOPLIST = (
+    "close", "closeup", "close-up", "front", "back", "side", "top", "bottom", "middle", "center",
+    "left", "right", "background", "foreground", "image", "picture", "photo", "photograph",
+    "view", "shot", "scene", "frame", "painting", "drawing", "illustration", "rendering",
+    "render", "screenshot", "lot", "couple", "bunch", "pair", "group", "kind", "type", "variety",
+    "number", "it", "this", "that", "there", "what", "which", "who", "one", "something", "thing",
+)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which models extraction uses: registered names, hub ids or local folders.
+
+    ``captioner_model``/``grounder_model`` of ``None`` mean the adapter's default checkpoint.
+    """
+
+    clip: str = "openai/clip-vit-large-patch14"
+    captioner: str = "blip2"
+    captioner_model: str | None = None
+    grounder: str = "grounding-dino"
+    grounder_model: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("clip", "captioner", "grounder"):
+            value = getattr(self, name)
+            _check(isinstance(value, str) and value.strip() != "",
+                   f"models.{name} must be a non-empty string, got {value!r}")
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Choices that change the extracted features; all are written into every store.
+
+    ``None`` for ``view_size``, ``caption_prompt``, ``box_threshold`` and ``text_threshold`` means
+    "the model's own default"; the store records the resolved value.
+    """
+
+    global_view: str = "center-crop"
+    view_size: int | None = None
+    caption_prompt: str | None = None
+    caption_max_tokens: int = 30
+    caption_num_beams: int = 1
+    max_objects: int = 6
+    box_threshold: float | None = None
+    text_threshold: float | None = None
+    phrase_stoplist: tuple[str, ...] = DEFAULT_PHRASE_STOPLIST
+
+    def __post_init__(self) -> None:
+        _check(self.global_view in GLOBAL_VIEWS,
+               f"features.global_view must be one of {', '.join(GLOBAL_VIEWS)}, got {self.global_view!r}")
+        _check(self.view_size is None or (isinstance(self.view_size, int) and self.view_size >= 8),
+               f"features.view_size must be an integer >= 8 or unset, got {self.view_size!r}")
+        _check(isinstance(self.caption_max_tokens, int) and 1 <= self.caption_max_tokens <= 512,
+               f"features.caption_max_tokens must be in [1, 512], got {self.caption_max_tokens!r}")
+        _check(isinstance(self.caption_num_beams, int) and self.caption_num_beams >= 1,
+               f"features.caption_num_beams must be >= 1, got {self.caption_num_beams!r}")
+        _check(isinstance(self.max_objects, int) and 0 <= self.max_objects <= 64,
+               f"features.max_objects must be in [0, 64], got {self.max_objects!r}")
+        for name in ("box_threshold", "text_threshold"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, (int, float)) and 0.0 <= value <= 1.0),
+                   f"features.{name} must be in [0, 1] or unset, got {value!r}")
+        if not isinstance(self.phrase_stoplist, tuple):
+            object.__setattr__(self, "phrase_stoplist", tuple(self.phrase_stoplist))
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how fast extraction runs. Does not change the features' meaning."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 8
+    num_workers: int = 2
+    max_pixels: int = 100_000_000
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in DTYPES, f"runtime.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith(("cuda", "mps")),
+               f"runtime.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
+               f"runtime.batch_size must be >= 1, got {self.batch_size!r}")
+        _check(isinstance(self.num_workers, int) and self.num_workers >= 0,
+               f"runtime.num_workers must be >= 0, got {self.num_workers!r}")
+        _check(isinstance(self.max_pixels, int) and self.max_pixels >= 1,
+               f"runtime.max_pixels must be >= 1, got {self.max_pixels!r}")
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """Everything extraction needs to know: models, feature choices, runtime."""
+
+    models: ModelConfig = field(default_factory=ModelConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "models": dataclasses.asdict(self.models),
+            "features": {**dataclasses.asdict(self.features),
+                         "phrase_stoplist": list(self.features.phrase_stoplist)},
+            "runtime": dataclasses.asdict(self.runtime),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> "ExtractionConfig":
+        """Build from nested tables ``models``/``features``/``runtime``; unknown keys are errors."""
+        sections = {"models": ModelConfig, "features": FeatureConfig, "runtime": RuntimeConfig}
+        unknown = sorted(set(data) - set(sections))
+        if unknown:
+            raise ConfigError(f"{source}: unknown table {unknown[0]!r}; known tables: {', '.join(sections)}")
+        built = {}
+        for name, kind in sections.items():
+            built[name] = _build(kind, data.get(name, {}), f"{source}: [{name}]")
+        return cls(**built)
+
+    def updated(self, **sections: Mapping[str, Any]) -> "ExtractionConfig":
+        """A copy with some fields replaced, e.g. ``updated(models={"grounder": "none"})``.
+
+        ``None`` values are ignored, so CLI options left unset keep the preset's value.
+        """
+        current = {"models": self.models, "features": self.features, "runtime": self.runtime}
+        for name, changes in sections.items():
+            if name not in current:
+                raise ConfigError(f"unknown config table {name!r}; known tables: {', '.join(current)}")
+            changes = {k: v for k, v in changes.items() if v is not None}
+            if changes:
+                valid = {f.name for f in fields(current[name])}
+                for key in changes:
+                    if key not in valid:
+                        raise ConfigError(f"unknown {name} option {key!r}; known: {', '.join(sorted(valid))}")
+                current[name] = dataclasses.replace(current[name], **changes)
+        return ExtractionConfig(**current)
+
+
+def _build(kind: type, values: Any, where: str):
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where} must be a table of options, got {type(values).__name__}")
+    valid = {f.name for f in fields(kind)}
+    for key in values:
+        if key not in valid:
+            raise ConfigError(f"{where}: unknown option {key!r}; known: {', '.join(sorted(valid))}")
+    try:
+        return kind(**values)
+    except TypeError as exc:  # e.g. a list where a string belongs
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+
+def builtin_presets() -> dict[str, Path]:
+    """Presets shipped with the package, by name."""
+    return {p.stem: p for p in sorted(PRESET_DIR.glob("*.toml"))}
+
+
+def preset_description(path: Path) -> str:
+    """The first comment line of a preset file, used by ``models list``."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def load_preset(name_or_path: str | Path) -> ExtractionConfig:
+    """Read a preset by built-in name or TOML file path.
+
+    Relative model paths in a preset file are resolved against the file's folder, so a bundle of
+    local models can be moved together with its preset.
+
+    Raises:
+        UnknownNameError: neither a built-in preset nor an existing file.
+        ConfigError: the file is not valid TOML or has unknown or invalid options.
+    """
+    presets = builtin_presets()
+    path = Path(name_or_path)
+    if str(name_or_path) in presets:
+        path = presets[str(name_or_path)]
+    elif not path.is_file():
+        raise UnknownNameError(
+            f"Unknown preset {str(name_or_path)!r}: not a built-in preset and no such file. "
+            f"Known presets: {', '.join(presets)}; or pass the path of a TOML file."
+        )
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"preset {path}: not valid TOML ({exc})") from exc
+    models = dict(data.get("models", {}))
+    for key in ("clip", "captioner_model", "grounder_model"):
+        value = models.get(key)
+        if isinstance(value, str) and value.startswith(("./", "../")):
+            models[key] = str((path.parent / value).resolve())
+    if models:
+        data = {**data, "models": models}
+    return ExtractionConfig.from_dict(data, source=f"preset {path}")
+
+
+REPRESENTATIONS = ("both", "global", "local", "image", "text")
+
+
+@dataclass(frozen=True)
+class RepresentationConfig:
+    """How stored embeddings become the head's input vector.
+
+    ``kind``: ``both`` (w1·D_g + w2·D_l), ``global`` (D_g), ``local`` (D_l), ``image`` (I0) or
+    ``text`` (T0). ``normalize`` L2-normalises every embedding before differences are taken.
+    """
+
+    kind: str = "both"
+    w1: float = 1.0
+    w2: float = 1.0
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.kind in REPRESENTATIONS,
+               f"representation must be one of {', '.join(REPRESENTATIONS)}, got {self.kind!r}")
+        for name in ("w1", "w2"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+                   f"{name} must be >= 0, got {value!r}")
+        _check(self.kind != "both" or self.w1 + self.w2 > 0,
+               f"w1 + w2 must be > 0 for the 'both' representation, got w1={self.w1}, w2={self.w2}")
+        _check(isinstance(self.normalize, bool), f"normalize must be true or false, got {self.normalize!r}")

@@ -1,0 +1,206 @@
+"""Detection: a trained head plus the extractor it was trained with, and per-image explanations.
+
+``Detector.load(head)`` rebuilds the extractor from the extraction config stored in the head.
+Model sources may be overridden (a local copy of the same checkpoint, say); after loading, the
+models' fingerprint must match the head's, so features from other models are an error rather
+than a silently wrong score.
+
+A detection record (the same for the CLI, the Python API and the web service)::
+
+    {"path", "sha256", "width", "height", "p_fake", "label": "fake"|"real", "caption",
+     "objects": [{"phrase", "box": [x0, y0, x1, y1], "box_score", "discrepancy"}],
+     "global_discrepancy", "error"}
+
+``discrepancy`` is 1 - cos(I_i, T_i) for an object and 1 - cos(I0, T0) for the whole image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from tidy_detect.config import ExtractionConfig, FeatureConfig, ModelConfig, RepresentationConfig, RuntimeConfig
+from tidy_detect.data.inputs import ImageItem
+from tidy_detect.errors import CheckpointError, ConfigError, ImageError
+from tidy_detect.features import discrepancy
+from tidy_detect.features.extractor import ExtractionSummary, Extractor, iter_rows, rows_for_batch
+from tidy_detect.features.store import config_differences, config_fingerprint
+from tidy_detect.head import DiscrepancyHead
+from tidy_detect.images import load_image
+
+MODEL_OVERRIDES = ("clip", "captioner", "captioner_model", "grounder", "grounder_model")
+
+
+def config_from_extraction(extraction: dict[str, Any], runtime: RuntimeConfig | None = None,
+                           **model_overrides: str | None) -> ExtractionConfig:
+    """The ExtractionConfig that reproduces a recorded extraction (a store's or a head's)."""
+    clip, cap, grd, phr = (extraction.get(k, {}) for k in ("clip", "captioner", "grounder", "phrases"))
+    models = ModelConfig(clip=clip["source"], captioner=cap["name"], captioner_model=cap.get("source"),
+                         grounder=grd["name"], grounder_model=grd.get("source"))
+    unknown = set(model_overrides) - set(MODEL_OVERRIDES)
+    if unknown:
+        raise ConfigError(f"unknown model override {sorted(unknown)[0]!r}; known: {', '.join(MODEL_OVERRIDES)}")
+    changes = {k: v for k, v in model_overrides.items() if v is not None}
+    if changes:
+        models = dataclasses.replace(models, **changes)
+    defaults = FeatureConfig()
+    features = FeatureConfig(
+        global_view=clip.get("global_view", defaults.global_view), view_size=clip.get("view_size"),
+        caption_prompt=cap.get("prompt"), caption_max_tokens=cap.get("max_tokens", defaults.caption_max_tokens),
+        caption_num_beams=cap.get("num_beams", defaults.caption_num_beams),
+        max_objects=phr.get("max_objects", defaults.max_objects),
+        box_threshold=grd.get("box_threshold"), text_threshold=grd.get("text_threshold"),
+        phrase_stoplist=tuple(phr.get("stoplist", defaults.phrase_stoplist)),
+    )
+    return ExtractionConfig(models, features, runtime or RuntimeConfig())
+
+
+def check_compatible(expected: dict[str, Any], actual: dict[str, Any], what: str) -> None:
+    """Raise CheckpointError when two extraction configs would give different features."""
+    if config_fingerprint(expected) != config_fingerprint(actual):
+        diffs = config_differences(expected, actual)
+        raise CheckpointError(
+            f"{what} was trained on features from other models or settings than these: "
+            f"{'; '.join(d.replace('store has', 'head has') for d in diffs[:5])}. "
+            f"Override a model only with a copy of the same checkpoint (e.g. a local folder)."
+        )
+
+
+def _object_records(row: dict[str, Any]) -> list[dict[str, Any]]:
+    local_i = np.asarray(row.get("local_images") if row.get("local_images") is not None else [], np.float32)
+    local_t = np.asarray(row.get("local_texts") if row.get("local_texts") is not None else [], np.float32)
+    scores = discrepancy.cosine_discrepancy(local_i, local_t) if len(local_i) else []
+    return [{"phrase": phrase, "box": [round(float(v), 2) for v in box], "box_score": round(float(bs), 4),
+             "discrepancy": round(float(d), 4)}
+            for phrase, box, bs, d in zip(row["object_phrases"], row["boxes"], row["box_scores"], scores)]
+
+
+class Detector:
+    """A head with its extractor. Build with :meth:`load`; call :meth:`predict`."""
+
+    def __init__(self, head: DiscrepancyHead, metadata: dict[str, Any], extractor: Extractor,
+                 threshold: float = 0.5) -> None:
+        if not 0.0 <= threshold <= 1.0:
+            raise ConfigError(f"threshold must be in [0, 1], got {threshold!r}")
+        self.head = head
+        self.metadata = metadata
+        self.extractor = extractor
+        self.threshold = threshold
+        rep = metadata["representation"]
+        self.representation = RepresentationConfig(rep["kind"], rep["w1"], rep["w2"], rep["normalize"])
+
+    @classmethod
+    def load(cls, head_path: str | Path, *, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
+             num_workers: int = 2, threshold: float = 0.5, **model_overrides: str | None) -> "Detector":
+        """Load a head and the models it was trained with.
+
+        Args:
+            head_path: the ``.safetensors`` checkpoint written by ``tidy-detect train``.
+            device, dtype, batch_size, num_workers: runtime choices (any value is compatible).
+            model_overrides: ``clip``, ``captioner``, ``captioner_model``, ``grounder``, ``grounder_model``
+                to load the same checkpoints from elsewhere (e.g. a local folder).
+
+        Raises:
+            CheckpointError: unreadable head, or overridden models that give other features.
+            ModelLoadError: models that cannot be found.
+        """
+        head, metadata = DiscrepancyHead.load(head_path)
+        runtime = RuntimeConfig(device=device, dtype=dtype, batch_size=batch_size, num_workers=num_workers)
+        config = config_from_extraction(metadata["extraction"], runtime, **model_overrides)
+        extractor = Extractor(config).load()
+        check_compatible(metadata["extraction"], extractor.extraction, f"head {head_path}")
+        return cls(head, metadata, extractor, threshold)
+
+    def info(self) -> dict[str, Any]:
+        """What the head is and was trained on (for `--format json` headers and the web API)."""
+        meta = self.metadata
+        ex = meta["extraction"]
+        return {"representation": meta["representation"], "threshold": self.threshold,
+                "models": {"clip": ex["clip"].get("source"), "captioner": ex["captioner"].get("name"),
+                           "captioner_model": ex["captioner"].get("source"), "grounder": ex["grounder"].get("name"),
+                           "grounder_model": ex["grounder"].get("source")},
+                "device": self.extractor.device, "dtype": self.extractor.dtype, "head": meta["head"],
+                "training": meta.get("training", {}), "metrics": meta.get("metrics", {}),
+                "package_version": meta.get("package_version")}
+
+    # -- scoring -----------------------------------------------------------------------------
+
+    def score_rows(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Detection records for store rows (from the extractor or read back from a store)."""
+        ok = [i for i, r in enumerate(rows) if r.get("error") is None]
+        p_fake = np.zeros(len(rows))
+        global_disc = np.zeros(len(rows))
+        if ok:
+            gi = np.stack([np.asarray(rows[i]["global_image"], np.float32) for i in ok])
+            gt = np.stack([np.asarray(rows[i]["global_text"], np.float32) for i in ok])
+            dim = gi.shape[1]
+            li = [np.asarray(rows[i]["local_images"], np.float32).reshape(-1, dim) for i in ok]
+            lt = [np.asarray(rows[i]["local_texts"], np.float32).reshape(-1, dim) for i in ok]
+            X = discrepancy.representation(self.representation, gi, gt, li, lt)
+            p_fake[ok] = self.head.predict_proba(X)[:, 1]
+            global_disc[ok] = discrepancy.cosine_discrepancy(gi, gt)
+        records = []
+        for i, row in enumerate(rows):
+            record = {"path": row["path"], "sha256": row.get("sha256"), "width": row.get("width"),
+                      "height": row.get("height")}
+            if row.get("error") is not None:
+                record.update(p_fake=None, label=None, caption=None, objects=[], global_discrepancy=None,
+                              error=row["error"])
+            else:
+                record.update(p_fake=round(float(p_fake[i]), 6),
+                              label="fake" if p_fake[i] > self.threshold else "real", caption=row["caption"],
+                              objects=_object_records(row), global_discrepancy=round(float(global_disc[i]), 4),
+                              error=None)
+            records.append(record)
+        return records
+
+    def detect_items(self, items: Sequence[ImageItem], summary: ExtractionSummary | None = None
+                     ) -> Iterator[list[dict[str, Any]]]:
+        """Records for image items (paths on disk), batch by batch, in order."""
+        for rows in iter_rows(items, self.extractor, summary):
+            yield self.score_rows(rows)
+
+    def predict(self, images: Iterable[str | Path | bytes | Image.Image],
+                captions: Sequence[str | None] | None = None, names: Sequence[str] | None = None
+                ) -> list[dict[str, Any]]:
+        """Detection records for images given as paths, bytes or PIL images.
+
+        Args:
+            images: what to score; a bad image gives a record with ``error`` set, not an exception.
+            captions: captions to use with the ``provided`` captioner (one per image).
+            names: how to call in-memory images in records and messages (default ``<image N>``).
+        """
+        images = list(images)
+        captions = list(captions) if captions is not None else [None] * len(images)
+        if len(captions) != len(images):
+            raise ConfigError(f"got {len(captions)} captions for {len(images)} images")
+        decoded = []
+        max_pixels = self.extractor.config.runtime.max_pixels
+        for k, (source, caption) in enumerate(zip(images, captions)):
+            if isinstance(source, (str, Path)):
+                name = str(Path(source).absolute())
+            else:
+                name = names[k] if names is not None else f"<image {k}>"
+            try:
+                loaded = load_image(source, max_pixels=max_pixels, name=name)
+            except ImageError as exc:
+                loaded = exc
+            decoded.append((ImageItem(name, caption=caption), loaded, 0.0))
+        records = []
+        summary = ExtractionSummary(total=len(decoded))
+        batch_size = self.extractor.config.runtime.batch_size
+        for start in range(0, len(decoded), batch_size):
+            batch = decoded[start:start + batch_size]
+            by_path = {row["path"]: row for row in rows_for_batch(self.extractor, batch, summary)}
+            records.extend(self.score_rows([by_path[item.path] for item, _, _ in batch]))
+        return records
+
+
+def top_object(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The object whose crop disagrees most with its phrase (the most telling one)."""
+    objects = record.get("objects") or []
+    return max(objects, key=lambda o: o["discrepancy"]) if objects else None

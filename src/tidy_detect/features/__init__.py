@@ -1,0 +1,1 @@
+"""Discrepancy math, the batched extractor and the feature store."""

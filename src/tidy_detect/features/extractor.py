@@ -1,0 +1,466 @@
+"""Batched extraction: images -> captions -> phrases -> boxes -> CLIP embeddings -> store rows.
+
+Reader -> mapper -> writer under a small runner:
+
+- the reader decodes and hashes images in worker threads, a bounded window ahead of the models;
+- the mapper (:class:`Extractor`) runs each model stage once per batch: all captions in one
+  ``generate``, all grounding in one forward, all global views and object crops in one CLIP image
+  pass, all captions and phrases in one CLIP text pass (with a cache, since phrases repeat);
+- the writer appends one atomic shard per batch, so an interrupted run loses no finished batch and
+  a rerun skips what is done.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import platform
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from tidy_detect.config import ExtractionConfig
+from tidy_detect.data.inputs import ImageItem, InputSummary, collect_inputs
+from tidy_detect.errors import ImageError, InputError, TidyError
+from tidy_detect.features.store import FeatureStore
+from tidy_detect.features.views import crop_box
+from tidy_detect.images import LoadedImage, load_image
+
+log = logging.getLogger(__name__)
+
+STAGES = ("decode", "caption", "phrases", "ground", "clip", "write")
+
+
+@dataclass
+class ExtractionSummary:
+    """What a run did; ``stage_seconds`` sums wall time per stage (decode: worker time)."""
+
+    store: str = ""
+    total: int = 0
+    processed: int = 0
+    skipped: int = 0  # already in the store
+    copied: int = 0  # same content as another image: features copied, models not run
+    errors: int = 0
+    error_kinds: dict[str, int] = field(default_factory=dict)
+    error_examples: list[tuple[str, str]] = field(default_factory=list)
+    ignored_files: int = 0
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
+    status: str = "completed"
+
+    @property
+    def images_per_second(self) -> float:
+        done = self.processed + self.copied + self.errors
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+    def add_error(self, path: str, kind: str, message: str) -> None:
+        self.errors += 1
+        self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
+        if len(self.error_examples) < 20:
+            self.error_examples.append((path, message))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "store": self.store, "status": self.status, "total": self.total, "processed": self.processed,
+            "skipped": self.skipped, "copied": self.copied, "errors": self.errors, "error_kinds": self.error_kinds,
+            "ignored_files": self.ignored_files, "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 3),
+            "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+        }
+
+
+def error_row(item: ImageItem, error: Exception, loaded: LoadedImage | None = None) -> dict[str, Any]:
+    """A store row recording why an image has no features."""
+    kind = getattr(error, "kind", None) or ("input" if isinstance(error, InputError) else "model")
+    return {
+        "sha256": loaded.sha256 if loaded else getattr(error, "sha256", None),
+        "path": item.path, "label": item.label, "group": item.group,
+        "width": loaded.width if loaded else None, "height": loaded.height if loaded else None,
+        "format": loaded.format if loaded else None, "num_bytes": loaded.num_bytes if loaded else None,
+        "error": str(error) or type(error).__name__, "error_kind": kind,
+    }
+
+
+class Extractor:
+    """The models of one extraction config, loaded once, run batch by batch.
+
+    Use :meth:`load` (or the context of :func:`extract`) before :meth:`process`.
+    """
+
+    def __init__(self, config: ExtractionConfig | None = None) -> None:
+        self.config = config or ExtractionConfig()
+        self.clip: Any = None
+        self.captioner: Any = None
+        self.grounder: Any = None
+        self.phrases: Any = None
+        self.device = ""
+        self.dtype = ""
+        self.stage_seconds = {s: 0.0 for s in STAGES}
+
+    @property
+    def loaded(self) -> bool:
+        return self.clip is not None
+
+    def load(self) -> "Extractor":
+        """Load every model (hub ids or local folders). Raises ``ModelLoadError`` clearly."""
+        if self.loaded:
+            return self
+        from tidy_detect.models.captioners import build_captioner
+        from tidy_detect.models.clip import ClipEncoder
+        from tidy_detect.models.grounders import build_grounder
+        from tidy_detect.models.loading import resolve_device, resolve_dtype
+        from tidy_detect.models.phrases import PhraseExtractor
+        from tidy_detect.models.registry import resolve_clip
+
+        models, features, runtime = self.config.models, self.config.features, self.config.runtime
+        self.device = resolve_device(runtime.device)
+        self.dtype = resolve_dtype(runtime.dtype, self.device)
+        started = time.perf_counter()
+        self.captioner = build_captioner(models.captioner, models.captioner_model, features=features,
+                                         device=self.device, dtype=self.dtype)
+        self.grounder = build_grounder(models.grounder, models.grounder_model, features=features,
+                                       device=self.device, dtype=self.dtype)
+        self.phrases = PhraseExtractor(features.max_objects, features.phrase_stoplist)
+        self.phrases.nlp  # load now so the first batch's timing is honest
+        self.clip = ClipEncoder(resolve_clip(models.clip), device=self.device, dtype=self.dtype,
+                                global_view=features.global_view, view_size=features.view_size)
+        log.info("models loaded in %.1f s on %s (%s)", time.perf_counter() - started, self.device, self.dtype)
+        return self
+
+    @property
+    def dim(self) -> int:
+        return self.clip.dim
+
+    @property
+    def extraction(self) -> dict[str, Any]:
+        """The resolved extraction config recorded in stores and heads (fingerprinted)."""
+        self.load()
+        return {
+            "clip": self.clip.describe(),
+            "captioner": self.captioner.describe(),
+            "grounder": self.grounder.describe(),
+            "phrases": self.phrases.describe(),
+        }
+
+    def runtime_info(self) -> dict[str, Any]:
+        import torch
+        import transformers
+
+        from tidy_detect import __version__
+
+        return {"device": self.device, "dtype": self.dtype, "batch_size": self.config.runtime.batch_size,
+                "package_version": __version__, "torch_version": torch.__version__,
+                "transformers_version": transformers.__version__, "python": platform.python_version()}
+
+    def _timed(self, stage: str, fn: Callable[..., Any], *args: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.stage_seconds[stage] += time.perf_counter() - started
+
+    def process(self, items: Sequence[ImageItem], images: Sequence[LoadedImage]) -> list[dict[str, Any]]:
+        """Features for a batch of decoded images, one store row each (in order).
+
+        Raises whatever a model raises; :func:`run_extraction` isolates the failing image.
+        """
+        self.load()
+        if not items:
+            return []
+        pil = [im.image for im in images]
+        captions = self._timed("caption", self.captioner.caption, pil, [it.caption for it in items])
+        phrases = self._timed("phrases", self.phrases.extract, captions)
+        detections = self._timed("ground", self.grounder.ground, pil, phrases)
+
+        def clip_pass() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            crops = [crop_box(im, d.box) for im, dets in zip(pil, detections) for d in dets]
+            global_pixels = self.clip.global_pixels(pil)
+            crop_pixels = self.clip.crop_pixels(crops)
+            if global_pixels.shape[1:] == crop_pixels.shape[1:]:
+                both = self.clip.encode_pixels(np.concatenate([global_pixels, crop_pixels]))
+                global_emb, crop_emb = both[:len(pil)], both[len(pil):]
+            else:
+                global_emb, crop_emb = self.clip.encode_pixels(global_pixels), self.clip.encode_pixels(crop_pixels)
+            object_texts = [d.phrase for dets in detections for d in dets]
+            texts = self.clip.encode_texts(list(captions) + object_texts)
+            return global_emb, texts[:len(pil)], crop_emb, texts[len(pil):]
+
+        global_emb, caption_emb, crop_emb, phrase_emb = self._timed("clip", clip_pass)
+        rows = []
+        offset = 0
+        for k, (item, image) in enumerate(zip(items, images)):
+            dets = detections[k]
+            n = len(dets)
+            rows.append({
+                "sha256": image.sha256, "path": item.path, "label": item.label, "group": item.group,
+                "width": image.width, "height": image.height, "format": image.format, "num_bytes": image.num_bytes,
+                "caption": captions[k], "phrases": list(phrases[k]),
+                "object_phrases": [d.phrase for d in dets], "boxes": [list(d.box) for d in dets],
+                "box_scores": [d.score for d in dets],
+                "global_image": global_emb[k], "global_text": caption_emb[k],
+                "local_images": crop_emb[offset:offset + n], "local_texts": phrase_emb[offset:offset + n],
+                "local_fallback": n == 0, "error": None, "error_kind": None,
+            })
+            offset += n
+        return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The runner
+
+def _decode(item: ImageItem, max_pixels: int) -> tuple[LoadedImage | ImageError, float]:
+    started = time.perf_counter()
+    try:
+        result: LoadedImage | ImageError = load_image(item.path, max_pixels=max_pixels)
+    except ImageError as exc:
+        result = exc
+    return result, time.perf_counter() - started
+
+
+def prefetch(items: Iterable[ImageItem], max_pixels: int, workers: int, window: int
+             ) -> Iterator[tuple[ImageItem, LoadedImage | ImageError, float]]:
+    """Decode images in worker threads, at most ``window`` ahead of the consumer, in order."""
+    items = iter(items)
+    if workers == 0:
+        for item in items:
+            yield (item, *_decode(item, max_pixels))
+        return
+    pending: collections.deque[tuple[ImageItem, Future]] = collections.deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tidy-decode") as pool:
+        try:
+            for item in items:
+                pending.append((item, pool.submit(_decode, item, max_pixels)))
+                if len(pending) >= window:
+                    head, future = pending.popleft()
+                    yield (head, *future.result())
+            while pending:
+                head, future = pending.popleft()
+                yield (head, *future.result())
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+def _chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for x in iterable:
+        chunk.append(x)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+ProgressFn = Callable[[int, int, ExtractionSummary], None]
+
+
+def run_extraction(items: Sequence[ImageItem], store: FeatureStore, extractor: Extractor, *,
+                   progress: ProgressFn | None = None, retry_errors: bool = False,
+                   engine: str = "local", ignored_files: int = 0) -> ExtractionSummary:
+    """Extract ``items`` into ``store``, skipping what it already holds.
+
+    An image counts as done when the store has a row for its path and either that row is an
+    error (unless ``retry_errors``) or the file still has the recorded size; images whose content
+    (sha256) is already in the store get the stored features, not a second model run.
+
+    Returns the run's summary (also appended to the store's config.json).
+    """
+    runtime = extractor.config.runtime
+    summary = ExtractionSummary(store=str(store.path), total=len(items), ignored_files=ignored_files)
+    started = time.perf_counter()
+    run_record = {"started": _utc_now(), "engine": engine, **extractor.runtime_info()}
+    index = store.index()
+    if retry_errors:
+        failed = [p for p, (_, _, err) in index.items() if err]
+        if failed:
+            store.remove_paths(failed)
+            for path in failed:
+                index.pop(path)
+    todo = []
+    for item in items:
+        if _already_done(item, index.get(item.path)):
+            summary.skipped += 1
+        else:
+            todo.append(item)
+    known_content = {sha for sha, _, err in index.values() if sha and not err}
+    deferred: list[tuple[ImageItem, LoadedImage]] = []  # same content as a row written earlier
+    stage = extractor.stage_seconds
+    before = dict(stage)
+    done_count = summary.skipped
+    if progress:
+        progress(done_count, summary.total, summary)
+    try:
+        window = max(2 * runtime.batch_size, 4)
+        for batch in _chunks(prefetch(todo, runtime.max_pixels, runtime.num_workers, window), runtime.batch_size):
+            rows = rows_for_batch(extractor, batch, summary, known_content, deferred)
+            t0 = time.perf_counter()
+            store.write(rows)
+            stage["write"] += time.perf_counter() - t0
+            done_count += len(batch)
+            if progress:
+                progress(done_count - len(deferred), summary.total, summary)
+        if deferred:
+            _write_copies(store, extractor, deferred, summary)
+            if progress:
+                progress(summary.total, summary.total, summary)
+    except KeyboardInterrupt:
+        summary.status = "interrupted"
+        raise
+    except BaseException:
+        summary.status = "failed"
+        raise
+    finally:
+        summary.seconds = time.perf_counter() - started
+        summary.stage_seconds = {k: stage[k] - before.get(k, 0.0) for k in STAGES}
+        run_record.update(finished=_utc_now(), **summary.to_dict())
+        run_record.pop("store", None)
+        try:
+            store.record_run(run_record)
+            if summary.status == "completed":
+                store.compact()
+        except OSError as exc:  # never hide the original outcome behind a bookkeeping failure
+            log.warning("could not record the run in %s: %s", store.path, exc)
+    return summary
+
+
+def rows_for_batch(extractor: Extractor, batch: Sequence[tuple[ImageItem, LoadedImage | ImageError, float]],
+                   summary: ExtractionSummary, known_content: set[str] | None = None,
+                   deferred: list[tuple[ImageItem, LoadedImage]] | None = None) -> list[dict[str, Any]]:
+    """Store rows for one decoded batch: error rows for bad images, features for the rest.
+
+    With ``known_content``/``deferred``, images whose content was already seen are put aside in
+    ``deferred`` (their features are copied later) instead of being extracted again.
+    """
+    rows: list[dict[str, Any]] = []
+    good_items: list[ImageItem] = []
+    good_images: list[LoadedImage] = []
+    for item, loaded, seconds in batch:
+        extractor.stage_seconds["decode"] += seconds
+        if isinstance(loaded, ImageError):
+            rows.append(error_row(item, loaded))
+            summary.add_error(item.path, rows[-1]["error_kind"], str(loaded))
+        elif extractor.captioner.requires_caption and not (item.caption and item.caption.strip()):
+            error = InputError(f"{item.path}: no caption given (the 'provided' captioner needs the "
+                               f"manifest's 'caption' column filled)")
+            rows.append(error_row(item, error, loaded))
+            summary.add_error(item.path, "input", str(error))
+        elif known_content is not None and deferred is not None and loaded.sha256 in known_content:
+            deferred.append((item, loaded))
+        else:
+            if known_content is not None:
+                known_content.add(loaded.sha256)
+            good_items.append(item)
+            good_images.append(loaded)
+    rows.extend(_process_isolating(extractor, good_items, good_images, summary))
+    return rows
+
+
+def iter_rows(items: Sequence[ImageItem], extractor: Extractor, summary: ExtractionSummary | None = None
+              ) -> Iterator[list[dict[str, Any]]]:
+    """Rows for ``items`` batch by batch, in input order, without a store (detection's path)."""
+    runtime = extractor.config.runtime
+    summary = summary if summary is not None else ExtractionSummary(total=len(items))
+    window = max(2 * runtime.batch_size, 4)
+    for batch in _chunks(prefetch(items, runtime.max_pixels, runtime.num_workers, window), runtime.batch_size):
+        by_path = {row["path"]: row for row in rows_for_batch(extractor, batch, summary)}
+        yield [by_path[item.path] for item, _, _ in batch]
+
+
+def _already_done(item: ImageItem, known: tuple[str | None, int | None, bool] | None) -> bool:
+    if known is None:
+        return False
+    sha, size, has_error = known
+    if has_error:
+        return True
+    try:
+        return Path(item.path).stat().st_size == size
+    except OSError:
+        return True  # gone since: keep its row, nothing to redo
+
+
+def _process_isolating(extractor: Extractor, items: list[ImageItem], images: list[LoadedImage],
+                       summary: ExtractionSummary) -> list[dict[str, Any]]:
+    """Run a batch; if it fails, run its images one by one so only the culprit becomes an error."""
+    if not items:
+        return []
+    try:
+        rows = extractor.process(items, images)
+        summary.processed += len(rows)
+        return rows
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:
+        if len(items) == 1:
+            message = f"{items[0].path}: extraction failed ({type(exc).__name__}: {exc})"
+            log.warning(message)
+            row = error_row(items[0], TidyError(message), images[0])
+            row["error_kind"] = "model"
+            summary.add_error(items[0].path, "model", message)
+            return [row]
+        log.warning("batch of %d failed (%s); retrying image by image", len(items), exc)
+        rows = []
+        for item, image in zip(items, images):
+            rows.extend(_process_isolating(extractor, [item], [image], summary))
+        return rows
+
+
+def _write_copies(store: FeatureStore, extractor: Extractor, deferred: list[tuple[ImageItem, LoadedImage]],
+                  summary: ExtractionSummary) -> None:
+    """Rows for images whose content was already extracted: copy features, new path/label/group."""
+    originals = store.lookup({loaded.sha256 for _, loaded in deferred})
+    rows, redo_items, redo_images = [], [], []
+    for item, loaded in deferred:
+        source = originals.get(loaded.sha256)
+        if source is None:  # the original failed in the model stage: try this copy itself
+            redo_items.append(item)
+            redo_images.append(loaded)
+            continue
+        rows.append({**source, "path": item.path, "label": item.label, "group": item.group})
+        summary.copied += 1
+    rows.extend(_process_isolating(extractor, redo_items, redo_images, summary))
+    for start in range(0, len(rows), 1024):
+        store.write(rows[start:start + 1024])
+
+
+def _utc_now() -> str:
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def extract(inputs: Iterable[str | Path], out: str | Path, config: ExtractionConfig | None = None, *,
+            limit: int | None = None, progress: ProgressFn | None = None, retry_errors: bool = False,
+            extractor: Extractor | None = None) -> ExtractionSummary:
+    """Extract features of images, folders or CSV manifests into the store at ``out``.
+
+    Args:
+        inputs: image files, folders (recursive) and ``.csv`` manifests.
+        out: the store folder (created, or resumed when made with the same config).
+        config: models, feature choices and runtime; defaults to the paper's setup.
+        limit: process at most this many images (in input order).
+        progress: called as ``progress(done, total, summary)`` after each batch.
+        retry_errors: redo images whose earlier attempt was recorded as an error.
+        extractor: an already loaded :class:`Extractor` to reuse (its config wins).
+
+    Returns:
+        An :class:`ExtractionSummary`.
+
+    Raises:
+        InputError, ModelLoadError, StoreError, ConfigError.
+    """
+    scan = InputSummary()
+    items = collect_inputs(inputs, scan)
+    if limit is not None:
+        if limit < 0:
+            raise InputError(f"limit must be >= 0, got {limit}")
+        items = items[:limit]
+    extractor = extractor or Extractor(config)
+    extractor.load()
+    store = FeatureStore.open_for_writing(out, extractor.extraction, extractor.dim)
+    return run_extraction(items, store, extractor, progress=progress, retry_errors=retry_errors,
+                          ignored_files=scan.ignored_files)

@@ -1,0 +1,553 @@
+"""The feature store: one folder, ``config.json`` plus Parquet shards, one row per image.
+
+Extraction costs seconds per image and training a head milliseconds, so everything the method
+needs is kept (raw embeddings, caption, phrases, boxes, label, group, errors) and every
+representation is computed from it later without running a model again.
+
+Guarantees:
+- a shard is written to a temporary file and renamed into place, so a crash never leaves half a
+  shard, and a finished shard is never lost;
+- shard names derive from the rows they hold, so a retried batch replaces its own shard instead
+  of adding a copy, and readers also skip any repeated (sha256, path) key;
+- a store remembers the extraction config it was made with (``fingerprint``); opening it for
+  writing with another config is an error naming what differs.
+
+The shards are plain Parquet: ``pandas.read_parquet(store)``, DuckDB's ``read_parquet('store/*.parquet')``
+and ``polars.read_parquet`` read them as they are.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tidy_detect.config import RepresentationConfig
+from tidy_detect.errors import StoreError
+from tidy_detect.features import discrepancy
+
+log = logging.getLogger(__name__)
+
+STORE_FORMAT = "tidy-detect-store"
+STORE_FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+COMPACT_JOURNAL = "compact-journal.json"
+# Keys of the extraction config that identify where a model came from, not what it computes;
+# they are recorded but left out of the fingerprint.
+_VOLATILE_KEYS = {"source", "revision", "spacy_version"}
+
+KEY_COLUMNS = ["sha256", "path"]
+META_COLUMNS = ["sha256", "path", "label", "group", "width", "height", "format", "num_bytes"]
+EMBEDDING_COLUMNS = ["global_image", "global_text", "local_images", "local_texts"]
+
+
+def store_schema(dim: int) -> pa.Schema:
+    """Arrow schema of a store whose CLIP embeddings have ``dim`` values."""
+    vector = pa.list_(pa.float32(), dim)
+    return pa.schema([
+        ("sha256", pa.string()),
+        ("path", pa.string()),
+        ("label", pa.int8()),
+        ("group", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("format", pa.string()),
+        ("num_bytes", pa.int64()),
+        ("caption", pa.string()),
+        ("phrases", pa.list_(pa.string())),
+        ("object_phrases", pa.list_(pa.string())),
+        ("boxes", pa.list_(pa.list_(pa.float32(), 4))),
+        ("box_scores", pa.list_(pa.float32())),
+        ("global_image", vector),
+        ("global_text", vector),
+        ("local_images", pa.list_(vector)),
+        ("local_texts", pa.list_(vector)),
+        ("local_fallback", pa.bool_()),
+        ("error", pa.string()),
+        ("error_kind", pa.string()),
+    ])
+
+
+def config_fingerprint(extraction: dict[str, Any]) -> str:
+    """Digest of the parts of an extraction config that change the features."""
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in sorted(value.items()) if k not in _VOLATILE_KEYS}
+        if isinstance(value, (list, tuple)):
+            return [strip(v) for v in value]
+        return value
+
+    canonical = json.dumps(strip(extraction), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Readable list of fingerprinted values that differ between two extraction configs."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key in _VOLATILE_KEYS:
+            continue
+        a, b, name = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(config_differences(a, b, name + "."))
+        elif a != b:
+            out.append(f"{name}: store has {_short(a)}, now {_short(b)}")
+    return out
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=False)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows -> Arrow
+
+def _vectors(values: Sequence[np.ndarray | None], dim: int) -> pa.Array:
+    mask = np.array([v is None for v in values], dtype=bool)
+    flat = np.zeros((len(values), dim), dtype=np.float32)
+    for i, v in enumerate(values):
+        if v is not None:
+            flat[i] = v
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim, mask=pa.array(mask))
+
+
+def _vector_lists(values: Sequence[np.ndarray | None], dim: int) -> pa.Array:
+    mask = np.array([v is None for v in values], dtype=bool)
+    counts = [0 if v is None else len(v) for v in values]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    parts = [np.asarray(v, dtype=np.float32).reshape(-1, dim) for v in values if v is not None and len(v)]
+    flat = np.concatenate(parts).reshape(-1) if parts else np.zeros(0, dtype=np.float32)
+    inner = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim)
+    return pa.ListArray.from_arrays(pa.array(offsets), inner, mask=pa.array(mask))
+
+
+def rows_to_table(rows: Sequence[dict[str, Any]], dim: int) -> pa.Table:
+    """Row dicts (as the extractor makes them) to a table with the store's schema.
+
+    Embedding fields are NumPy arrays: ``global_image``/``global_text`` (dim,),
+    ``local_images``/``local_texts`` (n, dim); ``None`` for rows with an error.
+    """
+    schema = store_schema(dim)
+    columns = {}
+    for field in schema:
+        values = [row.get(field.name) for row in rows]
+        if field.name in ("global_image", "global_text"):
+            columns[field.name] = _vectors(values, dim)
+        elif field.name in ("local_images", "local_texts"):
+            columns[field.name] = _vector_lists(values, dim)
+        elif field.name == "boxes":
+            columns[field.name] = pa.array(
+                [None if v is None else [list(map(float, b)) for b in v] for v in values], field.type)
+        else:
+            columns[field.name] = pa.array(values, field.type)
+    return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+
+def vectors_to_numpy(array: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray:
+    """A fixed-size-list column (no nulls) as an (N, dim) float32 array."""
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    values = array.values.to_numpy(zero_copy_only=False)
+    start = array.offset * dim
+    return values[start:start + len(array) * dim].reshape(len(array), dim).astype(np.float32, copy=False)
+
+
+def vector_lists_to_numpy(array: pa.Array | pa.ChunkedArray, dim: int) -> list[np.ndarray]:
+    """A list-of-vectors column as a list of (n_k, dim) arrays (null rows give (0, dim))."""
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    offsets = array.offsets.to_numpy()
+    flat = vectors_to_numpy(array.values, dim) if len(array.values) else np.zeros((0, dim), np.float32)
+    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(array))]
+
+
+@dataclass
+class FeatureArrays:
+    """A representation matrix with the metadata of its rows."""
+
+    X: np.ndarray  # (N, d) float32
+    label: np.ndarray  # (N,) int8, -1 where unknown
+    group: np.ndarray  # (N,) object (str or None)
+    path: np.ndarray  # (N,) object
+    sha256: np.ndarray  # (N,) object
+    local_fallback: np.ndarray  # (N,) bool
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+
+class FeatureStore:
+    """A store folder. Open an existing one with ``FeatureStore(path)``; create or reopen one for
+    writing with :meth:`open_for_writing`.
+
+    Raises:
+        StoreError: the folder is not a store, or its config.json is unreadable.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        config_file = self.path / CONFIG_FILE
+        if not config_file.is_file():
+            raise StoreError(f"{self.path}: not a feature store (no {CONFIG_FILE}); create one with `tidy-detect extract`")
+        try:
+            self.config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{config_file}: cannot be read ({exc})") from exc
+        if self.config.get("format") != STORE_FORMAT:
+            raise StoreError(f"{config_file}: not a tidy-detect store config (format {self.config.get('format')!r})")
+        if self.config.get("format_version", 0) > STORE_FORMAT_VERSION:
+            raise StoreError(f"{self.path}: store format {self.config.get('format_version')} is newer than this "
+                             f"tidy-detect understands ({STORE_FORMAT_VERSION}); upgrade tidy-detect")
+        self._recover_compaction()
+
+    # -- creation ----------------------------------------------------------------------------
+
+    @classmethod
+    def open_for_writing(cls, path: str | Path, extraction: dict[str, Any], dim: int) -> "FeatureStore":
+        """Create a store, or reopen one made with the same extraction config.
+
+        Raises:
+            StoreError: the folder holds a store made with another config (the message lists the
+                differences), or it is a non-empty folder that is not a store.
+        """
+        path = Path(path)
+        fingerprint = config_fingerprint(extraction)
+        if (path / CONFIG_FILE).is_file():
+            store = cls(path)
+            if store.fingerprint != fingerprint:
+                diffs = config_differences(store.config.get("extraction", {}), extraction)
+                raise StoreError(
+                    f"{path} was made with a different extraction config, so its rows cannot be mixed with "
+                    f"these: {'; '.join(diffs[:5]) or 'fingerprints differ'}. Use another --out folder, or the "
+                    f"same options as the store (see {path / CONFIG_FILE})."
+                )
+            return store
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise StoreError(f"{path}: exists and is not an empty folder or a feature store; choose another --out")
+        path.mkdir(parents=True, exist_ok=True)
+        from tidy_detect import __version__
+
+        write_json_atomic(path / CONFIG_FILE, {
+            "format": STORE_FORMAT,
+            "format_version": STORE_FORMAT_VERSION,
+            "created": _now(),
+            "package_version": __version__,
+            "fingerprint": fingerprint,
+            "dim": dim,
+            "extraction": extraction,
+            "runs": [],
+        })
+        return cls(path)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.config["fingerprint"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.config["dim"])
+
+    @property
+    def extraction(self) -> dict[str, Any]:
+        return self.config["extraction"]
+
+    def record_run(self, run: dict[str, Any]) -> None:
+        """Append a run's summary (device, dtype, counts, timings) to config.json."""
+        config = json.loads((self.path / CONFIG_FILE).read_text(encoding="utf-8"))
+        config.setdefault("runs", []).append(run)
+        write_json_atomic(self.path / CONFIG_FILE, config)
+        self.config = config
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def write(self, rows: Sequence[dict[str, Any]]) -> Path | None:
+        """Write rows as one shard, atomically. Returns the shard path (None for no rows)."""
+        if not rows:
+            return None
+        table = rows_to_table(rows, self.dim)
+        return self._write_table(table, prefix="part")
+
+    def _shard_path(self, table: pa.Table, prefix: str) -> Path:
+        keys = sorted(f"{s}\0{p}" for s, p in zip(table["sha256"].to_pylist(), table["path"].to_pylist()))
+        name = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:20]
+        return self.path / f"{prefix}-{name}.parquet"
+
+    def _write_table(self, table: pa.Table, prefix: str, final: Path | None = None) -> Path:
+        final = final or self._shard_path(table, prefix)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=self.path)
+        os.close(fd)
+        try:
+            pq.write_table(table, tmp, compression="zstd")
+            os.replace(tmp, final)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return final
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def shards(self) -> list[Path]:
+        return sorted(self.path.glob("*.parquet"))
+
+    def iter_batches(self, columns: Sequence[str] | None = None, batch_size: int = 8192,
+                     dedupe: bool = True) -> Iterator[pa.RecordBatch]:
+        """Record batches over all shards, each (sha256, path) key once, with bounded memory."""
+        wanted = list(columns) if columns is not None else None
+        read = None if wanted is None else list(dict.fromkeys([*wanted, *KEY_COLUMNS] if dedupe else wanted))
+        seen: set[int] = set()
+        for shard in self.shards():
+            try:
+                reader = pq.ParquetFile(shard)
+                batches = reader.iter_batches(batch_size=batch_size, columns=read)
+                for batch in batches:
+                    if dedupe:
+                        batch = _drop_seen(batch, seen)
+                    if wanted is not None:
+                        batch = batch.select(wanted)
+                    if batch.num_rows:
+                        yield batch
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise StoreError(f"{shard}: unreadable shard ({exc}); move it away and rerun extraction "
+                                 f"to redo its images") from exc
+
+    def table(self, columns: Sequence[str] | None = None) -> pa.Table:
+        batches = list(self.iter_batches(columns))
+        if not batches:
+            schema = store_schema(self.dim)
+            return schema.empty_table() if columns is None else pa.schema([schema.field(c) for c in columns]).empty_table()
+        return pa.Table.from_batches(batches)
+
+    def rows(self, columns: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+        """Rows as dicts (embeddings as lists); convenient for small stores and inspection."""
+        for batch in self.iter_batches(columns, batch_size=1024):
+            yield from batch.to_pylist()
+
+    def keys(self) -> set[tuple[str | None, str]]:
+        """(sha256, path) of every row."""
+        keys: set[tuple[str | None, str]] = set()
+        for batch in self.iter_batches(KEY_COLUMNS, dedupe=False):
+            keys.update(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
+        return keys
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def index(self) -> dict[str, tuple[str | None, int | None, bool]]:
+        """path -> (sha256, num_bytes, has_error) for every row: what resume needs, cheaply."""
+        found: dict[str, tuple[str | None, int | None, bool]] = {}
+        for batch in self.iter_batches(["sha256", "path", "num_bytes", "error"]):
+            for sha, path, size, error in zip(*(batch.column(i).to_pylist() for i in range(4))):
+                found.setdefault(path, (sha, size, error is not None))
+        return found
+
+    def remove_paths(self, paths: Iterable[str]) -> int:
+        """Rewrite the shards holding rows of ``paths`` without them; returns rows removed."""
+        doomed = set(paths)
+        removed = 0
+        for shard in self.shards():
+            table = pq.read_table(shard)
+            keep = pc.invert(pc.is_in(table["path"], value_set=pa.array(sorted(doomed), pa.string())))
+            kept = table.filter(keep)
+            if kept.num_rows == table.num_rows:
+                continue
+            removed += table.num_rows - kept.num_rows
+            if kept.num_rows:
+                self._replace([shard], kept)
+            else:
+                shard.unlink()
+        return removed
+
+    def lookup(self, sha256s: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """One successful row per content hash, for hashes already in the store."""
+        wanted = set(sha256s)
+        found: dict[str, dict[str, Any]] = {}
+        if not wanted:
+            return found
+        for batch in self.iter_batches():
+            shas = batch.column("sha256").to_pylist()
+            errors = batch.column("error").to_pylist()
+            take = [i for i, (s, e) in enumerate(zip(shas, errors)) if s in wanted and e is None and s not in found]
+            if take:
+                sub = batch.take(pa.array(take))
+                for row in _rows_with_arrays(sub, self.dim):
+                    found.setdefault(row["sha256"], row)
+        return found
+
+    def rows_for_paths(self, paths: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """Rows (embeddings as NumPy arrays) of the given image paths that the store holds."""
+        wanted = pa.array(sorted(set(paths)), pa.string())
+        found: dict[str, dict[str, Any]] = {}
+        for batch in self.iter_batches():
+            batch = batch.filter(pc.is_in(batch.column("path"), value_set=wanted))
+            for row in _rows_with_arrays(batch, self.dim):
+                found.setdefault(row["path"], row)
+        return found
+
+    def iter_arrays(self, representation: RepresentationConfig, batch_size: int = 8192,
+                    labeled_only: bool = False) -> Iterator[FeatureArrays]:
+        """Representations of the rows without errors, batch by batch (bounded memory)."""
+        columns = ["sha256", "path", "label", "group", "local_fallback", "error", *EMBEDDING_COLUMNS]
+        if representation.kind in ("image", "text", "global"):
+            columns = columns[:-2]  # local embeddings are not needed
+        for batch in self.iter_batches(columns, batch_size=batch_size):
+            ok = batch.column("error").is_null()
+            if labeled_only:
+                ok = pc.and_(ok, batch.column("label").is_valid())
+            batch = batch.filter(ok)
+            if batch.num_rows == 0:
+                continue
+            gi = vectors_to_numpy(batch.column("global_image"), self.dim)
+            gt = vectors_to_numpy(batch.column("global_text"), self.dim)
+            if "local_images" in batch.schema.names:
+                li = vector_lists_to_numpy(batch.column("local_images"), self.dim)
+                lt = vector_lists_to_numpy(batch.column("local_texts"), self.dim)
+            else:
+                li = lt = [np.zeros((0, self.dim), np.float32)] * batch.num_rows
+            labels = batch.column("label").to_numpy(zero_copy_only=False)
+            yield FeatureArrays(
+                X=discrepancy.representation(representation, gi, gt, li, lt),
+                label=np.where(np.isnan(labels.astype(float)), -1, labels).astype(np.int8),
+                group=np.array(batch.column("group").to_pylist(), dtype=object),
+                path=np.array(batch.column("path").to_pylist(), dtype=object),
+                sha256=np.array(batch.column("sha256").to_pylist(), dtype=object),
+                local_fallback=np.array(batch.column("local_fallback").to_pylist(), dtype=bool),
+            )
+
+    def load(self, representation: RepresentationConfig, labeled_only: bool = False) -> FeatureArrays:
+        """All rows without errors as one :class:`FeatureArrays`."""
+        parts = list(self.iter_arrays(representation, labeled_only=labeled_only))
+        if not parts:
+            empty = np.zeros(0, dtype=object)
+            return FeatureArrays(np.zeros((0, self.dim), np.float32), np.zeros(0, np.int8), empty, empty, empty,
+                                 np.zeros(0, bool))
+        return FeatureArrays(*(np.concatenate([getattr(p, f) for p in parts])
+                               for f in ("X", "label", "group", "path", "sha256", "local_fallback")))
+
+    def summary(self) -> dict[str, Any]:
+        """Counts: rows, errors by kind, labels, groups."""
+        counts: dict[str, Any] = {"rows": 0, "errors": 0, "error_kinds": {}, "labels": {"real": 0, "fake": 0, "none": 0},
+                                  "groups": {}, "no_objects": 0}
+        for batch in self.iter_batches(["label", "group", "error", "error_kind", "local_fallback"]):
+            for label, group, error, kind, fallback in zip(*(batch.column(i).to_pylist() for i in range(5))):
+                counts["rows"] += 1
+                if error is not None:
+                    counts["errors"] += 1
+                    counts["error_kinds"][kind] = counts["error_kinds"].get(kind, 0) + 1
+                    continue
+                counts["labels"][{0: "real", 1: "fake"}.get(label, "none")] += 1
+                counts["groups"][group] = counts["groups"].get(group, 0) + 1
+                counts["no_objects"] += bool(fallback)
+        return counts
+
+    # -- maintenance -------------------------------------------------------------------------
+
+    def compact(self, target_rows: int = 4096) -> int:
+        """Merge small shards into larger ones; returns how many shards were merged.
+
+        Crash-safe: the plan is journalled before the merged shard is written, so a crash leaves
+        either the old shards or the complete new one plus a journal the next open finishes.
+        """
+        small = [s for s in self.shards() if pq.ParquetFile(s).metadata.num_rows < target_rows]
+        if len(small) < 2:
+            return 0
+        merged = 0
+        group: list[Path] = []
+        rows = 0
+        for shard in small + [None]:
+            if shard is not None:
+                group.append(shard)
+                rows += pq.ParquetFile(shard).metadata.num_rows
+            if group and (shard is None or rows >= target_rows):
+                if len(group) > 1:
+                    self._merge(group)
+                    merged += len(group)
+                group, rows = [], 0
+        return merged
+
+    def _merge(self, shards: list[Path]) -> None:
+        table = pa.concat_tables([pq.read_table(s) for s in shards])
+        schema = store_schema(self.dim)
+        self._replace(shards, table.select(schema.names).cast(schema))
+
+    def _replace(self, shards: list[Path], table: pa.Table) -> None:
+        """Write ``table`` as a new shard, then remove ``shards``, journalled for crash safety."""
+        merged = self._shard_path(table, prefix="part")
+        # Journal first: after a crash the next open either finds the merged shard complete and
+        # removes the old ones, or finds it missing and keeps them.
+        write_json_atomic(self.path / COMPACT_JOURNAL,
+                          {"merged": merged.name, "replaced": [s.name for s in shards if s != merged]})
+        self._write_table(table, prefix="part", final=merged)
+        self._recover_compaction()
+
+    def _recover_compaction(self) -> None:
+        journal = self.path / COMPACT_JOURNAL
+        if not journal.is_file():
+            return
+        try:
+            plan = json.loads(journal.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            journal.unlink(missing_ok=True)  # written atomically, so unreadable means foreign; merged rows are deduped
+            return
+        if (self.path / plan["merged"]).is_file():
+            for name in plan["replaced"]:
+                (self.path / name).unlink(missing_ok=True)
+        journal.unlink(missing_ok=True)
+
+
+def _drop_seen(batch: pa.RecordBatch, seen: set[int]) -> pa.RecordBatch:
+    shas = batch.column("sha256").to_pylist()
+    paths = batch.column("path").to_pylist()
+    keep = []
+    for i, key in enumerate(zip(shas, paths)):
+        h = hash(key)
+        if h not in seen:
+            seen.add(h)
+            keep.append(i)
+    if len(keep) == batch.num_rows:
+        return batch
+    return batch.take(pa.array(keep, pa.int64()))
+
+
+def _rows_with_arrays(batch: pa.RecordBatch, dim: int) -> Iterator[dict[str, Any]]:
+    """Rows as dicts with embeddings as NumPy arrays (the form the writer takes)."""
+    gi = vectors_to_numpy(batch.column("global_image"), dim)
+    gt = vectors_to_numpy(batch.column("global_text"), dim)
+    li = vector_lists_to_numpy(batch.column("local_images"), dim)
+    lt = vector_lists_to_numpy(batch.column("local_texts"), dim)
+    plain = batch.drop_columns(EMBEDDING_COLUMNS).to_pylist()
+    for k, row in enumerate(plain):
+        if row.get("error") is None:
+            row.update(global_image=gi[k], global_text=gt[k], local_images=li[k], local_texts=lt[k])
+        else:
+            row.update(global_image=None, global_text=None, local_images=None, local_texts=None)
+        yield row

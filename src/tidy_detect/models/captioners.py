@@ -1,0 +1,146 @@
+"""Captioners: an image in, one clean sentence out. Each is one registered class.
+
+``caption(images, given)`` takes a batch of RGB PIL images (and, for ``provided``, the captions
+from the manifest) and returns one caption per image: decoding is deterministic (greedy or beam
+search, no sampling), the prompt and special tokens are removed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+from PIL import Image
+
+from tidy_detect.config import FeatureConfig
+from tidy_detect.errors import InputError
+from tidy_detect.models.loading import load_pretrained, revision_of, torch_dtype, weights_fingerprint
+from tidy_detect.models.registry import CAPTIONERS
+
+LLAVA_PROMPT = "Please generate a one-sentence caption for the input image."
+
+# BLIP-large sometimes opens captions with these non-words (a known decoding artifact of the
+# released checkpoint); they are not objects and would reach the phrase extractor otherwise.
+_ARTIFACT_WORDS = re.compile(r"\b(?:arafed|araffe|arafe|arrafed|araffed|arafly)\b\s*", re.IGNORECASE)
+_ROLE_PREFIX = re.compile(r"^\s*(?:assistant|answer|caption)\s*:\s*", re.IGNORECASE)
+
+
+def clean_caption(text: str, prompt: str | None = None) -> str:
+    """One clean sentence: no echoed prompt, role prefix, artifact words or extra whitespace."""
+    text = text.strip()
+    if prompt and text.lower().startswith(prompt.strip().lower()):
+        text = text[len(prompt.strip()):]
+    text = _ROLE_PREFIX.sub("", text)
+    text = text.splitlines()[0] if text.strip() else ""
+    text = _ARTIFACT_WORDS.sub("", text)
+    text = re.sub(r"\s+", " ", text).strip().strip('"').strip()
+    return text
+
+
+class _HFCaptioner:
+    """Shared preprocess -> generate -> decode for transformers captioners."""
+
+    requires_caption = False
+    model_class = ""
+    default_prompt: str | None = None
+
+    def __init__(self, name: str, source: str, *, features: FeatureConfig, device: str, dtype: str) -> None:
+        import transformers
+
+        self.name = name
+        self.source = source
+        self.device = device
+        self.dtype = dtype
+        self.max_tokens = features.caption_max_tokens
+        self.num_beams = features.caption_num_beams
+        self.prompt = features.caption_prompt if features.caption_prompt is not None else self.default_prompt
+        self.processor = load_pretrained(transformers.AutoProcessor, source, what="captioner model",
+                                         option="--captioner-model")
+        model = load_pretrained(getattr(transformers, self.model_class), source, what="captioner model",
+                                option="--captioner-model")
+        self.fingerprint = weights_fingerprint(model)
+        self.model = model.to(device=device, dtype=torch_dtype(dtype)).eval()
+        tokenizer = getattr(self.processor, "tokenizer", None)
+        if tokenizer is not None:
+            # Decoder-only models continue the prompt: pad on the left so every row ends at its prompt.
+            tokenizer.padding_side = "left"
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "model_type": self.model.config.model_type,
+                "revision": revision_of(self.model), "weights": self.fingerprint, "prompt": self.prompt,
+                "max_tokens": self.max_tokens, "num_beams": self.num_beams}
+
+    def inputs(self, images: Sequence[Image.Image]) -> dict[str, Any]:
+        """Preprocess: model inputs for a batch."""
+        if self.prompt:
+            return self.processor(images=list(images), text=[self.prompt] * len(images), padding=True,
+                                  return_tensors="pt")
+        return self.processor(images=list(images), return_tensors="pt")
+
+    def caption(self, images: Sequence[Image.Image], given: Sequence[str | None] | None = None) -> list[str]:
+        import torch
+
+        if not images:
+            return []
+        inputs = self.inputs(images)
+        inputs = {k: (v.to(self.device, dtype=torch_dtype(self.dtype)) if v.is_floating_point() else v.to(self.device))
+                  for k, v in inputs.items() if hasattr(v, "to")}
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=self.max_tokens, num_beams=self.num_beams,
+                                      do_sample=False)
+        prompt_ids = inputs.get("input_ids")
+        if prompt_ids is not None and out.shape[1] >= prompt_ids.shape[1] and \
+                torch.equal(out[:, :prompt_ids.shape[1]].cpu(), prompt_ids.cpu()):
+            out = out[:, prompt_ids.shape[1]:]  # the model echoed its prompt
+        texts = self.processor.batch_decode(out, skip_special_tokens=True)
+        return [clean_caption(t, self.prompt) for t in texts]
+
+
+@CAPTIONERS.register("blip2", default_model="Salesforce/blip2-opt-2.7b", model_types=("blip-2",),
+                     description="BLIP-2 (the paper's captioner: blip2-opt-2.7b)")
+class Blip2Captioner(_HFCaptioner):
+    model_class = "Blip2ForConditionalGeneration"
+
+
+@CAPTIONERS.register("blip", default_model="Salesforce/blip-image-captioning-large", model_types=("blip",),
+                     description="BLIP captioning (large)")
+class BlipCaptioner(_HFCaptioner):
+    model_class = "BlipForConditionalGeneration"
+
+
+@CAPTIONERS.register("llava", default_model="llava-hf/llava-1.5-7b-hf", model_types=("llava",),
+                     description="LLaVA-1.5 with the paper's one-sentence caption prompt")
+class LlavaCaptioner(_HFCaptioner):
+    model_class = "LlavaForConditionalGeneration"
+    default_prompt = LLAVA_PROMPT
+
+    def inputs(self, images: Sequence[Image.Image]) -> dict[str, Any]:
+        text = f"USER: <image>\n{self.prompt} ASSISTANT:"
+        return self.processor(images=list(images), text=[text] * len(images), padding=True, return_tensors="pt")
+
+
+@CAPTIONERS.register("provided", default_model=None, description="captions given in the manifest's caption column")
+class ProvidedCaptioner:
+    """Uses the captions supplied with the inputs; images without one are errors."""
+
+    requires_caption = True
+
+    def __init__(self, name: str, source: str | None, *, features: FeatureConfig, device: str, dtype: str) -> None:
+        self.name = name
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "source": None, "model_type": None, "weights": None}
+
+    def caption(self, images: Sequence[Image.Image], given: Sequence[str | None] | None = None) -> list[str]:
+        given = list(given or [None] * len(images))
+        missing = [i for i, text in enumerate(given) if not (text and text.strip())]
+        if missing:
+            raise InputError(f"captioner 'provided' needs a caption for every image; {len(missing)} have none "
+                             f"(give them in the manifest's 'caption' column)")
+        return [clean_caption(t) for t in given]
+
+
+def build_captioner(value: str, model: str | None, *, features: FeatureConfig, device: str, dtype: str) -> Any:
+    """The captioner for ``--captioner value [--captioner-model model]``."""
+    component, source = CAPTIONERS.resolve(value, model)
+    return component.factory(component.name, source, features=features, device=device, dtype=dtype)

@@ -1,0 +1,240 @@
+"""Grounders: for each phrase of an image, the best box above a threshold, in image pixels.
+
+``ground(images, phrases)`` takes a batch of RGB PIL images and a list of phrases per image and
+returns, per image, one :class:`Detection` for every phrase that was found (in phrase order);
+phrases without a box above the threshold are left out.
+
+The paper uses GLIP-L, whose released code needs custom CUDA operators built against an old
+PyTorch; tidy-detect uses Grounding DINO (same task: open-vocabulary grounding of caption phrases)
+through transformers by default, and OWLv2 as an alternative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from tidy_detect.config import FeatureConfig
+from tidy_detect.models.loading import load_pretrained, revision_of, torch_dtype, weights_fingerprint
+from tidy_detect.models.registry import GROUNDERS
+
+
+@dataclass(frozen=True)
+class Detection:
+    phrase: str
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in original image pixels
+    score: float
+
+
+def cxcywh_to_xyxy(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
+    """Normalised (cx, cy, w, h) to pixel (x0, y0, x1, y1), clipped to [0, width] x [0, height]."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    cx, cy, w, h = boxes.T
+    xyxy = np.stack([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height], 1)
+    xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, width)
+    xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, height)
+    return xyxy
+
+
+def best_boxes(scores: np.ndarray, boxes_xyxy: np.ndarray, phrases: Sequence[str], threshold: float,
+               eligible: np.ndarray | None = None) -> list[Detection]:
+    """For each phrase (column of ``scores``), the highest-scoring box if its score >= threshold.
+
+    Args:
+        scores: (num_boxes, num_phrases) phrase scores in [0, 1].
+        boxes_xyxy: (num_boxes, 4) pixel boxes.
+        eligible: optional (num_boxes,) mask of boxes allowed at all.
+    """
+    found = []
+    scores = np.asarray(scores, dtype=np.float64)
+    if eligible is not None:
+        scores = np.where(np.asarray(eligible)[:, None], scores, -np.inf)
+    for j, phrase in enumerate(phrases):
+        if scores.shape[0] == 0:
+            break
+        q = int(np.argmax(scores[:, j]))
+        if scores[q, j] >= threshold:
+            found.append(Detection(phrase, tuple(float(v) for v in boxes_xyxy[q]), float(scores[q, j])))
+    return found
+
+
+class _HFGrounder:
+    model_class = ""
+    default_box_threshold = 0.35
+    default_text_threshold = 0.25
+
+    def __init__(self, name: str, source: str, *, features: FeatureConfig, device: str, dtype: str) -> None:
+        import transformers
+
+        self.name = name
+        self.source = source
+        self.device = device
+        self.dtype = dtype
+        self.box_threshold = (features.box_threshold if features.box_threshold is not None
+                              else self.default_box_threshold)
+        self.text_threshold = (features.text_threshold if features.text_threshold is not None
+                               else self.default_text_threshold)
+        self.processor = load_pretrained(transformers.AutoProcessor, source, what="grounder model",
+                                         option="--grounder-model")
+        model = load_pretrained(getattr(transformers, self.model_class), source, what="grounder model",
+                                option="--grounder-model")
+        self.fingerprint = weights_fingerprint(model)
+        self.model = model.to(device=device, dtype=torch_dtype(dtype)).eval()
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "model_type": self.model.config.model_type,
+                "revision": revision_of(self.model), "weights": self.fingerprint,
+                "box_threshold": self.box_threshold, "text_threshold": self.text_threshold}
+
+    def _to_device(self, inputs: Any) -> dict[str, Any]:
+        return {k: (v.to(self.device, dtype=torch_dtype(self.dtype)) if v.is_floating_point() else v.to(self.device))
+                for k, v in inputs.items() if hasattr(v, "to")}
+
+    def ground(self, images: Sequence[Image.Image], phrases: Sequence[Sequence[str]]) -> list[list[Detection]]:
+        results: list[list[Detection]] = [[] for _ in images]
+        todo = [i for i, p in enumerate(phrases) if p]
+        if todo:
+            found = self._ground([images[i] for i in todo], [list(phrases[i]) for i in todo])
+            for i, detections in zip(todo, found):
+                results[i] = detections
+        return results
+
+    def _ground(self, images: list[Image.Image], phrases: list[list[str]]) -> list[list[Detection]]:
+        raise NotImplementedError
+
+
+@GROUNDERS.register("grounding-dino", default_model="IDEA-Research/grounding-dino-base",
+                    model_types=("grounding-dino",), description="Grounding DINO (default; GLIP's role in the paper)")
+class GroundingDinoGrounder(_HFGrounder):
+    """All phrases of an image in one prompt "p1. p2. p3."; a phrase's score for a box is the
+    highest token probability inside the phrase's span. A box qualifies when its best token
+    probability reaches ``box_threshold`` and the phrase's reaches ``text_threshold``."""
+
+    model_class = "GroundingDinoForObjectDetection"
+
+    def _ground(self, images: list[Image.Image], phrases: list[list[str]]) -> list[list[Detection]]:
+        import torch
+
+        prompts, spans = zip(*(self.prompt(p) for p in phrases))
+        padded = [self._pad_to_ratio(im) for im in images]
+        # Images of different sizes would be zero-padded to a common size, and the backbone sees
+        # that padding: an image's boxes would depend on its batch-mates. So only images that the
+        # processor brings to the same size share a forward pass.
+        pixels = [self.processor.image_processor(images=[im], return_tensors="pt") for im in padded]
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for k, encoded in enumerate(pixels):
+            by_size.setdefault(tuple(encoded["pixel_values"].shape[-2:]), []).append(k)
+        results: list[list[Detection]] = [[] for _ in images]
+        for members in by_size.values():
+            texts = [prompts[k] for k in members]
+            tokens = self.processor.tokenizer(texts, padding=True, return_tensors="pt", return_offsets_mapping=True)
+            offsets = tokens.pop("offset_mapping").numpy()
+            inputs = {**tokens, "pixel_values": torch.cat([pixels[k]["pixel_values"] for k in members]),
+                      "pixel_mask": torch.cat([pixels[k]["pixel_mask"] for k in members])}
+            with torch.inference_mode():
+                out = self.model(**self._to_device(inputs))
+            probs = out.logits.float().sigmoid().cpu().numpy()
+            boxes = out.pred_boxes.float().cpu().numpy()
+            for j, k in enumerate(members):
+                image = images[k]
+                token_of = _span_tokens(offsets[j], spans[k], probs.shape[-1])
+                phrase_scores = np.stack([probs[j][:, toks].max(axis=1) if len(toks) else np.zeros(probs.shape[1])
+                                          for toks in token_of], axis=1)
+                eligible = probs[j].max(axis=1) >= self.box_threshold
+                xyxy = cxcywh_to_xyxy(boxes[j], padded[k].width, padded[k].height)
+                xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, image.width)
+                xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, image.height)
+                results[k] = best_boxes(phrase_scores, xyxy, phrases[k], self.text_threshold, eligible)
+        return results
+
+    def _pad_to_ratio(self, image: Image.Image) -> Image.Image:
+        """Pad (bottom/right, black) a very long or tall image so its short side, once the
+        processor has resized it, stays >= 128 px: the deepest feature map (stride 64) must be at
+        least 2x2 or the model's GroupNorm fails. Boxes keep their origin, so no shift is needed."""
+        size = getattr(self.processor.image_processor, "size", None) or {}
+        longest = size.get("longest_edge") if isinstance(size, dict) else getattr(size, "longest_edge", None)
+        if not longest:
+            return image
+        max_ratio = max(float(longest) / 128.0, 1.0)
+        width, height = image.size
+        new_w = max(width, int(np.ceil(height / max_ratio)))
+        new_h = max(height, int(np.ceil(width / max_ratio)))
+        if (new_w, new_h) == (width, height):
+            return image
+        canvas = Image.new("RGB", (new_w, new_h), (0, 0, 0))
+        canvas.paste(image, (0, 0))
+        return canvas
+
+    @staticmethod
+    def prompt(phrases: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
+        """The lower-case, dot-separated prompt Grounding DINO expects, and each phrase's span."""
+        text, spans = "", []
+        for phrase in phrases:
+            start = len(text)
+            text += phrase.lower()
+            spans.append((start, len(text)))
+            text += ". "
+        return text.strip(), spans
+
+
+def _span_tokens(offsets: np.ndarray, spans: Sequence[tuple[int, int]], limit: int) -> list[list[int]]:
+    """Token indices whose character offsets fall inside each span (special tokens have (0, 0))."""
+    tokens = []
+    for start, end in spans:
+        tokens.append([t for t, (a, b) in enumerate(offsets[:limit]) if b > a and a >= start and b <= end])
+    return tokens
+
+
+@GROUNDERS.register("owlv2", default_model="google/owlv2-base-patch16-ensemble", model_types=("owlv2",),
+                    description="OWLv2 open-vocabulary detector")
+class Owlv2Grounder(_HFGrounder):
+    """Each phrase is a text query; OWLv2 pads every image to a square (bottom/right), so its
+    normalised boxes are relative to the padded side max(width, height)."""
+
+    model_class = "Owlv2ForObjectDetection"
+    default_box_threshold = 0.1
+    default_text_threshold = 0.1
+
+    def _ground(self, images: list[Image.Image], phrases: list[list[str]]) -> list[list[Detection]]:
+        import torch
+
+        # Padding to the model's fixed text length: the processor pads each image's queries
+        # separately, so only a common length lets a batch of images stack.
+        inputs = self.processor(images=images, text=phrases, padding="max_length", truncation=True,
+                                return_tensors="pt")
+        with torch.inference_mode():
+            out = self.model(**self._to_device(inputs))
+        probs = out.logits.float().sigmoid().cpu().numpy()  # (B, boxes, max_queries)
+        boxes = out.pred_boxes.float().cpu().numpy()
+        results = []
+        for k, image in enumerate(images):
+            side = max(image.width, image.height)
+            xyxy = cxcywh_to_xyxy(boxes[k], side, side)
+            xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, image.width)
+            xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, image.height)
+            scores = probs[k][:, :len(phrases[k])]
+            results.append(best_boxes(scores, xyxy, phrases[k], self.box_threshold))
+        return results
+
+
+@GROUNDERS.register("none", default_model=None, description="no grounding: global discrepancy only (fast)")
+class NoGrounder:
+    """Finds nothing, so D_l falls back to D_g: the global-only fast path."""
+
+    def __init__(self, name: str, source: str | None, *, features: FeatureConfig, device: str, dtype: str) -> None:
+        self.name = name
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "source": None, "model_type": None, "weights": None}
+
+    def ground(self, images: Sequence[Image.Image], phrases: Sequence[Sequence[str]]) -> list[list[Detection]]:
+        return [[] for _ in images]
+
+
+def build_grounder(value: str, model: str | None, *, features: FeatureConfig, device: str, dtype: str) -> Any:
+    """The grounder for ``--grounder value [--grounder-model model]``."""
+    component, source = GROUNDERS.resolve(value, model)
+    return component.factory(component.name, source, features=features, device=device, dtype=dtype)

@@ -1,0 +1,171 @@
+"""Loading checkpoints from hub ids or local folders, with one clear error when that fails.
+
+Also: picking the device and dtype, and a cheap fingerprint of a model's weights so a store or a
+head can tell whether it is being used with the same models it was made with, whether those were
+loaded from the hub cache or from a copied folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import socket
+import urllib.parse
+from pathlib import Path
+from typing import Any, Iterator
+
+from tidy_detect.errors import ConfigError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` becomes ``cuda`` when a GPU is visible, else ``cpu``."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was asked for but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``auto`` picks the dtype for the device; explicit names pass through after a check.
+
+    Auto: bfloat16 on a GPU that supports it (else float16), float32 on the CPU.
+    """
+    import torch
+
+    if dtype != "auto":
+        if dtype == "float16" and device == "cpu":
+            raise ConfigError("dtype float16 is not supported on the CPU (slow and inexact there); "
+                              "use bfloat16 or float32")
+        return dtype
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def looks_like_hub_id(value: str) -> bool:
+    """``owner/name`` with no path syntax and no such file: a Hugging Face hub id, not a folder."""
+    return value.count("/") == 1 and not value.startswith((".", "/", "~")) and not Path(value).exists()
+
+
+def load_pretrained(loader: Any, source: str, *, what: str, option: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained(source)`` with a clear error instead of a stack trace.
+
+    Args:
+        loader: a transformers class with ``from_pretrained`` (a model or a processor class).
+        source: a hub id or a local folder.
+        what: how to name the model in messages ("captioner model").
+        option: the CLI option that takes this model ("--captioner-model").
+
+    Raises:
+        ModelLoadError: the checkpoint is missing, unreachable or unreadable.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{what} {source!r} is a file; pass the folder that holds config.json and the weights")
+        try:
+            with _no_progress_bars():
+                return loader.from_pretrained(str(path), local_files_only=True, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(_explain(exc, str(path), what, option)) from None
+    if not looks_like_hub_id(source):
+        raise ModelLoadError(
+            f"{what} {source!r}: no such folder, and it is not a hub id of the form owner/name. "
+            f"Pass a folder with a saved checkpoint, or a hub id, to {option}."
+        )
+    # A hub id: the local cache first, so offline machines never wait on network retries.
+    try:
+        with _no_progress_bars():
+            return loader.from_pretrained(source, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as exc:
+        if hub_offline() or not hub_reachable():
+            raise ModelLoadError(_explain(exc, source, what, option)) from None
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(_explain(exc, source, what, option)) from None
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Silence transformers' per-tensor "Loading weights" bars for local loads (downloads keep theirs)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def hub_offline() -> bool:
+    """Whether the user switched the Hugging Face hub off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    return any(os.environ.get(v, "0").lower() not in ("0", "", "false", "no")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connection to the hub endpoint (instead of minutes of download retries)."""
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _explain(exc: Exception, source: str, what: str, option: str) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if Path(source).exists():
+        return f"Cannot load {what} from folder {source!r}: {text}"
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
+    reason = ("offline mode is on (HF_HUB_OFFLINE)" if hub_offline()
+              else "the hub could not be reached" if not hub_reachable() else "the hub has no such model")
+    return (
+        f"Cannot load {what} {source!r}: it is not in the local Hugging Face cache ({cache}) and {reason}. "
+        f"On a machine with network run `hf download {source} --local-dir DIR`, copy DIR here and pass "
+        f"{option} DIR. ({text})"
+    )
+
+
+def revision_of(model: Any) -> str | None:
+    """The hub commit a checkpoint was loaded from, when transformers recorded it."""
+    return getattr(getattr(model, "config", None), "_commit_hash", None)
+
+
+def weights_fingerprint(model: Any, sample: int = 256) -> str:
+    """A short digest of the weights: names, shapes and the first values of every tensor.
+
+    Values are rounded to bfloat16 before hashing, so the digest is the same whether the model was
+    loaded in float32 or bfloat16, from the hub cache or from a copied folder.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in sorted(model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            if tensor.is_floating_point() and tensor.numel():
+                head = tensor.detach().reshape(-1)[:sample].to("cpu", torch.bfloat16).to(torch.float32)
+                digest.update(head.numpy().tobytes())
+    return digest.hexdigest()[:16]

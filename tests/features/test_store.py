@@ -1,0 +1,121 @@
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from tidy_detect.config import RepresentationConfig
+from tidy_detect.errors import StoreError
+from tidy_detect.features.store import COMPACT_JOURNAL, FeatureStore, config_fingerprint
+
+DIM = 4
+EXTRACTION = {"clip": {"source": "/a/clip", "weights": "w1", "dim": DIM}, "captioner": {"name": "blip2", "weights": "c"},
+              "grounder": {"name": "none"}, "phrases": {"max_objects": 6, "spacy_version": "3.8"}}
+
+
+def _row(i, n_objects=1, label=0, error=None, rng=np.random.default_rng(0)):
+    if error:
+        return {"sha256": f"sha{i}", "path": f"/img/{i}.png", "label": label, "group": "g", "error": error,
+                "error_kind": "corrupt"}
+    return {
+        "sha256": f"sha{i}", "path": f"/img/{i}.png", "label": label, "group": "g", "width": 10, "height": 8,
+        "format": "PNG", "num_bytes": 100, "caption": f"caption {i}", "phrases": ["dog", "cat"],
+        "object_phrases": ["dog"] * n_objects, "boxes": [[0, 0, 5, 5]] * n_objects, "box_scores": [0.5] * n_objects,
+        "global_image": rng.random(DIM).astype(np.float32), "global_text": rng.random(DIM).astype(np.float32),
+        "local_images": rng.random((n_objects, DIM)).astype(np.float32),
+        "local_texts": rng.random((n_objects, DIM)).astype(np.float32),
+        "local_fallback": n_objects == 0, "error": None, "error_kind": None,
+    }
+
+
+def test_write_read_roundtrip_and_representations(tmp_path):
+    store = FeatureStore.open_for_writing(tmp_path / "s", EXTRACTION, DIM)
+    rows = [_row(0, 2, 0), _row(1, 0, 1), _row(2, 1, None), _row(3, error="bad file")]
+    store.write(rows[:2])
+    store.write(rows[2:])
+    assert len(store) == 4
+    arrays = store.load(RepresentationConfig("both", normalize=False))
+    assert arrays.X.shape == (3, DIM)  # the error row has no features
+    assert arrays.label.tolist() == [0, 1, -1]
+    assert arrays.local_fallback.tolist() == [False, True, False]
+    dg = np.abs(rows[0]["global_image"] - rows[0]["global_text"])
+    dl = np.abs(rows[0]["local_images"] - rows[0]["local_texts"]).mean(0)
+    np.testing.assert_allclose(arrays.X[0], dg + dl, rtol=1e-6)
+    dg1 = np.abs(rows[1]["global_image"] - rows[1]["global_text"])
+    np.testing.assert_allclose(arrays.X[1], 2 * dg1, rtol=1e-6)  # D_l falls back to D_g
+    assert store.load(RepresentationConfig("image"), labeled_only=True).X.shape == (2, DIM)
+    summary = store.summary()
+    assert summary["rows"] == 4 and summary["errors"] == 1 and summary["labels"] == {"real": 1, "fake": 1, "none": 1}
+
+
+def test_readable_as_plain_parquet(tmp_path):
+    store = FeatureStore.open_for_writing(tmp_path / "s", EXTRACTION, DIM)
+    store.write([_row(0, 2)])
+    table = pq.read_table(store.shards()[0])
+    assert table.num_rows == 1
+    assert table.column("global_image").type.list_size == DIM
+    assert len(table.column("local_images")[0]) == 2
+
+
+def test_retried_batch_replaces_its_shard_and_readers_dedupe(tmp_path):
+    store = FeatureStore.open_for_writing(tmp_path / "s", EXTRACTION, DIM)
+    batch = [_row(0), _row(1)]
+    first = store.write(batch)
+    second = store.write(batch)
+    assert first == second and len(store.shards()) == 1
+    store.write([_row(1), _row(2)])  # overlapping key in another shard
+    assert len(store) == 3 and len(list(store.rows(["path"]))) == 3
+
+
+def test_config_mismatch_is_refused_with_the_difference(tmp_path):
+    FeatureStore.open_for_writing(tmp_path / "s", EXTRACTION, DIM)
+    other = json.loads(json.dumps(EXTRACTION))
+    other["captioner"]["weights"] = "different"
+    with pytest.raises(StoreError, match="captioner.weights: store has \"c\", now \"different\""):
+        FeatureStore.open_for_writing(tmp_path / "s", other, DIM)
+    moved = json.loads(json.dumps(EXTRACTION))
+    moved["clip"]["source"] = "/moved/clip"  # same weights elsewhere: compatible
+    assert config_fingerprint(moved) == config_fingerprint(EXTRACTION)
+    FeatureStore.open_for_writing(tmp_path / "s", moved, DIM)
+
+
+def test_not_a_store(tmp_path):
+    with pytest.raises(StoreError, match="not a feature store"):
+        FeatureStore(tmp_path)
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(StoreError, match="exists and is not an empty folder"):
+        FeatureStore.open_for_writing(tmp_path, EXTRACTION, DIM)
+
+
+def test_compaction_merges_and_survives_a_crash(tmp_path):
+    store = FeatureStore.open_for_writing(tmp_path / "s", EXTRACTION, DIM)
+    for i in range(6):
+        store.write([_row(i)])
+    assert len(store.shards()) == 6
+    assert store.compact(target_rows=100) == 6
+    assert len(store.shards()) == 1 and len(store) == 6
+    # a crash after the journal but before the merged shard: the old shards stay, nothing lost
+    for i in range(6, 8):
+        store.write([_row(i)])
+    (store.path / COMPACT_JOURNAL).write_text(json.dumps({"merged": "part-missing.parquet",
+                                                           "replaced": [s.name for s in store.shards()]}))
+    reopened = FeatureStore(store.path)
+    assert len(reopened) == 8 and not (store.path / COMPACT_JOURNAL).exists()
+
+
+def test_remove_paths_and_index(tmp_path):
+    store = FeatureStore.open_for_writing(tmp_path / "s", EXTRACTION, DIM)
+    store.write([_row(0), _row(1, error="boom")])
+    index = store.index()
+    assert index["/img/1.png"][2] is True and index["/img/0.png"] == ("sha0", 100, False)
+    assert store.remove_paths(["/img/1.png"]) == 1
+    assert set(store.index()) == {"/img/0.png"}
+
+
+def test_lookup_by_content(tmp_path):
+    store = FeatureStore.open_for_writing(tmp_path / "s", EXTRACTION, DIM)
+    rows = [_row(0, 2), _row(1)]
+    store.write(rows)
+    found = store.lookup({"sha0", "nope"})
+    assert set(found) == {"sha0"}
+    np.testing.assert_array_equal(found["sha0"]["local_images"], rows[0]["local_images"])

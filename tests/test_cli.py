@@ -1,0 +1,86 @@
+"""The command line: extraction end to end, model listing, errors as one line with an exit code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from tidy_detect.cli import app
+from tidy_detect.features.store import FeatureStore
+
+runner = CliRunner()
+
+
+def test_extract_and_store_info(tiny_preset, image_tree, tmp_path):
+    store = tmp_path / "store"
+    result = runner.invoke(app, ["extract", str(image_tree), "--out", str(store), "--preset", str(tiny_preset),
+                                 "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    assert "extracted now" in result.output and "images/s" in result.output
+    assert len(FeatureStore(store)) == 10
+    again = runner.invoke(app, ["extract", str(image_tree), "--out", str(store), "--preset", str(tiny_preset)])
+    assert again.exit_code == 0
+    info = runner.invoke(app, ["store", "info", str(store), "--json"])
+    assert info.exit_code == 0
+    data = json.loads(info.output)
+    assert data["summary"]["rows"] == 10 and data["summary"]["groups"] == {"dalle": 4, "progan": 6}
+    assert [r["processed"] for r in data["config"]["runs"]] == [10, 0]
+
+
+def test_model_options_override_the_preset(tiny_bundle, tiny_preset, image_tree, tmp_path):
+    result = runner.invoke(app, ["extract", str(image_tree), "--out", str(tmp_path / "s"), "--preset", str(tiny_preset),
+                                 "--captioner", "llava", "--captioner-model", str(tiny_bundle / "llava"),
+                                 "--grounder", str(tiny_bundle / "owlv2"), "--clip", str(tiny_bundle / "clip-b"),
+                                 "--limit", "2"])
+    assert result.exit_code == 0, result.output
+    extraction = FeatureStore(tmp_path / "s").extraction
+    assert extraction["captioner"]["name"] == "llava"
+    assert extraction["captioner"]["prompt"] == "Please generate a one-sentence caption for the input image."
+    assert extraction["grounder"]["name"] == "owlv2"
+    assert extraction["clip"]["source"] == str(tiny_bundle / "clip-b")
+
+
+def test_unknown_name_is_one_line_with_exit_code(tiny_preset, image_tree, tmp_path):
+    result = runner.invoke(app, ["extract", str(image_tree), "--out", str(tmp_path / "s"), "--preset",
+                                 str(tiny_preset), "--captioner", "blip3"])
+    assert result.exit_code == 2
+    assert "Unknown captioner 'blip3'. Known: blip, blip2, llava, provided." in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_weights_error_is_clear(image_tree, tmp_path):
+    result = runner.invoke(app, ["extract", str(image_tree), "--out", str(tmp_path / "s"), "--grounder", "none",
+                                 "--captioner", "blip"])
+    assert result.exit_code == 4
+    assert "Cannot load captioner model 'Salesforce/blip-image-captioning-large'" in result.output
+    assert "--captioner-model DIR" in result.output and "Traceback" not in result.output
+
+
+def test_missing_input_and_bad_option(tmp_path):
+    result = runner.invoke(app, ["extract", str(tmp_path / "nope"), "--out", str(tmp_path / "s")])
+    assert result.exit_code == 3 and "no such file or folder" in result.output
+    result = runner.invoke(app, ["extract", str(tmp_path), "--out", str(tmp_path / "s"), "--dtype", "fp8"])
+    assert result.exit_code == 2 and "runtime.dtype must be one of" in result.output
+
+
+def test_models_list():
+    result = runner.invoke(app, ["models", "list"])
+    assert result.exit_code == 0
+    for name in ("blip2", "llava", "provided", "grounding-dino", "owlv2", "none", "vit-b-16", "paper", "fast"):
+        assert name in result.output
+
+
+def test_make_tiny_refuses_an_existing_bundle(tiny_bundle):
+    result = runner.invoke(app, ["models", "make-tiny", str(tiny_bundle)])
+    assert result.exit_code != 0 and "error:" in result.output
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from tidy_detect.cli import app; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    result = subprocess.run([sys.executable, "-m", "tidy_detect.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "extract" in result.stdout
