@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tidy_detect.errors import CheckpointError, ConfigError, NotFittedError
-from tidy_detect.head import DiscrepancyHead, binary_metrics
+from tidy_detect.evaluate.metrics import detection_metrics
+from tidy_detect.head import DiscrepancyHead
 
 
 def _data(n=200, d=16, seed=0, shift=0.8):
@@ -79,7 +80,7 @@ def test_validation_history_and_best_val_selection():
     aps = [r["val_ap"] for r in head.history_]
     assert all("val_loss" in r for r in head.history_)
     assert aps[head.chosen_epoch_ - 1] == max(aps)
-    chosen_ap = binary_metrics(yv, head.predict_proba(Xv)[:, 1])["ap"]
+    chosen_ap = detection_metrics(yv, head.predict_proba(Xv)[:, 1])["ap"]
     assert chosen_ap == pytest.approx(max(aps))
 
 
@@ -125,13 +126,13 @@ def test_wrong_feature_width_is_a_clear_error():
         head.predict_proba(np.zeros((2, 5)))
 
 
-def test_binary_metrics_match_sklearn():
+def test_detection_metrics_match_sklearn():
     from sklearn.metrics import accuracy_score, average_precision_score
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 100)
     p = rng.random(100)
-    m = binary_metrics(y, p)
+    m = detection_metrics(y, p)
     assert m["acc"] == pytest.approx(accuracy_score(y, p > 0.5))
     assert m["ap"] == pytest.approx(average_precision_score(y, p))
     assert m["real_acc"] == pytest.approx(((p <= 0.5) & (y == 0)).sum() / (y == 0).sum())

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tidy_detect import __version__
+from tidy_detect.data.cli_datasets import ExcludeOpt, PairingOpt, SplitOpt
 from tidy_detect.errors import TidyError
 
 app = typer.Typer(
@@ -153,8 +154,16 @@ def extract_cmd(
     caption_prompt: Optional[str] = typer.Option(None, "--caption-prompt", help="Prompt for the captioner."),
     global_view: Optional[str] = typer.Option(None, "--global-view", help="center-crop (benchmark protocol) or clip."),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="Redo images recorded as errors before."),
+    layout: Optional[str] = typer.Option(None, "--layout", help="Read INPUTS as benchmark datasets: auto or a layout (see `datasets layouts`); group = generator."),
+    split: Optional[str] = SplitOpt,
+    exclude: Optional[List[Path]] = ExcludeOpt,
+    pairing: Optional[List[str]] = PairingOpt,
+    max_per_class: Optional[int] = typer.Option(None, "--max-per-class", min=1, help="Sample at most N real and N fake per generator (evaluation sets; the paper: 1000)."),
+    per_class: Optional[int] = typer.Option(None, "--per-class", min=1, help="Sample exactly N real and N fake spread over the classes (training subsets; the paper: 40000)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
 ) -> None:
     """Extract captions, objects and CLIP embeddings of images into a feature store."""
+    from tidy_detect.data.layouts import parse_pairing
     from tidy_detect.features.extractor import extract
 
     config = build_extraction_config(preset, clip, captioner, captioner_model, grounder, grounder_model, device,
@@ -163,7 +172,10 @@ def extract_cmd(
                                      caption_max_tokens=caption_max_tokens, caption_prompt=caption_prompt,
                                      global_view=global_view)
     with extraction_progress("extracting") as progress:
-        summary = extract(inputs, out_dir, config, limit=limit, progress=progress, retry_errors=retry_errors)
+        summary = extract(inputs, out_dir, config, limit=limit, progress=progress, retry_errors=retry_errors,
+                          layout=layout, split=split, exclude=exclude or None,
+                          pairing=parse_pairing(pairing or []) or None, max_per_class=max_per_class,
+                          per_class=per_class, seed=seed)
     print_extraction_summary(summary)
 
 
@@ -239,17 +251,32 @@ def train_cmd(
     hidden: int = typer.Option(512, "--hidden", help="Hidden layer width."),
     batch_size: int = typer.Option(256, "--batch-size", help="Examples per step."),
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation and shuffling."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="e.g. 0,1,2: one head per seed, saved as OUT-seedN.safetensors."),
     val: Optional[List[Path]] = typer.Option(None, "--val", help="Validation store(s), scored every epoch."),
     select: str = typer.Option("last", "--select", help="last (paper) or best-val (best validation AP)."),
     balance: bool = typer.Option(False, "--balance", help="Weight the loss by inverse class frequency."),
 ) -> None:
     """Train the MLP head on feature stores."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from tidy_detect.config import RepresentationConfig
-    from tidy_detect.training import train_head
+
+    from tidy_detect.evaluate.commands import parse_seeds
 
     rep = RepresentationConfig(representation, w1, w2, normalize)
+    runs = [(s, out_path.with_name(f"{out_path.with_suffix('').name}-seed{s}.safetensors")) for s in parse_seeds(seeds)]
+    for run_seed, run_out in runs or [(seed, out_path)]:
+        _train_one(stores, run_out, rep, val, epochs, lr, weight_decay, hidden, batch_size, run_seed, select, balance)
+    if runs:
+        out.print(f"{len(runs)} heads; evaluate them together with "
+                  f"`tidy-detect eval --head {out_path.with_suffix('')}-seed{{seed}}.safetensors --seeds {seeds} STORE...`",
+                  highlight=False)
+
+
+def _train_one(stores: List[Path], out_path: Path, rep: Any, val: Optional[List[Path]], epochs: int, lr: float,
+               weight_decay: float, hidden: int, batch_size: int, seed: int, select: str, balance: bool) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tidy_detect.training import train_head
+
     progress = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                         TimeElapsedColumn(), console=err)
     with progress:
@@ -516,6 +543,13 @@ def store_compact(store: Path = typer.Argument(..., help="Feature store folder."
 
     merged = FeatureStore(store).compact()
     out.print(f"merged {merged} shards")
+
+
+from tidy_detect.data.cli_datasets import register as _register_datasets  # noqa: E402
+from tidy_detect.evaluate.commands import register as _register_evaluation  # noqa: E402
+
+_register_datasets(app, command, out)
+_register_evaluation(app)
 
 
 def main() -> None:

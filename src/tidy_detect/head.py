@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from tidy_detect.errors import CheckpointError, ConfigError, NotFittedError
+from tidy_detect.evaluate.metrics import detection_metrics
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +38,6 @@ EpochFn = Callable[[dict[str, Any]], None]
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
-
-
-def binary_metrics(y: np.ndarray, p_fake: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """ACC (overall, on reals, on fakes) at ``p_fake > threshold``, AP and log-loss."""
-    from sklearn.metrics import average_precision_score
-
-    y = np.asarray(y).astype(int)
-    p = np.clip(np.asarray(p_fake, dtype=np.float64), 1e-7, 1 - 1e-7)
-    pred = (p > threshold).astype(int)
-    out = {"n": int(len(y)), "acc": float((pred == y).mean()) if len(y) else float("nan")}
-    out["real_acc"] = float((pred[y == 0] == 0).mean()) if (y == 0).any() else float("nan")
-    out["fake_acc"] = float((pred[y == 1] == 1).mean()) if (y == 1).any() else float("nan")
-    out["ap"] = float(average_precision_score(y, p)) if len(set(y.tolist())) == 2 else float("nan")
-    out["loss"] = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))) if len(y) else float("nan")
-    return out
 
 
 class DiscrepancyHead:
@@ -163,7 +149,7 @@ class DiscrepancyHead:
             if X_val is not None and y_val is not None and len(X_val):
                 self.model_ = model
                 self.n_features_in_ = X.shape[1]
-                val = binary_metrics(y_val, self.predict_proba(X_val)[:, 1])
+                val = detection_metrics(y_val, self.predict_proba(X_val)[:, 1])
                 record.update(val_loss=val["loss"], val_ap=val["ap"], val_acc=val["acc"])
                 key = (np.nan_to_num(val["ap"], nan=-1.0), -val["loss"])
                 if self.select == "best-val" and (best_key is None or key > best_key):

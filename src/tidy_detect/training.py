@@ -17,7 +17,8 @@ import numpy as np
 from tidy_detect.config import RepresentationConfig
 from tidy_detect.errors import StoreError
 from tidy_detect.features.store import FeatureArrays, FeatureStore, config_differences
-from tidy_detect.head import DiscrepancyHead, EpochFn, binary_metrics
+from tidy_detect.evaluate.metrics import detection_metrics
+from tidy_detect.head import DiscrepancyHead, EpochFn
 
 
 def open_stores(paths: Sequence[str | Path], role: str = "training") -> list[FeatureStore]:
@@ -120,9 +121,9 @@ def train_head(store_paths: Sequence[str | Path], out: str | Path, *,
     head = DiscrepancyHead(**head_params)
     head.fit(train.X, train.label, None if val is None else val.X, None if val is None else val.label,
              on_epoch=on_epoch)
-    metrics = {"train": binary_metrics(train.label, head.predict_proba(train.X)[:, 1])}
+    metrics = {"train": detection_metrics(train.label, head.predict_proba(train.X)[:, 1])}
     if val is not None:
-        metrics["val"] = binary_metrics(val.label, head.predict_proba(val.X)[:, 1])
+        metrics["val"] = detection_metrics(val.label, head.predict_proba(val.X)[:, 1])
     seconds = time.perf_counter() - started
     metadata = {
         "representation": {"kind": representation.kind, "w1": representation.w1, "w2": representation.w2,

@@ -61,10 +61,10 @@ def test_extract_tree_writes_every_field(extractor, image_tree, tmp_path):
 
 def test_rerun_does_nothing(extractor, image_tree, tmp_path):
     extract([image_tree], tmp_path / "store", extractor=extractor)
-    shards = sorted(p.name for p in (tmp_path / "store").glob("*.parquet"))
+    shards = sorted(p.name for p in (tmp_path / "store" / "shards").glob("*.parquet"))
     again = extract([image_tree], tmp_path / "store", extractor=extractor)
     assert (again.processed, again.skipped, again.copied, again.errors) == (0, 10, 0, 0)
-    assert sorted(p.name for p in (tmp_path / "store").glob("*.parquet")) == shards
+    assert sorted(p.name for p in (tmp_path / "store" / "shards").glob("*.parquet")) == shards
 
 
 def test_interrupted_run_completed_by_rerun_has_every_image_once(extractor, image_tree, tmp_path):

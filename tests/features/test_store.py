@@ -119,3 +119,19 @@ def test_lookup_by_content(tmp_path):
     found = store.lookup({"sha0", "nope"})
     assert set(found) == {"sha0"}
     np.testing.assert_array_equal(found["sha0"]["local_images"], rows[0]["local_images"])
+
+
+def test_shards_read_as_one_dataset_in_pandas_polars_and_duckdb(tmp_path):
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    store = FeatureStore.open_for_writing(tmp_path / "s", EXTRACTION, DIM)
+    store.write([_row(0, 2), _row(1, 0)])
+    store.write([_row(2, 1), _row(3, error="bad")])
+    frame = pd.read_parquet(store.shard_dir)
+    assert len(frame) == 4 and set(frame["path"]) == {f"/img/{i}.png" for i in range(4)}
+    assert len(frame.loc[frame["path"] == "/img/0.png", "local_images"].iloc[0]) == 2
+    assert pl.read_parquet(str(store.shard_dir / "*.parquet")).height == 4
+    count = duckdb.sql(f"select count(*) from read_parquet('{store.shard_dir}/*.parquet') where error is null")
+    assert count.fetchall() == [(3,)]

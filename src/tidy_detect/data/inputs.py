@@ -33,6 +33,7 @@ class ImageItem:
     label: int | None = None  # 0 real, 1 fake, None unknown
     group: str | None = None  # generator / dataset part
     caption: str | None = None  # given caption (used by the "provided" captioner)
+    subgroup: str | None = None  # part of the group, e.g. the LSUN class of a CNNDetection image
 
 
 @dataclass
@@ -81,7 +82,8 @@ def walk_folder(root: Path, summary: InputSummary | None = None) -> Iterator[Ima
 
 
 def read_manifest(path: Path) -> list[ImageItem]:
-    """Items from a CSV with a ``path`` column and optional ``label``, ``group``, ``caption``.
+    """Items from a CSV with a ``path`` column and optional ``label``, ``group``, ``caption``,
+    ``subgroup`` (e.g. the LSUN class of a CNNDetection training image).
 
     Relative paths are taken relative to the manifest's folder.
 
@@ -113,6 +115,7 @@ def read_manifest(path: Path) -> list[ImageItem]:
                     parse_label(row.get("label"), f"{path}, line {line}"),
                     (row.get("group") or "").strip() or None,
                     row.get("caption") if (row.get("caption") or "").strip() else None,
+                    (row.get("subgroup") or "").strip() or None,
                 ))
         except csv.Error as exc:
             raise InputError(f"{path}, line {reader.line_num}: not valid CSV ({exc})") from exc

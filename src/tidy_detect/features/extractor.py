@@ -13,6 +13,7 @@ Reader -> mapper -> writer under a small runner:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import platform
 import time
@@ -24,7 +25,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from tidy_detect.config import ExtractionConfig
-from tidy_detect.data.inputs import ImageItem, InputSummary, collect_inputs
+from tidy_detect.data.inputs import ImageItem
+from tidy_detect.data.perturb import Perturbation
 from tidy_detect.errors import ImageError, InputError, TidyError
 from tidy_detect.features.store import FeatureStore
 from tidy_detect.features.views import crop_box
@@ -212,28 +214,32 @@ class Extractor:
 # ---------------------------------------------------------------------------------------------
 # The runner
 
-def _decode(item: ImageItem, max_pixels: int) -> tuple[LoadedImage | ImageError, float]:
+def _decode(item: ImageItem, max_pixels: int, perturbation: Perturbation | None = None
+            ) -> tuple[LoadedImage | ImageError, float]:
     started = time.perf_counter()
     try:
         result: LoadedImage | ImageError = load_image(item.path, max_pixels=max_pixels)
+        if perturbation is not None:
+            image = perturbation.apply(result.image, result.sha256)
+            result = dataclasses.replace(result, image=image, width=image.width, height=image.height)
     except ImageError as exc:
         result = exc
     return result, time.perf_counter() - started
 
 
-def prefetch(items: Iterable[ImageItem], max_pixels: int, workers: int, window: int
-             ) -> Iterator[tuple[ImageItem, LoadedImage | ImageError, float]]:
-    """Decode images in worker threads, at most ``window`` ahead of the consumer, in order."""
+def prefetch(items: Iterable[ImageItem], max_pixels: int, workers: int, window: int,
+             perturbation: Perturbation | None = None) -> Iterator[tuple[ImageItem, LoadedImage | ImageError, float]]:
+    """Decode (and perturb) images in worker threads, at most ``window`` ahead of the consumer, in order."""
     items = iter(items)
     if workers == 0:
         for item in items:
-            yield (item, *_decode(item, max_pixels))
+            yield (item, *_decode(item, max_pixels, perturbation))
         return
     pending: collections.deque[tuple[ImageItem, Future]] = collections.deque()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tidy-decode") as pool:
         try:
             for item in items:
-                pending.append((item, pool.submit(_decode, item, max_pixels)))
+                pending.append((item, pool.submit(_decode, item, max_pixels, perturbation)))
                 if len(pending) >= window:
                     head, future = pending.popleft()
                     yield (head, *future.result())
@@ -296,7 +302,10 @@ def run_extraction(items: Sequence[ImageItem], store: FeatureStore, extractor: E
         progress(done_count, summary.total, summary)
     try:
         window = max(2 * runtime.batch_size, 4)
-        for batch in _chunks(prefetch(todo, runtime.max_pixels, runtime.num_workers, window), runtime.batch_size):
+        perturbation = store.config.get("perturbation")
+        perturbation = Perturbation.from_dict(perturbation) if perturbation else None
+        decoded = prefetch(todo, runtime.max_pixels, runtime.num_workers, window, perturbation)
+        for batch in _chunks(decoded, runtime.batch_size):
             rows = rows_for_batch(extractor, batch, summary, known_content, deferred)
             t0 = time.perf_counter()
             store.write(rows)
@@ -435,17 +444,25 @@ def _utc_now() -> str:
 
 def extract(inputs: Iterable[str | Path], out: str | Path, config: ExtractionConfig | None = None, *,
             limit: int | None = None, progress: ProgressFn | None = None, retry_errors: bool = False,
-            extractor: Extractor | None = None) -> ExtractionSummary:
-    """Extract features of images, folders or CSV manifests into the store at ``out``.
+            extractor: Extractor | None = None, perturbation: Perturbation | None = None,
+            layout: str | None = None, split: str | None = None, exclude: Iterable[str | Path] | None = None,
+            pairing: dict[str, str] | None = None, max_per_class: int | None = None, per_class: int | None = None,
+            seed: int = 0) -> ExtractionSummary:
+    """Extract features of images, folders, CSV manifests or benchmark datasets into a store.
 
     Args:
-        inputs: image files, folders (recursive) and ``.csv`` manifests.
+        inputs: image files, folders (recursive), ``.csv`` manifests, or dataset roots with ``layout``.
         out: the store folder (created, or resumed when made with the same config).
         config: models, feature choices and runtime; defaults to the paper's setup.
-        limit: process at most this many images (in input order).
+        limit: process at most this many images (in input order, after sampling).
         progress: called as ``progress(done, total, summary)`` after each batch.
         retry_errors: redo images whose earlier attempt was recorded as an error.
         extractor: an already loaded :class:`Extractor` to reuse (its config wins).
+        perturbation: perturb every image first (robustness sweeps); recorded in the store.
+        layout, split, exclude, pairing: read INPUTs as benchmark datasets (see
+            :mod:`tidy_detect.data.layouts`); ``group`` becomes the generator.
+        max_per_class, per_class, seed: the sampling protocol (see :mod:`tidy_detect.data.selection`);
+            the sampled list is saved in the store as ``inputs.csv``.
 
     Returns:
         An :class:`ExtractionSummary`.
@@ -453,14 +470,32 @@ def extract(inputs: Iterable[str | Path], out: str | Path, config: ExtractionCon
     Raises:
         InputError, ModelLoadError, StoreError, ConfigError.
     """
-    scan = InputSummary()
-    items = collect_inputs(inputs, scan)
+    from tidy_detect.data.sampling import save_list
+    from tidy_detect.data.selection import select_inputs
+
+    selection = select_inputs(inputs, layout=layout, split=split, exclude=exclude, pairing=pairing,
+                              max_per_class=max_per_class, per_class=per_class, seed=seed)
+    items = selection.items
     if limit is not None:
         if limit < 0:
             raise InputError(f"limit must be >= 0, got {limit}")
         items = items[:limit]
     extractor = extractor or Extractor(config)
     extractor.load()
-    store = FeatureStore.open_for_writing(out, extractor.extraction, extractor.dim)
+    store = FeatureStore.open_for_writing(out, extractor.extraction, extractor.dim,
+                                          perturbation.to_dict() if perturbation else None, selection.pairing)
+    if selection.params:
+        save_list(items, store.path / "inputs.csv", selection.params)
     return run_extraction(items, store, extractor, progress=progress, retry_errors=retry_errors,
-                          ignored_files=scan.ignored_files)
+                          ignored_files=selection.ignored_files)
+
+
+def extract_items(items: Sequence[ImageItem], out: str | Path, extractor: Extractor, *,
+                  progress: ProgressFn | None = None, retry_errors: bool = False,
+                  perturbation: Perturbation | None = None, pairing: dict[str, str] | None = None
+                  ) -> ExtractionSummary:
+    """Extract already listed image items (e.g. a sampled dataset) into the store at ``out``."""
+    extractor.load()
+    store = FeatureStore.open_for_writing(out, extractor.extraction, extractor.dim,
+                                          perturbation.to_dict() if perturbation else None, pairing)
+    return run_extraction(items, store, extractor, progress=progress, retry_errors=retry_errors)

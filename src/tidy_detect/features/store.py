@@ -12,8 +12,9 @@ Guarantees:
 - a store remembers the extraction config it was made with (``fingerprint``); opening it for
   writing with another config is an error naming what differs.
 
-The shards are plain Parquet: ``pandas.read_parquet(store)``, DuckDB's ``read_parquet('store/*.parquet')``
-and ``polars.read_parquet`` read them as they are.
+The shards are plain Parquet in ``STORE/shards/``: ``pandas.read_parquet("STORE/shards")``, DuckDB's
+``read_parquet('STORE/shards/*.parquet')`` and ``polars.read_parquet("STORE/shards/*.parquet")`` read
+them as they are.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ STORE_FORMAT = "tidy-detect-store"
 STORE_FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 COMPACT_JOURNAL = "compact-journal.json"
+SHARD_DIR = "shards"  # Parquet only, so the folder itself reads as one dataset
 # Keys of the extraction config that identify where a model came from, not what it computes;
 # they are recorded but left out of the fingerprint.
 _VOLATILE_KEYS = {"source", "revision", "spacy_version"}
@@ -233,17 +235,30 @@ class FeatureStore:
     # -- creation ----------------------------------------------------------------------------
 
     @classmethod
-    def open_for_writing(cls, path: str | Path, extraction: dict[str, Any], dim: int) -> "FeatureStore":
+    def open_for_writing(cls, path: str | Path, extraction: dict[str, Any], dim: int,
+                         perturbation: dict[str, Any] | None = None,
+                         pairing: dict[str, str] | None = None) -> "FeatureStore":
         """Create a store, or reopen one made with the same extraction config.
 
+        ``perturbation`` (robustness sweeps) is recorded apart from the extraction config: a
+        perturbed store still fits heads trained on clean features, but clean and perturbed rows
+        never share a store.
+
+        ``pairing`` (generator -> the real folder it is evaluated against, from dataset layouts
+        like UniFD's) is merged into what the store already records.
+
         Raises:
-            StoreError: the folder holds a store made with another config (the message lists the
-                differences), or it is a non-empty folder that is not a store.
+            StoreError: the folder holds a store made with another config or perturbation (the
+                message lists the differences), or it is a non-empty folder that is not a store,
+                or a generator would be paired with two real folders.
         """
         path = Path(path)
         fingerprint = config_fingerprint(extraction)
         if (path / CONFIG_FILE).is_file():
             store = cls(path)
+            if store.config.get("perturbation") != perturbation:
+                raise StoreError(f"{path} holds images with perturbation {store.config.get('perturbation')}, "
+                                 f"not {perturbation}; use another --out folder")
             if store.fingerprint != fingerprint:
                 diffs = config_differences(store.config.get("extraction", {}), extraction)
                 raise StoreError(
@@ -251,6 +266,8 @@ class FeatureStore:
                     f"these: {'; '.join(diffs[:5]) or 'fingerprints differ'}. Use another --out folder, or the "
                     f"same options as the store (see {path / CONFIG_FILE})."
                 )
+            if pairing:
+                store._merge_pairing(pairing)
             return store
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise StoreError(f"{path}: exists and is not an empty folder or a feature store; choose another --out")
@@ -265,6 +282,8 @@ class FeatureStore:
             "fingerprint": fingerprint,
             "dim": dim,
             "extraction": extraction,
+            "perturbation": perturbation,
+            "pairing": dict(pairing or {}),
             "runs": [],
         })
         return cls(path)
@@ -280,6 +299,24 @@ class FeatureStore:
     @property
     def extraction(self) -> dict[str, Any]:
         return self.config["extraction"]
+
+    @property
+    def pairing(self) -> dict[str, str]:
+        """Generator -> real folder it is evaluated against (empty for self-contained groups)."""
+        return dict(self.config.get("pairing") or {})
+
+    def _merge_pairing(self, pairing: dict[str, str]) -> None:
+        current = self.pairing
+        clashes = [g for g, r in pairing.items() if current.get(g, r) != r]
+        if clashes:
+            g = clashes[0]
+            raise StoreError(f"{self.path}: generator {g!r} is paired with real folder {current[g]!r} in this store, "
+                             f"not {pairing[g]!r}; use another --out folder or the same --pairing")
+        if any(current.get(g) != r for g, r in pairing.items()):
+            config = json.loads((self.path / CONFIG_FILE).read_text(encoding="utf-8"))
+            config["pairing"] = {**current, **pairing}
+            write_json_atomic(self.path / CONFIG_FILE, config)
+            self.config = config
 
     def record_run(self, run: dict[str, Any]) -> None:
         """Append a run's summary (device, dtype, counts, timings) to config.json."""
@@ -300,11 +337,12 @@ class FeatureStore:
     def _shard_path(self, table: pa.Table, prefix: str) -> Path:
         keys = sorted(f"{s}\0{p}" for s, p in zip(table["sha256"].to_pylist(), table["path"].to_pylist()))
         name = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:20]
-        return self.path / f"{prefix}-{name}.parquet"
+        return self.shard_dir / f"{prefix}-{name}.parquet"
 
     def _write_table(self, table: pa.Table, prefix: str, final: Path | None = None) -> Path:
         final = final or self._shard_path(table, prefix)
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=self.path)
+        final.parent.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
         os.close(fd)
         try:
             pq.write_table(table, tmp, compression="zstd")
@@ -317,7 +355,12 @@ class FeatureStore:
     # -- reading -----------------------------------------------------------------------------
 
     def shards(self) -> list[Path]:
-        return sorted(self.path.glob("*.parquet"))
+        return sorted(self.shard_dir.glob("*.parquet"))
+
+    @property
+    def shard_dir(self) -> Path:
+        """The folder of Parquet shards: ``pandas.read_parquet(store.shard_dir)`` reads all rows."""
+        return self.path / SHARD_DIR
 
     def iter_batches(self, columns: Sequence[str] | None = None, batch_size: int = 8192,
                      dedupe: bool = True) -> Iterator[pa.RecordBatch]:
@@ -518,9 +561,9 @@ class FeatureStore:
         except (OSError, ValueError):
             journal.unlink(missing_ok=True)  # written atomically, so unreadable means foreign; merged rows are deduped
             return
-        if (self.path / plan["merged"]).is_file():
+        if (self.shard_dir / plan["merged"]).is_file():
             for name in plan["replaced"]:
-                (self.path / name).unlink(missing_ok=True)
+                (self.shard_dir / name).unlink(missing_ok=True)
         journal.unlink(missing_ok=True)
 
 

@@ -1,0 +1,102 @@
+"""``tidy-detect datasets``: list the dataset layouts and inspect a dataset folder.
+
+``cli.py`` adds the sub-app with ``register(app, command, out)``; they are passed in rather than
+imported, so this module never imports ``tidy_detect.cli`` while it is still being initialised.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+LayoutOpt = typer.Option("auto", "--layout", help="auto, cnndetection, unifd, diffusionforensics, genimage, "
+                                                   "generic or manifest (see `datasets layouts`).")
+SplitOpt = typer.Option(None, "--split", help="train, val or test, for layouts with splits.")
+ExcludeOpt = typer.Option(None, "--exclude", help="Exclude list: a text file of file names or relative paths "
+                                                  "to skip (e.g. known corrupted files). Repeatable.")
+PairingOpt = typer.Option(None, "--pairing", help="FAKE=REAL: the real folder a fake folder pairs with "
+                                                  "(unifd, diffusionforensics). Repeatable.")
+
+
+def register(app: typer.Typer, command: Callable[..., Any], out: Console) -> typer.Typer:
+    """Add the ``datasets`` sub-app to ``app``, its commands wrapped by ``command`` and printing to ``out``."""
+    datasets_app = typer.Typer(help="Benchmark dataset layouts: list them, inspect a dataset folder.",
+                               no_args_is_help=True)
+    app.add_typer(datasets_app, name="datasets")
+
+    @command(datasets_app, "layouts")
+    def layouts_cmd() -> None:
+        """Show the dataset layouts --layout accepts and the trees they read."""
+        from tidy_detect.data.layouts import LAYOUTS
+
+        table = Table(title="dataset layouts (--layout NAME; auto tries them in this order)", title_justify="left")
+        table.add_column("name", style="bold")
+        table.add_column("reads", overflow="fold")
+        table.add_column("options")
+        for layout in LAYOUTS.values():
+            options = ", ".join(f"--{o}" for o in sorted(layout.options)) or "-"
+            table.add_row(layout.name, escape(layout.expects), options)
+        out.print(table)
+
+    @command(datasets_app, "inspect")
+    def inspect_cmd(
+        path: Path = typer.Argument(..., help="Dataset folder (or CSV manifest)."),
+        layout: str = LayoutOpt,
+        split: Optional[str] = SplitOpt,
+        exclude: Optional[List[Path]] = ExcludeOpt,
+        pairing: Optional[List[str]] = PairingOpt,
+        probe: int = typer.Option(0, "--probe", min=0, help="Open N files per class and group to read their "
+                                                            "real format (default: file suffixes only)."),
+        as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    ) -> None:
+        """Print the detected layout and, per group, real/fake counts and file formats; warn about format bias."""
+        from tidy_detect.data.inspect import inspect_dataset
+        from tidy_detect.data.layouts import parse_pairing, read_dataset
+
+        dataset = read_dataset(path, layout, split=split, exclude=exclude or None,
+                               pairing=parse_pairing(pairing or []) or None)
+        report = inspect_dataset(dataset, probe=probe)
+        if as_json:
+            out.print_json(json.dumps(report))
+            return
+        print_report(report, out)
+
+    return datasets_app
+
+
+def print_report(report: dict[str, Any], out: Console) -> None:
+    """The human-readable form of :func:`tidy_detect.data.inspect.inspect_dataset`'s report."""
+    split = f", split {report['split']}" if report["split"] else ""
+    out.print(f"[bold]{escape(report['root'])}[/]: layout [bold]{report['layout']}[/]{split}; {report['items']} items, "
+              f"{report['files']} files ({report['shared_files']} listed under several groups)",
+              highlight=False, soft_wrap=True)
+    probed = any("probed" in g for g in report["groups"].values())
+    table = Table(title="groups", title_justify="left")
+    for col in ("group", "real", "fake", "reals from", "real formats", "fake formats"):
+        table.add_column(col, justify="right" if col in ("real", "fake") else "left")
+    for name, group in report["groups"].items():
+        formats = group["probed"] if probed else group["formats"]
+        table.add_row(escape(name), str(group["real"]), str(group["fake"]),
+                      escape(group["reals_from"]) if group["reals_from"] != name else "(own)",
+                      _formats(formats.get("real", {})), _formats(formats.get("fake", {})))
+    out.print(table)
+    if probed:
+        out.print("formats read from the files' headers (--probe); suffixes are in --json")
+    if report["skipped"]:
+        out.print("skipped: " + escape(", ".join(f"{n} {reason}" for reason, n in report["skipped"].items())),
+                  highlight=False)
+    for note in report["notes"]:
+        out.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
+    for warning in report["warnings"]:
+        out.print(f"[yellow]warning:[/] {escape(warning['message'])}", highlight=False, soft_wrap=True)
+
+
+def _formats(counts: dict[str, int]) -> str:
+    total = sum(counts.values())
+    return ", ".join(f"{fmt} {n / total:.0%}" for fmt, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "-"

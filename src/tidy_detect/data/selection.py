@@ -1,0 +1,72 @@
+"""From command-line INPUTs to the exact list of images a command extracts.
+
+Reads the inputs (generic walking or a benchmark layout), applies the sampling protocol and keeps
+what evaluation needs later: which real folder each generator pairs with.
+
+Sampling of evaluation sets counts per generator: a real folder shared by several generators
+(UniFD's ``laion``) is expanded to each of them first, so every generator gets at most N reals,
+and since a sample depends only on its cell's files and the seed, they all get the same ones; each
+file is still extracted once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from tidy_detect.data.inputs import ImageItem, InputSummary
+from tidy_detect.errors import ConfigError
+
+
+@dataclass
+class Selection:
+    items: list[ImageItem]  # each file once, grouped as on disk (shared reals under their own folder)
+    pairing: dict[str, str] = field(default_factory=dict)  # generator -> real folder it pairs with
+    params: dict[str, Any] = field(default_factory=dict)  # how the list was sampled (empty: not sampled)
+    ignored_files: int = 0
+
+
+def select_inputs(inputs: Iterable[str | Path], *, layout: str | None = None, split: str | None = None,
+                  exclude: Iterable[str | Path] | None = None, pairing: Mapping[str, str] | None = None,
+                  max_per_class: int | None = None, per_class: int | None = None, seed: int = 0) -> Selection:
+    """Read INPUTs and sample them.
+
+    Args:
+        layout: None for generic walking (folders, files, manifests), else a layout name or "auto".
+        max_per_class: evaluation sampling: at most N real and N fake per generator.
+        per_class: training subsets: exactly N real and N fake, spread over the classes
+            (subgroups) of the training set.
+        seed: the sampling seed.
+
+    Raises:
+        ConfigError: both sampling options, or dataset options without a layout.
+        InputError, UnknownNameError: as the layout readers.
+    """
+    from tidy_detect.data.layouts import datasets_for_inputs, expand_pairing, items_for_datasets, items_for_inputs
+    from tidy_detect.data.sampling import sample_per_class, stratified_per_class
+
+    inputs = list(inputs)
+    if max_per_class is not None and per_class is not None:
+        raise ConfigError("give either --max-per-class (evaluation sampling) or --per-class (training subsets), not both")
+    summary = InputSummary()
+    found_pairing: dict[str, str] = {}
+    if layout is None:
+        items = items_for_inputs(inputs, None, split=split, exclude=exclude, pairing=pairing, summary=summary)
+    else:
+        datasets = datasets_for_inputs(inputs, layout, split=split, exclude=exclude, pairing=pairing)
+        items = items_for_datasets(datasets, summary)
+        for dataset in datasets:
+            found_pairing.update({g: r for g, r in dataset.pairing.items() if g != r})
+    params: dict[str, Any] = {}
+    if per_class is not None:
+        items = stratified_per_class(items, per_class, seed=seed)
+        params = {"method": "per_class", "per_class": per_class, "seed": seed}
+    elif max_per_class is not None:
+        chosen = {it.path for it in sample_per_class(expand_pairing(items, found_pairing), max_per_class, seed=seed)}
+        items = [it for it in items if it.path in chosen]
+        params = {"method": "max_per_class", "max_per_class": max_per_class, "seed": seed}
+    if params:
+        params["layout"] = layout
+        params["inputs"] = [str(Path(p).absolute()) for p in inputs]
+    return Selection(items, found_pairing, params, summary.ignored_files)

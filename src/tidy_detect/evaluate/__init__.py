@@ -1,0 +1,1 @@
+"""Evaluation: metrics, benchmark tables, robustness sweeps, ablations, plots and reports."""

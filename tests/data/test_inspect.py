@@ -1,0 +1,105 @@
+"""Dataset inspection: counts and formats per group, the format-bias warning, the CLI command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+from tidy_detect.data.cli_datasets import register
+from tidy_detect.data.inspect import format_from_suffix, inspect_dataset, probe_format
+from tidy_detect.data.layouts import read_dataset
+
+
+def _img(path: Path, fmt: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(path, format=fmt)
+
+
+def _tree(root: Path) -> Path:
+    for i in range(5):
+        _img(root / "biased" / "0_real" / f"r{i}.JPEG")  # real JPEG vs fake PNG
+        _img(root / "biased" / "1_fake" / f"f{i}.v2.png")
+        _img(root / "mixed" / "0_real" / f"r{i}{'.jpg' if i % 2 else '.png'}")
+        _img(root / "mixed" / "1_fake" / f"f{i}{'.png' if i % 2 else '.jpg'}")
+        _img(root / "disguised" / "0_real" / f"r{i}.png", fmt="JPEG")  # JPEG data behind .png names
+        _img(root / "disguised" / "1_fake" / f"f{i}.png")
+    return root
+
+
+def test_format_names():
+    assert [format_from_suffix(p) for p in ("a.JPG", "b.v2.jpeg", "c.PNG", "d.webp", "e.xyz", "f")] == \
+        ["JPEG", "JPEG", "PNG", "WEBP", "XYZ", "NONE"]
+
+
+def test_counts_formats_and_warning_by_suffix(tmp_path):
+    report = inspect_dataset(read_dataset(_tree(tmp_path / "ds")))
+    assert report["layout"] == "generic" and report["items"] == 30 and report["files"] == 30
+    biased = report["groups"]["biased"]
+    assert (biased["real"], biased["fake"], biased["reals_from"]) == (5, 5, "biased")
+    assert biased["formats"] == {"fake": {"PNG": 5}, "real": {"JPEG": 5}}
+    assert report["groups"]["mixed"]["formats"] == {"fake": {"JPEG": 3, "PNG": 2}, "real": {"JPEG": 2, "PNG": 3}}
+    assert [w["group"] for w in report["warnings"]] == ["biased"]
+    message = report["warnings"][0]["message"]
+    assert "real images are 100% JPEG but fake images are 100% PNG (by file suffix)" in message
+    assert "learn the file format instead of the fakeness" in message
+    json.dumps(report)  # plain data
+
+
+def test_probing_reads_the_real_format(tmp_path):
+    root = _tree(tmp_path / "ds")
+    assert probe_format(root / "disguised" / "0_real" / "r0.png") == "JPEG"
+    (root / "mixed" / "1_fake" / "broken.png").write_bytes(b"not an image")
+    report = inspect_dataset(read_dataset(root), probe=3)
+    assert report["groups"]["disguised"]["probed"] == {"fake": {"PNG": 3}, "real": {"JPEG": 3}}
+    assert report["groups"]["disguised"]["formats"]["real"] == {"PNG": 5}
+    assert sum(report["groups"]["mixed"]["probed"]["fake"].values()) == 3
+    assert sorted(w["group"] for w in report["warnings"]) == ["biased", "disguised"]
+
+
+def test_no_warning_when_one_class_is_not_mostly_another_format(tmp_path):
+    root = tmp_path / "ds"
+    for i in range(10):
+        _img(root / "g" / "0_real" / f"r{i}.jpg")
+        _img(root / "g" / "1_fake" / f"f{i}{'.png' if i < 5 else '.jpg'}")  # half PNG: not "mostly"
+    assert inspect_dataset(read_dataset(root))["warnings"] == []
+
+
+def test_shared_reals_and_subgroups_in_report(tmp_path):
+    root = tmp_path / "diffusion_datasets"
+    for name in ("a.png", "b.png"):
+        _img(root / "ldm_200" / "1_fake" / name)
+        _img(root / "glide_100_10" / "1_fake" / name)
+        _img(root / "laion" / "0_real" / name.replace(".png", ".jpg"))
+    report = inspect_dataset(read_dataset(root))
+    assert report["items"] == 8 and report["files"] == 6 and report["shared_files"] == 2
+    assert report["groups"]["ldm_200"]["reals_from"] == "laion"
+    train = tmp_path / "train"
+    _img(train / "cat" / "0_real" / "x.png")
+    _img(train / "cat" / "1_fake" / "y.png")
+    _img(train / "dog" / "1_fake" / "z.png")
+    assert inspect_dataset(read_dataset(train))["groups"]["progan"]["subgroups"] == {
+        "cat": {"real": 1, "fake": 1, "unlabelled": 0}, "dog": {"real": 0, "fake": 1, "unlabelled": 0}}
+
+
+def test_cli_inspect_and_layouts(tmp_path):
+    from tidy_detect.cli import command, out
+
+    app = typer.Typer()
+    app.command("noop")(lambda: None)  # a second command keeps `datasets` a sub-command
+    register(app, command, out)
+    runner = CliRunner()
+    root = _tree(tmp_path / "ds")
+    result = runner.invoke(app, ["datasets", "inspect", str(root)])
+    assert result.exit_code == 0, result.output
+    assert "layout generic" in result.output and "warning:" in result.output
+    result = runner.invoke(app, ["datasets", "inspect", str(root), "--json", "--probe", "2"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["groups"]["disguised"]["probed"]["real"] == {"JPEG": 2}
+    result = runner.invoke(app, ["datasets", "inspect", str(root), "--layout", "nope"])
+    assert result.exit_code == 2 and "Unknown layout 'nope'. Known: auto," in result.output
+    result = runner.invoke(app, ["datasets", "layouts"])
+    assert result.exit_code == 0 and "diffusionforensics" in result.output
