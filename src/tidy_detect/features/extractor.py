@@ -280,20 +280,8 @@ def run_extraction(items: Sequence[ImageItem], store: FeatureStore, extractor: E
     summary = ExtractionSummary(store=str(store.path), total=len(items), ignored_files=ignored_files)
     started = time.perf_counter()
     run_record = {"started": _utc_now(), "engine": engine, **extractor.runtime_info()}
-    index = store.index()
-    if retry_errors:
-        failed = [p for p, (_, _, err) in index.items() if err]
-        if failed:
-            store.remove_paths(failed)
-            for path in failed:
-                index.pop(path)
-    todo = []
-    for item in items:
-        if _already_done(item, index.get(item.path)):
-            summary.skipped += 1
-        else:
-            todo.append(item)
-    known_content = {sha for sha, _, err in index.values() if sha and not err}
+    todo, known_content = pending_items(items, store, retry_errors)
+    summary.skipped = len(items) - len(todo)
     deferred: list[tuple[ImageItem, LoadedImage]] = []  # same content as a row written earlier
     stage = extractor.stage_seconds
     before = dict(stage)
@@ -378,6 +366,23 @@ def iter_rows(items: Sequence[ImageItem], extractor: Extractor, summary: Extract
     for batch in _chunks(prefetch(items, runtime.max_pixels, runtime.num_workers, window), runtime.batch_size):
         by_path = {row["path"]: row for row in rows_for_batch(extractor, batch, summary)}
         yield [by_path[item.path] for item, _, _ in batch]
+
+
+def pending_items(items: Sequence[ImageItem], store: FeatureStore, retry_errors: bool = False
+                  ) -> tuple[list[ImageItem], set[str]]:
+    """The items a run still has to do, and the content hashes the store already has features for.
+
+    With ``retry_errors`` the store's error rows are removed first, so their images are redone.
+    """
+    index = store.index()
+    if retry_errors:
+        failed = [p for p, (_, _, err) in index.items() if err]
+        if failed:
+            store.remove_paths(failed)
+            for path in failed:
+                index.pop(path)
+    todo = [item for item in items if not _already_done(item, index.get(item.path))]
+    return todo, {sha for sha, _, err in index.values() if sha and not err}
 
 
 def _already_done(item: ImageItem, known: tuple[str | None, int | None, bool] | None) -> bool:
