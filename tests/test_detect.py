@@ -85,7 +85,8 @@ def test_detector_predict_paths_bytes_and_pil(trained):
     assert "not an image" in records[3]["error"] and records[3]["p_fake"] is None
     first = records[0]
     assert set(first) == {"path", "sha256", "width", "height", "p_fake", "label", "caption", "objects",
-                          "global_discrepancy", "error"}
+                          "global_discrepancy", "error", "stage"}
+    assert first["stage"] == "full"
     assert 0.0 <= first["p_fake"] <= 1.0 and first["label"] in ("fake", "real")
     assert first["p_fake"] == pytest.approx(records[1]["p_fake"]) == pytest.approx(records[2]["p_fake"])
     assert records[1]["path"] == "<image 1>" and first["sha256"] == records[1]["sha256"]
@@ -180,3 +181,52 @@ def test_demo_end_to_end(tmp_path):
     records = json.loads((tmp_path / "demo" / "detections.json").read_text())
     assert records and all(r["error"] is None for r in records)
     assert len(FeatureStore(tmp_path / "demo" / "stores" / "test")) == 16
+
+
+def test_repeated_names_keep_their_own_records(trained):
+    detector = Detector(*DiscrepancyHead.load(trained["head"]), trained["extractor"])
+    paths = sorted((trained["root"] / "tree").rglob("*.png"))[:2]
+    records = detector.predict([p.read_bytes() for p in paths], names=["same.png", "same.png"])
+    assert [r["sha256"] for r in records] != [records[0]["sha256"]] * 2
+
+
+def test_cascade_escalates_only_the_uncertain_band(trained, tmp_path):
+    global_head = train_head([trained["store"]], tmp_path / "global.safetensors", epochs=3, hidden=8,
+                             representation=RepresentationConfig("global")).path
+    head, meta = DiscrepancyHead.load(trained["head"])
+    from tidy_detect.detect import Cascade
+
+    items = sorted((trained["root"] / "tree").rglob("*.png"))
+    everything = Detector(head, meta, trained["extractor"], cascade=Cascade(*DiscrepancyHead.load(global_head),
+                                                                           band=(0.0, 1.0)))
+    nothing = Detector(head, meta, trained["extractor"], cascade=Cascade(*DiscrepancyHead.load(global_head),
+                                                                        band=(0.5, 0.5)))
+    plain = Detector(head, meta, trained["extractor"])
+    full = everything.predict(items)
+    assert everything.cascade.fraction_escalated == 1.0 and all(r["stage"] == "full" for r in full)
+    expected = plain.predict(items)
+    assert [r["p_fake"] for r in full] == pytest.approx([r["p_fake"] for r in expected], abs=1e-4)
+    quick = nothing.predict(items)
+    global_only = DiscrepancyHead.load(global_head)[0].predict_proba(
+        FeatureStore(trained["store"]).load(RepresentationConfig("global")).X)[:, 1]
+    assert all(r["stage"] == "global" and r["objects"] == [] for r in quick if r["stage"] == "global")
+    assert nothing.cascade.escalated == sum(r["stage"] == "full" for r in quick) < len(items)
+    assert len(global_only) == len(items)
+
+
+def test_cascade_refuses_a_head_that_needs_objects(trained):
+    from tidy_detect.detect import Cascade
+    from tidy_detect.errors import ConfigError
+
+    head, meta = DiscrepancyHead.load(trained["head"])
+    with pytest.raises(ConfigError, match="representation without objects"):
+        Detector(head, meta, trained["extractor"], cascade=Cascade(head, meta))
+
+
+def test_detect_cli_cascade(trained, tmp_path):
+    global_head = train_head([trained["store"]], tmp_path / "g.safetensors", epochs=2, hidden=8,
+                             representation=RepresentationConfig("global")).path
+    result = _invoke_detect(trained, "--format", "json", "--cascade-head", str(global_head), "--band", "0.4,0.6")
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.stdout)
+    assert {r["stage"] for r in records} <= {"global", "full"} and "cascade:" in result.stderr

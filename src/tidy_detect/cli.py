@@ -11,6 +11,7 @@ from typing import Any, Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tidy_detect import __version__
@@ -70,7 +71,7 @@ def command(parent: typer.Typer, *args: Any, **kwargs: Any) -> Callable[[Callabl
             except TidyError as exc:
                 if _state["traceback"]:
                     raise
-                err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+                err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
                 raise typer.Exit(exc.exit_code) from None
             except KeyboardInterrupt:
                 err.print("[yellow]interrupted[/]; finished work is saved, rerun the same command to go on")
@@ -80,7 +81,7 @@ def command(parent: typer.Typer, *args: Any, **kwargs: Any) -> Callable[[Callabl
             except Exception as exc:
                 if _state["traceback"]:
                     raise
-                err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n"
+                err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}\n"
                           f"This is a bug in tidy-detect; rerun with --traceback and report the output.",
                           highlight=False, soft_wrap=True)
                 raise typer.Exit(70) from None
@@ -96,7 +97,7 @@ def command(parent: typer.Typer, *args: Any, **kwargs: Any) -> Callable[[Callabl
 def build_extraction_config(preset: Optional[str], clip: Optional[str], captioner: Optional[str],
                             captioner_model: Optional[str], grounder: Optional[str], grounder_model: Optional[str],
                             device: Optional[str], dtype: Optional[str], batch_size: Optional[int],
-                            workers: Optional[int], **features: Any):
+                            workers: Optional[int], compile_: Optional[bool] = None, **features: Any):
     """Preset (or the defaults) with the options given on the command line on top."""
     from tidy_detect.config import ExtractionConfig, load_preset
 
@@ -110,7 +111,8 @@ def build_extraction_config(preset: Optional[str], clip: Optional[str], captione
         models={"clip": clip, "captioner": captioner, "captioner_model": captioner_model, "grounder": grounder,
                 "grounder_model": grounder_model},
         features=features,
-        runtime={"device": device, "dtype": dtype, "batch_size": batch_size, "num_workers": workers},
+        runtime={"device": device, "dtype": dtype, "batch_size": batch_size, "num_workers": workers,
+                 "compile": compile_},
     )
 
 
@@ -154,6 +156,7 @@ def extract_cmd(
     caption_prompt: Optional[str] = typer.Option(None, "--caption-prompt", help="Prompt for the captioner."),
     global_view: Optional[str] = typer.Option(None, "--global-view", help="center-crop (benchmark protocol) or clip."),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="Redo images recorded as errors before."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile CLIP's vision tower (pays off on large runs; the first batch compiles)."),
     layout: Optional[str] = typer.Option(None, "--layout", help="Read INPUTS as benchmark datasets: auto or a layout (see `datasets layouts`); group = generator."),
     split: Optional[str] = SplitOpt,
     exclude: Optional[List[Path]] = ExcludeOpt,
@@ -167,7 +170,7 @@ def extract_cmd(
     from tidy_detect.features.extractor import extract
 
     config = build_extraction_config(preset, clip, captioner, captioner_model, grounder, grounder_model, device,
-                                     dtype, batch_size, workers, max_objects=max_objects,
+                                     dtype, batch_size, workers, compile_ or None, max_objects=max_objects,
                                      box_threshold=box_threshold, text_threshold=text_threshold,
                                      caption_max_tokens=caption_max_tokens, caption_prompt=caption_prompt,
                                      global_view=global_view)
@@ -335,6 +338,9 @@ def detect_cmd(
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per model batch."),
     workers: int = typer.Option(2, "--workers", min=0, help="Image decoding threads."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile CLIP's vision tower (pays off on large runs)."),
+    cascade_head: Optional[Path] = typer.Option(None, "--cascade-head", help="Fast path: a global-only head (train with --representation global) scores every image first; only uncertain ones get objects and the full head."),
+    band: str = typer.Option("0.2,0.8", "--band", help="The cascade's uncertainty band LOW,HIGH on the global head's p_fake."),
 ) -> None:
     """Score images with a trained head and explain each score (caption, objects, discrepancies)."""
     from tidy_detect.data.inputs import collect_inputs
@@ -345,10 +351,17 @@ def detect_cmd(
                   if out_file else "table")
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    try:
+        low, high = (float(v) for v in band.split(","))
+    except ValueError:
+        raise ConfigError(f"--band takes LOW,HIGH, got {band!r}") from None
+    if cascade_head is not None and save_store is not None:
+        raise ConfigError("--cascade-head skips objects for confident images, so it cannot fill a store of "
+                          "full features; drop --save-store or --cascade-head")
     items = collect_inputs(inputs)
     detector = Detector.load(head, device=device, dtype=dtype, batch_size=batch_size, num_workers=workers,
-                             threshold=threshold, clip=clip, captioner_model=captioner_model,
-                             grounder_model=grounder_model)
+                             threshold=threshold, compile=compile_, cascade_head=cascade_head, band=(low, high),
+                             clip=clip, captioner_model=captioner_model, grounder_model=grounder_model)
     records = []
     with extraction_progress("detecting") as progress:
         if save_store is not None:
@@ -367,6 +380,10 @@ def detect_cmd(
                 records.extend(batch)
                 progress(len(records), len(items), summary)
     write_records(records, fmt, out_file)
+    if detector.cascade is not None:
+        c = detector.cascade
+        err.print(f"cascade: {c.escalated} of {c.images} images ({c.fraction_escalated:.1%}) were in the band "
+                  f"{c.band[0]:g}-{c.band[1]:g} and got objects and the full head", highlight=False)
 
 
 def write_records(records: list, fmt: str, out_file: Optional[Path]) -> None:
@@ -548,8 +565,11 @@ def store_compact(store: Path = typer.Argument(..., help="Feature store folder."
 from tidy_detect.data.cli_datasets import register as _register_datasets  # noqa: E402
 from tidy_detect.evaluate.commands import register as _register_evaluation  # noqa: E402
 
+from tidy_detect.serve_cli import register as _register_serve  # noqa: E402
+
 _register_datasets(app, command, out)
 _register_evaluation(app)
+_register_serve(app)
 
 
 def main() -> None:

@@ -107,8 +107,10 @@ class RuntimeConfig:
     batch_size: int = 8
     num_workers: int = 2
     max_pixels: int = 100_000_000
+    compile: bool = False
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.compile, bool), f"runtime.compile must be true or false, got {self.compile!r}")
         _check(self.dtype in DTYPES, f"runtime.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith(("cuda", "mps")),
                f"runtime.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")

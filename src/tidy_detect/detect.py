@@ -9,7 +9,10 @@ A detection record (the same for the CLI, the Python API and the web service)::
 
     {"path", "sha256", "width", "height", "p_fake", "label": "fake"|"real", "caption",
      "objects": [{"phrase", "box": [x0, y0, x1, y1], "box_score", "discrepancy"}],
-     "global_discrepancy", "error"}
+     "global_discrepancy", "error", "stage": "full"|"global"}
+
+``stage`` says which head gave ``p_fake``: "global" when the cascade's global-only head was sure
+enough to skip the objects (then ``objects`` is empty), else "full".
 
 ``discrepancy`` is 1 - cos(I_i, T_i) for an object and 1 - cos(I0, T0) for the whole image.
 """
@@ -17,6 +20,7 @@ A detection record (the same for the CLI, the Python API and the web service)::
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -27,7 +31,7 @@ from tidy_detect.config import ExtractionConfig, FeatureConfig, ModelConfig, Rep
 from tidy_detect.data.inputs import ImageItem
 from tidy_detect.errors import CheckpointError, ConfigError, ImageError
 from tidy_detect.features import discrepancy
-from tidy_detect.features.extractor import ExtractionSummary, Extractor, iter_rows, rows_for_batch
+from tidy_detect.features.extractor import ExtractionSummary, Extractor, iter_decoded, rows_for_batch
 from tidy_detect.features.store import config_differences, config_fingerprint
 from tidy_detect.head import DiscrepancyHead
 from tidy_detect.images import load_image
@@ -79,28 +83,71 @@ def _object_records(row: dict[str, Any]) -> list[dict[str, Any]]:
             for phrase, box, bs, d in zip(row["object_phrases"], row["boxes"], row["box_scores"], scores)]
 
 
+def _rep(metadata: dict[str, Any]) -> RepresentationConfig:
+    rep = metadata["representation"]
+    return RepresentationConfig(rep["kind"], rep["w1"], rep["w2"], rep["normalize"])
+
+
+def _stack(rows: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    gi = np.stack([np.asarray(r["global_image"], np.float32) for r in rows])
+    gt = np.stack([np.asarray(r["global_text"], np.float32) for r in rows])
+    dim = gi.shape[1]
+    li = [np.asarray(r["local_images"], np.float32).reshape(-1, dim) for r in rows]
+    lt = [np.asarray(r["local_texts"], np.float32).reshape(-1, dim) for r in rows]
+    return gi, gt, li, lt
+
+
+@dataclass
+class Cascade:
+    """The fast path: a global-only head scores every image; only images whose score falls in
+    ``band`` (the uncertain ones) get grounding, local features and the full head."""
+
+    head: DiscrepancyHead
+    metadata: dict[str, Any]
+    band: tuple[float, float] = (0.2, 0.8)
+    images: int = 0
+    escalated: int = 0
+
+    @property
+    def fraction_escalated(self) -> float:
+        return self.escalated / self.images if self.images else 0.0
+
+
 class Detector:
     """A head with its extractor. Build with :meth:`load`; call :meth:`predict`."""
 
     def __init__(self, head: DiscrepancyHead, metadata: dict[str, Any], extractor: Extractor,
-                 threshold: float = 0.5) -> None:
+                 threshold: float = 0.5, cascade: Cascade | None = None) -> None:
         if not 0.0 <= threshold <= 1.0:
             raise ConfigError(f"threshold must be in [0, 1], got {threshold!r}")
         self.head = head
         self.metadata = metadata
         self.extractor = extractor
         self.threshold = threshold
-        rep = metadata["representation"]
-        self.representation = RepresentationConfig(rep["kind"], rep["w1"], rep["w2"], rep["normalize"])
+        self.representation = _rep(metadata)
+        self.cascade = cascade
+        if cascade is not None:
+            lo, hi = cascade.band
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ConfigError(f"cascade band must satisfy 0 <= low <= high <= 1, got {cascade.band}")
+            if _rep(cascade.metadata).kind not in ("global", "image", "text"):
+                raise ConfigError(f"the cascade's first head must use a representation without objects "
+                                  f"(global, image or text), got {_rep(cascade.metadata).kind!r}; train one with "
+                                  f"`tidy-detect train STORE --representation global`")
+            check_compatible(metadata["extraction"], cascade.metadata["extraction"], "the cascade's global head")
 
     @classmethod
     def load(cls, head_path: str | Path, *, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
-             num_workers: int = 2, threshold: float = 0.5, **model_overrides: str | None) -> "Detector":
+             num_workers: int = 2, threshold: float = 0.5, compile: bool = False,
+             cascade_head: str | Path | None = None, band: tuple[float, float] = (0.2, 0.8),
+             **model_overrides: str | None) -> "Detector":
         """Load a head and the models it was trained with.
 
         Args:
             head_path: the ``.safetensors`` checkpoint written by ``tidy-detect train``.
-            device, dtype, batch_size, num_workers: runtime choices (any value is compatible).
+            device, dtype, batch_size, num_workers, compile: runtime choices (any value is compatible).
+            cascade_head: a global-only head (same stores' config) for the cascade fast path;
+                images it scores outside ``band`` skip grounding and the full head.
             model_overrides: ``clip``, ``captioner``, ``captioner_model``, ``grounder``, ``grounder_model``
                 to load the same checkpoints from elsewhere (e.g. a local folder).
 
@@ -109,65 +156,104 @@ class Detector:
             ModelLoadError: models that cannot be found.
         """
         head, metadata = DiscrepancyHead.load(head_path)
-        runtime = RuntimeConfig(device=device, dtype=dtype, batch_size=batch_size, num_workers=num_workers)
+        cascade = Cascade(*DiscrepancyHead.load(cascade_head), band=band) if cascade_head else None
+        runtime = RuntimeConfig(device=device, dtype=dtype, batch_size=batch_size, num_workers=num_workers,
+                                compile=compile)
         config = config_from_extraction(metadata["extraction"], runtime, **model_overrides)
         extractor = Extractor(config).load()
         check_compatible(metadata["extraction"], extractor.extraction, f"head {head_path}")
-        return cls(head, metadata, extractor, threshold)
+        return cls(head, metadata, extractor, threshold, cascade)
 
     def info(self) -> dict[str, Any]:
         """What the head is and was trained on (for `--format json` headers and the web API)."""
         meta = self.metadata
         ex = meta["extraction"]
-        return {"representation": meta["representation"], "threshold": self.threshold,
+        info = {"representation": meta["representation"], "threshold": self.threshold,
                 "models": {"clip": ex["clip"].get("source"), "captioner": ex["captioner"].get("name"),
                            "captioner_model": ex["captioner"].get("source"), "grounder": ex["grounder"].get("name"),
                            "grounder_model": ex["grounder"].get("source")},
                 "device": self.extractor.device, "dtype": self.extractor.dtype, "head": meta["head"],
                 "training": meta.get("training", {}), "metrics": meta.get("metrics", {}),
                 "package_version": meta.get("package_version")}
+        if self.cascade is not None:
+            info["cascade"] = {"band": list(self.cascade.band), "images": self.cascade.images,
+                               "escalated": self.cascade.escalated,
+                               "fraction_escalated": round(self.cascade.fraction_escalated, 4)}
+        return info
 
     # -- scoring -----------------------------------------------------------------------------
 
-    def score_rows(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Detection records for store rows (from the extractor or read back from a store)."""
+    def score_rows(self, rows: Sequence[dict[str, Any]], stages: Sequence[str] | None = None,
+                   p_override: dict[int, float] | None = None) -> list[dict[str, Any]]:
+        """Detection records for store rows (from the extractor or read back from a store).
+
+        ``p_override`` gives scores already decided (the cascade's global head), by row index;
+        ``stages`` says which head scored each row ("full" or "global").
+        """
+        p_override = p_override or {}
         ok = [i for i, r in enumerate(rows) if r.get("error") is None]
         p_fake = np.zeros(len(rows))
         global_disc = np.zeros(len(rows))
         if ok:
-            gi = np.stack([np.asarray(rows[i]["global_image"], np.float32) for i in ok])
-            gt = np.stack([np.asarray(rows[i]["global_text"], np.float32) for i in ok])
-            dim = gi.shape[1]
-            li = [np.asarray(rows[i]["local_images"], np.float32).reshape(-1, dim) for i in ok]
-            lt = [np.asarray(rows[i]["local_texts"], np.float32).reshape(-1, dim) for i in ok]
-            X = discrepancy.representation(self.representation, gi, gt, li, lt)
-            p_fake[ok] = self.head.predict_proba(X)[:, 1]
+            gi, gt, li, lt = _stack([rows[i] for i in ok])
             global_disc[ok] = discrepancy.cosine_discrepancy(gi, gt)
+            full = [k for k, i in enumerate(ok) if i not in p_override]
+            if full:
+                X = discrepancy.representation(self.representation, gi[full], gt[full], [li[k] for k in full],
+                                               [lt[k] for k in full])
+                p_fake[[ok[k] for k in full]] = self.head.predict_proba(X)[:, 1]
+            for i, p in p_override.items():
+                p_fake[i] = p
         records = []
         for i, row in enumerate(rows):
             record = {"path": row["path"], "sha256": row.get("sha256"), "width": row.get("width"),
                       "height": row.get("height")}
             if row.get("error") is not None:
                 record.update(p_fake=None, label=None, caption=None, objects=[], global_discrepancy=None,
-                              error=row["error"])
+                              error=row["error"], stage=None)
             else:
                 record.update(p_fake=round(float(p_fake[i]), 6),
                               label="fake" if p_fake[i] > self.threshold else "real", caption=row["caption"],
                               objects=_object_records(row), global_discrepancy=round(float(global_disc[i]), 4),
-                              error=None)
+                              error=None, stage=stages[i] if stages else "full")
             records.append(record)
         return records
+
+    def score_batch(self, batch: Sequence[tuple[ImageItem, Any, float]],
+                    summary: ExtractionSummary | None = None) -> list[dict[str, Any]]:
+        """Records for one decoded batch (see :func:`tidy_detect.features.extractor.iter_decoded`), in order."""
+        summary = summary if summary is not None else ExtractionSummary(total=len(batch))
+        if self.cascade is None:
+            return self.score_rows(rows_for_batch(self.extractor, batch, summary))
+        rows = rows_for_batch(self.extractor, batch, summary, local=False)
+        ok = [i for i, r in enumerate(rows) if r.get("error") is None]
+        stages = ["global"] * len(rows)
+        decided: dict[int, float] = {}
+        if ok:
+            gi, gt, li, lt = _stack([rows[i] for i in ok])
+            X = discrepancy.representation(_rep(self.cascade.metadata), gi, gt, li, lt)
+            p_global = self.cascade.head.predict_proba(X)[:, 1]
+            lo, hi = self.cascade.band
+            uncertain = [i for i, p in zip(ok, p_global) if lo <= p <= hi]
+            decided = {i: float(p) for i, p in zip(ok, p_global) if not lo <= p <= hi}
+            self.cascade.images += len(ok)
+            self.cascade.escalated += len(uncertain)
+            if uncertain:
+                self.extractor.add_local([rows[i] for i in uncertain], [batch[i][1] for i in uncertain])
+                for i in uncertain:
+                    stages[i] = "full"
+        return self.score_rows(rows, stages, decided)
 
     def detect_items(self, items: Sequence[ImageItem], summary: ExtractionSummary | None = None
                      ) -> Iterator[list[dict[str, Any]]]:
         """Records for image items (paths on disk), batch by batch, in order."""
-        for rows in iter_rows(items, self.extractor, summary):
-            yield self.score_rows(rows)
+        for batch in iter_decoded(items, self.extractor):
+            yield self.score_batch(batch, summary)
 
     def predict(self, images: Iterable[str | Path | bytes | Image.Image],
                 captions: Sequence[str | None] | None = None, names: Sequence[str] | None = None
                 ) -> list[dict[str, Any]]:
-        """Detection records for images given as paths, bytes or PIL images.
+        """Detection records for images given as paths, bytes or PIL images, in order.
 
         Args:
             images: what to score; a bad image gives a record with ``error`` set, not an exception.
@@ -194,9 +280,7 @@ class Detector:
         summary = ExtractionSummary(total=len(decoded))
         batch_size = self.extractor.config.runtime.batch_size
         for start in range(0, len(decoded), batch_size):
-            batch = decoded[start:start + batch_size]
-            by_path = {row["path"]: row for row in rows_for_batch(self.extractor, batch, summary)}
-            records.extend(self.score_rows([by_path[item.path] for item, _, _ in batch]))
+            records.extend(self.score_batch(decoded[start:start + batch_size], summary))
         return records
 
 

@@ -129,7 +129,8 @@ class Extractor:
         self.phrases = PhraseExtractor(features.max_objects, features.phrase_stoplist)
         self.phrases.nlp  # load now so the first batch's timing is honest
         self.clip = ClipEncoder(resolve_clip(models.clip), device=self.device, dtype=self.dtype,
-                                global_view=features.global_view, view_size=features.view_size)
+                                global_view=features.global_view, view_size=features.view_size,
+                                compile=runtime.compile)
         log.info("models loaded in %.1f s on %s (%s)", time.perf_counter() - started, self.device, self.dtype)
         return self
 
@@ -155,6 +156,7 @@ class Extractor:
         from tidy_detect import __version__
 
         return {"device": self.device, "dtype": self.dtype, "batch_size": self.config.runtime.batch_size,
+                "compile": self.config.runtime.compile, "torch_threads": torch.get_num_threads(),
                 "package_version": __version__, "torch_version": torch.__version__,
                 "transformers_version": transformers.__version__, "python": platform.python_version()}
 
@@ -165,8 +167,13 @@ class Extractor:
         finally:
             self.stage_seconds[stage] += time.perf_counter() - started
 
-    def process(self, items: Sequence[ImageItem], images: Sequence[LoadedImage]) -> list[dict[str, Any]]:
+    def process(self, items: Sequence[ImageItem], images: Sequence[LoadedImage], local: bool = True
+                ) -> list[dict[str, Any]]:
         """Features for a batch of decoded images, one store row each (in order).
+
+        With ``local=False`` only the caption, its phrases and the global pair (I0, T0) are
+        computed and the object fields stay empty (the cascade's cheap first pass); call
+        :meth:`add_local` on those rows to complete them.
 
         Raises whatever a model raises; :func:`run_extraction` isolates the failing image.
         """
@@ -176,39 +183,45 @@ class Extractor:
         pil = [im.image for im in images]
         captions = self._timed("caption", self.captioner.caption, pil, [it.caption for it in items])
         phrases = self._timed("phrases", self.phrases.extract, captions)
-        detections = self._timed("ground", self.grounder.ground, pil, phrases)
 
-        def clip_pass() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-            crops = [crop_box(im, d.box) for im, dets in zip(pil, detections) for d in dets]
-            global_pixels = self.clip.global_pixels(pil)
-            crop_pixels = self.clip.crop_pixels(crops)
-            if global_pixels.shape[1:] == crop_pixels.shape[1:]:
-                both = self.clip.encode_pixels(np.concatenate([global_pixels, crop_pixels]))
-                global_emb, crop_emb = both[:len(pil)], both[len(pil):]
-            else:
-                global_emb, crop_emb = self.clip.encode_pixels(global_pixels), self.clip.encode_pixels(crop_pixels)
-            object_texts = [d.phrase for dets in detections for d in dets]
-            texts = self.clip.encode_texts(list(captions) + object_texts)
-            return global_emb, texts[:len(pil)], crop_emb, texts[len(pil):]
+        def global_pass() -> tuple[np.ndarray, np.ndarray]:
+            return self.clip.encode_global(pil), self.clip.encode_texts(list(captions))
 
-        global_emb, caption_emb, crop_emb, phrase_emb = self._timed("clip", clip_pass)
-        rows = []
-        offset = 0
-        for k, (item, image) in enumerate(zip(items, images)):
-            dets = detections[k]
-            n = len(dets)
-            rows.append({
-                "sha256": image.sha256, "path": item.path, "label": item.label, "group": item.group,
-                "width": image.width, "height": image.height, "format": image.format, "num_bytes": image.num_bytes,
-                "caption": captions[k], "phrases": list(phrases[k]),
-                "object_phrases": [d.phrase for d in dets], "boxes": [list(d.box) for d in dets],
-                "box_scores": [d.score for d in dets],
-                "global_image": global_emb[k], "global_text": caption_emb[k],
-                "local_images": crop_emb[offset:offset + n], "local_texts": phrase_emb[offset:offset + n],
-                "local_fallback": n == 0, "error": None, "error_kind": None,
-            })
-            offset += n
+        global_emb, caption_emb = self._timed("clip", global_pass)
+        empty = np.zeros((0, self.dim), dtype=np.float32)
+        rows = [{
+            "sha256": image.sha256, "path": item.path, "label": item.label, "group": item.group,
+            "width": image.width, "height": image.height, "format": image.format, "num_bytes": image.num_bytes,
+            "caption": captions[k], "phrases": list(phrases[k]),
+            "object_phrases": [], "boxes": [], "box_scores": [],
+            "global_image": global_emb[k], "global_text": caption_emb[k],
+            "local_images": empty, "local_texts": empty, "local_fallback": True, "error": None, "error_kind": None,
+        } for k, (item, image) in enumerate(zip(items, images))]
+        if local:
+            self.add_local(rows, images)
         return rows
+
+    def add_local(self, rows: Sequence[dict[str, Any]], images: Sequence[LoadedImage]) -> None:
+        """Ground the rows' phrases and embed every crop and phrase, filling the object fields in place.
+
+        All grounding of the batch is one call, all crops one CLIP image pass and all phrases one
+        (cached) CLIP text pass.
+        """
+        pil = [im.image for im in images]
+        detections = self._timed("ground", self.grounder.ground, pil, [row["phrases"] for row in rows])
+
+        def local_pass() -> tuple[np.ndarray, np.ndarray]:
+            crops = [crop_box(im, d.box) for im, dets in zip(pil, detections) for d in dets]
+            return self.clip.encode_crops(crops), self.clip.encode_texts([d.phrase for dets in detections for d in dets])
+
+        crop_emb, phrase_emb = self._timed("clip", local_pass)
+        offset = 0
+        for row, dets in zip(rows, detections):
+            n = len(dets)
+            row.update(object_phrases=[d.phrase for d in dets], boxes=[list(d.box) for d in dets],
+                       box_scores=[d.score for d in dets], local_images=crop_emb[offset:offset + n],
+                       local_texts=phrase_emb[offset:offset + n], local_fallback=n == 0)
+            offset += n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,13 +340,16 @@ def run_extraction(items: Sequence[ImageItem], store: FeatureStore, extractor: E
 
 def rows_for_batch(extractor: Extractor, batch: Sequence[tuple[ImageItem, LoadedImage | ImageError, float]],
                    summary: ExtractionSummary, known_content: set[str] | None = None,
-                   deferred: list[tuple[ImageItem, LoadedImage]] | None = None) -> list[dict[str, Any]]:
-    """Store rows for one decoded batch: error rows for bad images, features for the rest.
+                   deferred: list[tuple[ImageItem, LoadedImage]] | None = None, local: bool = True
+                   ) -> list[dict[str, Any]]:
+    """Store rows for one decoded batch, in batch order: error rows for bad images, features for the rest.
 
     With ``known_content``/``deferred``, images whose content was already seen are put aside in
-    ``deferred`` (their features are copied later) instead of being extracted again.
+    ``deferred`` (their features are copied later) instead of being extracted again; they have
+    no row here. ``local=False`` skips grounding (see :meth:`Extractor.process`).
     """
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any] | None] = []
+    good_slots: list[int] = []
     good_items: list[ImageItem] = []
     good_images: list[LoadedImage] = []
     for item, loaded, seconds in batch:
@@ -351,21 +367,21 @@ def rows_for_batch(extractor: Extractor, batch: Sequence[tuple[ImageItem, Loaded
         else:
             if known_content is not None:
                 known_content.add(loaded.sha256)
+            good_slots.append(len(rows))
             good_items.append(item)
             good_images.append(loaded)
-    rows.extend(_process_isolating(extractor, good_items, good_images, summary))
-    return rows
+            rows.append(None)
+    for slot, row in zip(good_slots, _process_isolating(extractor, good_items, good_images, summary, local)):
+        rows[slot] = row
+    return [row for row in rows if row is not None]
 
 
-def iter_rows(items: Sequence[ImageItem], extractor: Extractor, summary: ExtractionSummary | None = None
-              ) -> Iterator[list[dict[str, Any]]]:
-    """Rows for ``items`` batch by batch, in input order, without a store (detection's path)."""
+def iter_decoded(items: Sequence[ImageItem], extractor: Extractor
+                 ) -> Iterator[list[tuple[ImageItem, LoadedImage | ImageError, float]]]:
+    """Decoded batches of ``items`` (decoding runs ahead in worker threads), in input order."""
     runtime = extractor.config.runtime
-    summary = summary if summary is not None else ExtractionSummary(total=len(items))
     window = max(2 * runtime.batch_size, 4)
-    for batch in _chunks(prefetch(items, runtime.max_pixels, runtime.num_workers, window), runtime.batch_size):
-        by_path = {row["path"]: row for row in rows_for_batch(extractor, batch, summary)}
-        yield [by_path[item.path] for item, _, _ in batch]
+    yield from _chunks(prefetch(items, runtime.max_pixels, runtime.num_workers, window), runtime.batch_size)
 
 
 def pending_items(items: Sequence[ImageItem], store: FeatureStore, retry_errors: bool = False
@@ -398,12 +414,13 @@ def _already_done(item: ImageItem, known: tuple[str | None, int | None, bool] | 
 
 
 def _process_isolating(extractor: Extractor, items: list[ImageItem], images: list[LoadedImage],
-                       summary: ExtractionSummary) -> list[dict[str, Any]]:
-    """Run a batch; if it fails, run its images one by one so only the culprit becomes an error."""
+                       summary: ExtractionSummary, local: bool = True) -> list[dict[str, Any]]:
+    """Run a batch; if it fails, run its images one by one so only the culprit becomes an error.
+    Returns one row per item, in order."""
     if not items:
         return []
     try:
-        rows = extractor.process(items, images)
+        rows = extractor.process(items, images, local=local)
         summary.processed += len(rows)
         return rows
     except (KeyboardInterrupt, MemoryError):
@@ -419,7 +436,7 @@ def _process_isolating(extractor: Extractor, items: list[ImageItem], images: lis
         log.warning("batch of %d failed (%s); retrying image by image", len(items), exc)
         rows = []
         for item, image in zip(items, images):
-            rows.extend(_process_isolating(extractor, [item], [image], summary))
+            rows.extend(_process_isolating(extractor, [item], [image], summary, local))
         return rows
 
 

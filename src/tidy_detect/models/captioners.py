@@ -14,6 +14,7 @@ from PIL import Image
 
 from tidy_detect.config import FeatureConfig
 from tidy_detect.errors import InputError
+from tidy_detect.models.optimize import fold_quick_gelu
 from tidy_detect.models.loading import load_pretrained, revision_of, torch_dtype, weights_fingerprint
 from tidy_detect.models.registry import CAPTIONERS
 
@@ -44,7 +45,8 @@ class _HFCaptioner:
     model_class = ""
     default_prompt: str | None = None
 
-    def __init__(self, name: str, source: str, *, features: FeatureConfig, device: str, dtype: str) -> None:
+    def __init__(self, name: str, source: str, *, features: FeatureConfig, device: str, dtype: str,
+                 optimize: bool = True, components: tuple[Any, Any] | None = None) -> None:
         import transformers
 
         self.name = name
@@ -52,13 +54,19 @@ class _HFCaptioner:
         self.device = device
         self.dtype = dtype
         self.max_tokens = features.caption_max_tokens
+        self.min_tokens = 0  # benchmarks fix the caption length to compare runs
         self.num_beams = features.caption_num_beams
         self.prompt = features.caption_prompt if features.caption_prompt is not None else self.default_prompt
-        self.processor = load_pretrained(transformers.AutoProcessor, source, what="captioner model",
-                                         option="--captioner-model")
-        model = load_pretrained(getattr(transformers, self.model_class), source, what="captioner model",
-                                option="--captioner-model")
+        if components is None:
+            self.processor = load_pretrained(transformers.AutoProcessor, source, what="captioner model",
+                                             option="--captioner-model")
+            model = load_pretrained(getattr(transformers, self.model_class), source, what="captioner model",
+                                    option="--captioner-model")
+        else:
+            model, self.processor = components
         self.fingerprint = weights_fingerprint(model)
+        if optimize:
+            fold_quick_gelu(model)  # before the dtype cast, so the scaled weights round once
         self.model = model.to(device=device, dtype=torch_dtype(dtype)).eval()
         tokenizer = getattr(self.processor, "tokenizer", None)
         if tokenizer is not None:
@@ -86,8 +94,8 @@ class _HFCaptioner:
         inputs = {k: (v.to(self.device, dtype=torch_dtype(self.dtype)) if v.is_floating_point() else v.to(self.device))
                   for k, v in inputs.items() if hasattr(v, "to")}
         with torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=self.max_tokens, num_beams=self.num_beams,
-                                      do_sample=False)
+            out = self.model.generate(**inputs, max_new_tokens=self.max_tokens, min_new_tokens=self.min_tokens,
+                                      num_beams=self.num_beams, do_sample=False)
         prompt_ids = inputs.get("input_ids")
         if prompt_ids is not None and out.shape[1] >= prompt_ids.shape[1] and \
                 torch.equal(out[:, :prompt_ids.shape[1]].cpu(), prompt_ids.cpu()):
@@ -125,7 +133,8 @@ class ProvidedCaptioner:
 
     requires_caption = True
 
-    def __init__(self, name: str, source: str | None, *, features: FeatureConfig, device: str, dtype: str) -> None:
+    def __init__(self, name: str, source: str | None, *, features: FeatureConfig, device: str, dtype: str,
+                 **_: Any) -> None:
         self.name = name
 
     def describe(self) -> dict[str, Any]:
@@ -140,7 +149,8 @@ class ProvidedCaptioner:
         return [clean_caption(t) for t in given]
 
 
-def build_captioner(value: str, model: str | None, *, features: FeatureConfig, device: str, dtype: str) -> Any:
+def build_captioner(value: str, model: str | None, *, features: FeatureConfig, device: str, dtype: str,
+                    optimize: bool = True) -> Any:
     """The captioner for ``--captioner value [--captioner-model model]``."""
     component, source = CAPTIONERS.resolve(value, model)
-    return component.factory(component.name, source, features=features, device=device, dtype=dtype)
+    return component.factory(component.name, source, features=features, device=device, dtype=dtype, optimize=optimize)

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from tidy_detect.features.views import center_crop, to_normalized_array
+from tidy_detect.models.optimize import fold_quick_gelu, maybe_compile
 from tidy_detect.models.loading import load_pretrained, revision_of, torch_dtype, weights_fingerprint
 
 
@@ -27,21 +28,31 @@ class ClipEncoder:
             "clip" (CLIP's own resize + crop) for :meth:`encode_global`.
         view_size: side of the global centre crop; ``None`` means CLIP's input size.
         max_batch: largest number of images or texts sent through the model at once.
-        cache_size: text embeddings kept (captions and phrases repeat across images).
+        cache_size: text embeddings kept (captions and phrases repeat across images); 0 disables the cache.
+        optimize: fold QuickGELU into the weights (same function, faster; see models.optimize).
+        compile: torch.compile the vision tower (pays off on long runs; the first batch compiles).
+        components: (model, processor) already built, instead of loading ``source``.
     """
 
     def __init__(self, source: str, *, device: str = "cpu", dtype: str = "float32",
                  global_view: str = "center-crop", view_size: int | None = None,
-                 max_batch: int = 64, cache_size: int = 65536) -> None:
+                 max_batch: int = 64, cache_size: int = 65536, optimize: bool = True, compile: bool = False,
+                 components: tuple[Any, Any] | None = None) -> None:
         from transformers import CLIPModel, CLIPProcessor
 
         self.source = source
         self.device = device
         self.dtype = dtype
-        self.processor = load_pretrained(CLIPProcessor, source, what="CLIP model", option="--clip")
-        model = load_pretrained(CLIPModel, source, what="CLIP model", option="--clip")
+        if components is None:
+            self.processor = load_pretrained(CLIPProcessor, source, what="CLIP model", option="--clip")
+            model = load_pretrained(CLIPModel, source, what="CLIP model", option="--clip")
+        else:  # an in-memory model (benchmarks build real-size architectures with random weights)
+            model, self.processor = components
         self.fingerprint = weights_fingerprint(model)
+        if optimize:
+            fold_quick_gelu(model)  # before the dtype cast, so the scaled weights round once
         self.model = model.to(device=device, dtype=torch_dtype(dtype)).eval()
+        self.model.vision_model = maybe_compile(self.model.vision_model, compile)
         config = self.model.config
         self.dim = int(config.projection_dim)
         self.image_size = int(config.vision_config.image_size)
@@ -138,6 +149,8 @@ class ClipEncoder:
         return result
 
     def _remember(self, text: str, vector: np.ndarray) -> None:
+        if self._cache_size <= 0:
+            return
         self._cache[text] = vector
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)

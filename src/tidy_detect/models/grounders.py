@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from tidy_detect.config import FeatureConfig
+from tidy_detect.models.optimize import fold_quick_gelu
 from tidy_detect.models.loading import load_pretrained, revision_of, torch_dtype, weights_fingerprint
 from tidy_detect.models.registry import GROUNDERS
 
@@ -66,7 +67,8 @@ class _HFGrounder:
     default_box_threshold = 0.35
     default_text_threshold = 0.25
 
-    def __init__(self, name: str, source: str, *, features: FeatureConfig, device: str, dtype: str) -> None:
+    def __init__(self, name: str, source: str, *, features: FeatureConfig, device: str, dtype: str,
+                 optimize: bool = True, components: tuple[Any, Any] | None = None) -> None:
         import transformers
 
         self.name = name
@@ -77,11 +79,16 @@ class _HFGrounder:
                               else self.default_box_threshold)
         self.text_threshold = (features.text_threshold if features.text_threshold is not None
                                else self.default_text_threshold)
-        self.processor = load_pretrained(transformers.AutoProcessor, source, what="grounder model",
-                                         option="--grounder-model")
-        model = load_pretrained(getattr(transformers, self.model_class), source, what="grounder model",
-                                option="--grounder-model")
+        if components is None:
+            self.processor = load_pretrained(transformers.AutoProcessor, source, what="grounder model",
+                                             option="--grounder-model")
+            model = load_pretrained(getattr(transformers, self.model_class), source, what="grounder model",
+                                    option="--grounder-model")
+        else:
+            model, self.processor = components
         self.fingerprint = weights_fingerprint(model)
+        if optimize:
+            fold_quick_gelu(model)  # before the dtype cast, so the scaled weights round once
         self.model = model.to(device=device, dtype=torch_dtype(dtype)).eval()
 
     def describe(self) -> dict[str, Any]:
@@ -224,7 +231,8 @@ class Owlv2Grounder(_HFGrounder):
 class NoGrounder:
     """Finds nothing, so D_l falls back to D_g: the global-only fast path."""
 
-    def __init__(self, name: str, source: str | None, *, features: FeatureConfig, device: str, dtype: str) -> None:
+    def __init__(self, name: str, source: str | None, *, features: FeatureConfig, device: str, dtype: str,
+                 **_: Any) -> None:
         self.name = name
 
     def describe(self) -> dict[str, Any]:
@@ -234,7 +242,8 @@ class NoGrounder:
         return [[] for _ in images]
 
 
-def build_grounder(value: str, model: str | None, *, features: FeatureConfig, device: str, dtype: str) -> Any:
+def build_grounder(value: str, model: str | None, *, features: FeatureConfig, device: str, dtype: str,
+                   optimize: bool = True) -> Any:
     """The grounder for ``--grounder value [--grounder-model model]``."""
     component, source = GROUNDERS.resolve(value, model)
-    return component.factory(component.name, source, features=features, device=device, dtype=dtype)
+    return component.factory(component.name, source, features=features, device=device, dtype=dtype, optimize=optimize)

@@ -34,9 +34,11 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
-    """``auto`` picks the dtype for the device; explicit names pass through after a check.
+    """``auto`` picks the fastest safe dtype for the device; explicit names pass through after a check.
 
-    Auto: bfloat16 on a GPU that supports it (else float16), float32 on the CPU.
+    Auto: bfloat16 on a GPU that supports it (else float16); on the CPU bfloat16 where the CPU
+    has native bfloat16 matmuls (AMX-BF16 / AVX512-BF16, several times faster than float32 there),
+    else float32. Whatever is chosen is recorded with every run.
     """
     import torch
 
@@ -47,7 +49,9 @@ def resolve_dtype(dtype: str, device: str) -> str:
         return dtype
     if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
+    from tidy_detect.models.optimize import cpu_has_fast_bf16
+
+    return "bfloat16" if device == "cpu" and cpu_has_fast_bf16() else "float32"
 
 
 def torch_dtype(name: str):

@@ -1,0 +1,559 @@
+"""The FastAPI app: ``POST /v1/detect``, ``GET /v1/info``, ``GET /healthz`` and the page at ``/``.
+
+A request goes preprocess -> forward -> postprocess:
+
+1. **preprocess** (event loop, then a thread pool): the multipart body is parsed as it streams in,
+   with the size and file-count limits checked on the way (413 before an oversized body is read);
+   every file is decoded once with :func:`tidy_detect.images.load_image` to validate it.
+2. **forward** (the micro-batcher's worker thread): the valid images go through
+   ``Detector.predict(bytes, names=filenames)`` together with the images of concurrent requests.
+3. **postprocess**: the detector's records, in upload order, exactly as ``tidy-detect detect
+   --format json`` prints them; invalid files get the detector's own error record.
+
+Only uploaded bytes are processed; no route takes a path. Uploads are kept in memory (never spooled
+to a temporary file), and nothing is written to disk unless ``ServeSettings.results_dir`` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional
+
+from fastapi import Depends, FastAPI, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tidy_detect import __version__
+from tidy_detect.errors import ImageError, TidyError
+from tidy_detect.images import load_image
+from tidy_detect.serve.batcher import BatcherBusyError, BatcherClosedError, MicroBatcher
+from tidy_detect.serve.settings import MIB, ServeSettings
+
+if TYPE_CHECKING:
+    from tidy_detect.detect import Detector
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+API_KEY_ENV = "TIDY_DETECT_API_KEY"
+
+# Status and error code per ImageError kind, for a request of one file (in a request of several, a
+# bad file is reported in its record instead).
+IMAGE_ERROR_STATUS = {
+    "unsupported": (415, "unsupported_image"),
+    "too-large": (422, "image_too_large"),
+    "corrupt": (422, "corrupt_image"),
+}
+HTTP_ERROR_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+                    413: "upload_too_large", 415: "unsupported_media_type", 422: "invalid_request"}
+MAX_FIELD_NAME = 200  # characters of a form field's name quoted back in an error message
+
+# Everything the page needs comes from this server: the policy makes the browser refuse any other
+# origin, so a page that works here works offline.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; "
+                               "script-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+class ApiError(Exception):
+    """An HTTP error with a machine-readable code and a message that says what to do."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The JSON body of every error: ``{"error": {"code": ..., "message": ...}}``."""
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+# -- OpenAPI models (documentation only: responses are built as plain dicts) -------------------------
+
+class ObjectRecord(BaseModel):
+    phrase: str
+    box: list[float]
+    box_score: float
+    discrepancy: float
+
+
+class DetectionRecord(BaseModel):
+    path: str
+    sha256: Optional[str]
+    width: Optional[int]
+    height: Optional[int]
+    p_fake: Optional[float]
+    label: Optional[str]
+    caption: Optional[str]
+    objects: list[ObjectRecord]
+    global_discrepancy: Optional[float]
+    error: Optional[str]
+
+
+class DetectResponse(BaseModel):
+    request_id: str
+    records: list[DetectionRecord]
+    model: dict[str, Any]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+MULTIPART_BODY = {
+    "required": True,
+    "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["files"],
+        "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                 "description": "one or more images (JPEG, PNG, WebP, BMP, TIFF, GIF, ...)"}},
+    }}},
+}
+
+
+# -- preprocess: the multipart body, streamed with limits ------------------------------------------
+
+@dataclass
+class Upload:
+    """One uploaded file, in memory."""
+
+    name: str
+    data: bytes
+
+
+class _PartCollector:
+    """python-multipart callbacks that keep file parts in memory and enforce the file count."""
+
+    def __init__(self, max_files: int) -> None:
+        self.max_files = max_files
+        self.uploads: list[Upload] = []
+        self.finished = False
+        self._header_field = bytearray()
+        self._header_value = bytearray()
+        self._headers: dict[bytes, bytes] = {}
+        self._chunks: list[bytes] = []
+        self._name: str | None = None
+
+    def callbacks(self) -> dict[str, Callable[..., None]]:
+        return {"on_part_begin": self.on_part_begin, "on_part_data": self.on_part_data,
+                "on_part_end": self.on_part_end, "on_header_field": self.on_header_field,
+                "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
+                "on_headers_finished": self.on_headers_finished, "on_end": self.on_end}
+
+    def on_part_begin(self) -> None:
+        self._headers, self._chunks, self._name = {}, [], None
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        self._headers[bytes(self._header_field).lower()] = bytes(self._header_value)
+        self._header_field.clear()
+        self._header_value.clear()
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        field = options.get(b"name", b"").decode("utf-8", "replace")[:MAX_FIELD_NAME]
+        if b"filename" not in options:
+            raise ApiError(422, "unexpected_field",
+                           f"form field {field!r} is not a file; send each image as a file field named 'files' "
+                           f"(curl -F files=@photo.jpg)")
+        if len(self.uploads) + 1 > self.max_files:
+            raise ApiError(413, "too_many_files",
+                           f"more than {self.max_files} files in one request (this server's limit); "
+                           f"split them over several requests")
+        filename = options[b"filename"].decode("utf-8", "replace").strip()
+        self._name = filename or f"<upload {len(self.uploads)}>"
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        self._chunks.append(data[start:end])
+
+    def on_part_end(self) -> None:
+        if self._name is not None:
+            self.uploads.append(Upload(self._name, b"".join(self._chunks)))
+        self._chunks = []
+
+    def on_end(self) -> None:
+        self.finished = True
+
+
+async def read_uploads(request: Request, settings: ServeSettings) -> list[Upload]:
+    """The files of a multipart request, read with the size and count limits as the body streams in.
+
+    Raises:
+        ApiError: 415 not multipart; 413 body over ``max_upload_bytes`` (from Content-Length before
+            anything is read, else as soon as the bytes read pass the limit) or more than ``max_files``
+            files; 400 malformed body; 422 a non-file field or no file at all.
+    """
+    content_type = request.headers.get("content-type", "")
+    kind, options = parse_options_header(content_type)
+    if kind != b"multipart/form-data" or not options.get(b"boundary"):
+        raise ApiError(415, "not_multipart",
+                       f"POST /v1/detect takes multipart/form-data with each image as a file field named 'files' "
+                       f"(curl -F files=@photo.jpg), got content type {content_type or 'none'!r}")
+    limit = settings.max_upload_bytes
+    too_large = (f"over this server's limit of {limit:,} bytes ({limit / MIB:g} MiB) for all files of one request "
+                 f"together; send fewer or smaller files per request")
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise ApiError(400, "bad_request", f"Content-Length must be a number of bytes, got {declared!r}") from None
+        if size > limit:
+            raise ApiError(413, "upload_too_large", f"the request body is {size:,} bytes, {too_large}")
+    collector = _PartCollector(settings.max_files)
+    parser = MultipartParser(options[b"boundary"], collector.callbacks())
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise ApiError(413, "upload_too_large", f"the request body is more than {limit:,} bytes, {too_large}")
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise ApiError(400, "bad_multipart", f"the multipart body cannot be parsed ({exc})") from None
+    if not collector.finished:
+        raise ApiError(400, "bad_multipart", "the multipart body ends before its closing boundary (truncated upload?)")
+    if not collector.uploads:
+        raise ApiError(422, "no_files", "the request has no file; send each image as a file field named 'files' "
+                                        "(curl -F files=@photo.jpg)")
+    return collector.uploads
+
+
+def validate_uploads(uploads: list[Upload], max_pixels: int) -> list[ImageError | None]:
+    """Decode every upload once (in a worker thread): None for a valid image, else its ImageError."""
+    problems: list[ImageError | None] = []
+    for upload in uploads:
+        try:
+            load_image(upload.data, max_pixels=max_pixels, name=upload.name)
+            problems.append(None)
+        except ImageError as exc:
+            problems.append(exc)
+    return problems
+
+
+def image_api_error(exc: ImageError, max_pixels: int) -> ApiError:
+    """The HTTP error for the one file of a single-file request."""
+    status, code = IMAGE_ERROR_STATUS.get(exc.kind, (422, "bad_image"))
+    message = str(exc)
+    if exc.kind == "too-large":
+        # load_image's advice to raise max_pixels is for whoever runs the server, not for the client
+        message = message.split("; raise max_pixels")[0]
+        message += f". This server takes at most {max_pixels:,} pixels per image: send a downscaled copy"
+    elif exc.kind == "unsupported":
+        message += ". Send the image as JPEG, PNG or WebP"
+    return ApiError(status, code, message)
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """Names made unique within one model call (the detector matches its results to names)."""
+    seen: set[str] = set()
+    out = []
+    for name in names:
+        candidate, k = name, 1
+        while candidate in seen:
+            k += 1
+            candidate = f"{name} #{k}"
+        seen.add(candidate)
+        out.append(candidate)
+    return out
+
+
+# -- the service: detector, batcher and readiness ---------------------------------------------------
+
+class Service:
+    """What the routes share: settings, the detector once loaded, and the micro-batcher."""
+
+    def __init__(self, detector: Detector | None, settings: ServeSettings,
+                 loader: Callable[[], Detector] | None) -> None:
+        if detector is None and loader is None:
+            raise TidyError("create_app needs a detector or a loader that builds one")
+        self.settings = settings
+        self.detector = detector
+        self.loader = loader
+        self.status = "ready" if detector is not None else "loading"
+        self.load_error: str | None = None
+        self.load_seconds: float | None = None
+        self.batcher: MicroBatcher[tuple[bytes, str], dict[str, Any]] = MicroBatcher(
+            self.predict_batch, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+            max_pending=settings.max_pending)
+        self._load_task: asyncio.Future | None = None
+
+    async def start(self) -> None:
+        await self.batcher.start()
+        if self.settings.results_dir is not None:
+            self.settings.results_dir.mkdir(parents=True, exist_ok=True)
+        if self.detector is None and self._load_task is None:
+            # Not awaited: the server answers (/healthz says "loading") while the models load.
+            self._load_task = asyncio.ensure_future(self._load())
+
+    async def stop(self) -> None:
+        await self.batcher.close()
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+
+    async def _load(self) -> None:
+        started = time.perf_counter()
+        try:
+            detector = await asyncio.get_running_loop().run_in_executor(None, self.loader)
+        except Exception as exc:
+            self.status, self.load_error = "failed", str(exc) or type(exc).__name__
+            log.error("loading the models failed: %s", self.load_error)
+            return
+        self.detector, self.status = detector, "ready"
+        self.load_seconds = time.perf_counter() - started
+        log.info("models loaded in %.1f s; ready", self.load_seconds)
+
+    def require_ready(self) -> Detector:
+        if self.detector is None:
+            if self.status == "failed":
+                raise ApiError(503, "load_failed", f"the models failed to load: {self.load_error}")
+            raise ApiError(503, "loading", "the models are still loading; retry when GET /healthz says ready",
+                           headers={"Retry-After": "5"})
+        return self.detector
+
+    @property
+    def max_pixels(self) -> int:
+        # The detector re-checks with its own limit, so a larger setting could not take effect.
+        assert self.detector is not None
+        own = self.detector.extractor.config.runtime.max_pixels
+        return min(self.settings.max_pixels or own, own)
+
+    def predict_batch(self, items: list[tuple[bytes, str]]) -> list[dict[str, Any]]:
+        """The forward step, run in the batcher's worker thread: detection records, in order."""
+        assert self.detector is not None
+        names = [name for _, name in items]
+        internal = unique_names(names)
+        records = self.detector.predict([data for data, _ in items], names=internal)
+        for record, name, used in zip(records, names, internal):
+            if used != name:  # two uploads with the same file name in one batch
+                record["path"] = name
+                if record.get("error"):
+                    record["error"] = record["error"].replace(used, name)
+        return records
+
+    def error_record(self, name: str, exc: ImageError) -> dict[str, Any]:
+        """The detector's own record for an image that cannot be decoded."""
+        from tidy_detect.data.inputs import ImageItem
+        from tidy_detect.features.extractor import error_row
+
+        assert self.detector is not None
+        return self.detector.score_rows([error_row(ImageItem(name), exc)])[0]
+
+    def model_summary(self) -> dict[str, Any]:
+        """A short description of the detector, sent with every result."""
+        info = self.require_ready().info()
+        return {"models": info["models"], "representation": info["representation"]["kind"],
+                "threshold": info["threshold"], "package_version": __version__}
+
+    def info(self) -> dict[str, Any]:
+        """Everything ``GET /v1/info`` reports."""
+        detector = self.require_ready()
+        info = detector.info()
+        extraction = detector.metadata.get("extraction", {})
+        grounder, phrases = extraction.get("grounder", {}), extraction.get("phrases", {})
+        data = dict(info.get("training", {}).get("data") or {})
+        data.pop("stores", None)  # server-side paths say nothing useful to a client
+        return {
+            "package_version": __version__,
+            "status": self.status,
+            "models": info["models"],
+            "device": info["device"],
+            "dtype": info["dtype"],
+            "head": {"representation": info["representation"], "hyperparameters": info["head"],
+                     "training_data": data, "metrics": info.get("metrics", {}),
+                     "trained_with_version": info.get("package_version")},
+            "thresholds": {"p_fake": info["threshold"], "box": grounder.get("box_threshold"),
+                           "text": grounder.get("text_threshold"), "max_objects": phrases.get("max_objects")},
+            "limits": {"max_upload_bytes": self.settings.max_upload_bytes, "max_files": self.settings.max_files,
+                       "max_pixels": self.max_pixels, "max_pending": self.settings.max_pending},
+            "batching": {"max_batch": self.settings.max_batch, "max_wait_ms": self.settings.max_wait_ms,
+                         **self.batcher.stats.to_dict(), "pending": self.batcher.pending},
+            "api_key_required": self.settings.api_key is not None,
+            "load_seconds": None if self.load_seconds is None else round(self.load_seconds, 3),
+        }
+
+    def write_results(self, request_id: str, body: dict[str, Any]) -> Path:
+        """Write one request's records to the results folder, atomically (never the images)."""
+        assert self.settings.results_dir is not None
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        path = self.settings.results_dir / f"{stamp}-{request_id}.json"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({"received": stamp, **body}, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+
+# -- the app ---------------------------------------------------------------------------------------
+
+def create_app(detector: Detector | None = None, settings: ServeSettings | None = None, *,
+               loader: Callable[[], Detector] | None = None) -> FastAPI:
+    """Build the web service around a detector.
+
+    Args:
+        detector: a loaded :class:`~tidy_detect.detect.Detector` (tests build one once and inject it).
+        settings: limits, batching, API key, results folder (defaults: :class:`ServeSettings`).
+        loader: instead of ``detector``, a function that loads one; it runs in a thread when the app
+            starts, and ``/healthz`` answers 503 ``loading`` until it returns.
+
+    Returns:
+        The FastAPI app. Run it under its lifespan (uvicorn, or ``with TestClient(app)``): the
+        micro-batcher starts and stops with it.
+
+    Raises:
+        TidyError: neither a detector nor a loader.
+    """
+    settings = settings or ServeSettings()
+    service = Service(detector, settings, loader)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(
+        title="tidy-detect",
+        version=__version__,
+        description="Detects AI-generated images from the discrepancy between an image, its caption and the "
+                    "objects the caption names, in CLIP space (TIDY). Upload images to `POST /v1/detect`.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    _add_error_handlers(app)
+
+    v1_dependencies = [Depends(_api_key_check(settings.api_key))] if settings.api_key else []
+
+    @app.get("/healthz", tags=["service"], summary="Readiness: 200 once the models are loaded, 503 before")
+    async def healthz() -> JSONResponse:
+        if service.status == "ready":
+            return JSONResponse({"status": "ready"})
+        body = {"status": service.status}
+        if service.load_error:
+            body["error"] = service.load_error
+        return JSONResponse(body, status_code=503)
+
+    error_responses = {status: {"model": ErrorBody} for status in (400, 401, 413, 415, 422, 503)}
+
+    @app.post("/v1/detect", tags=["detection"], dependencies=v1_dependencies, response_model=None,
+              summary="Score uploaded images and explain each score",
+              responses={200: {"model": DetectResponse}, **error_responses},
+              openapi_extra={"requestBody": MULTIPART_BODY})
+    async def detect(request: Request) -> JSONResponse:
+        """One record per uploaded file, in upload order (the records of `tidy-detect detect --format json`).
+
+        In a request of several files, a file that is not a readable image gets a record with `error`
+        set and the others are scored; a request of one such file gets an error status instead."""
+        service.require_ready()
+        uploads = await read_uploads(request, settings)
+        max_pixels = service.max_pixels
+        problems = await run_in_threadpool(validate_uploads, uploads, max_pixels)
+        if len(uploads) == 1 and problems[0] is not None:
+            raise image_api_error(problems[0], max_pixels)
+        good = [(upload.data, upload.name) for upload, problem in zip(uploads, problems) if problem is None]
+        try:
+            scored = iter(await service.batcher.submit(good))
+        except BatcherBusyError as exc:
+            raise ApiError(503, "busy", str(exc), headers={"Retry-After": "1"}) from None
+        except BatcherClosedError as exc:
+            raise ApiError(503, "shutting_down", str(exc)) from None
+        records = [next(scored) if problem is None else service.error_record(upload.name, problem)
+                   for upload, problem in zip(uploads, problems)]
+        request_id = uuid.uuid4().hex
+        body = {"request_id": request_id, "records": records, "model": service.model_summary()}
+        if settings.results_dir is not None:
+            await run_in_threadpool(service.write_results, request_id, body)
+        return JSONResponse(body, headers={"X-Request-ID": request_id})
+
+    @app.get("/v1/info", tags=["service"], dependencies=v1_dependencies,
+             summary="Package version, models, head summary, thresholds, limits and batching counters",
+             responses={503: {"model": ErrorBody}, 401: {"model": ErrorBody}})
+    async def info() -> dict[str, Any]:
+        return service.info()
+
+    index = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(index, headers=PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def _api_key_check(key: str) -> Callable[..., Any]:
+    expected = key.encode("utf-8")
+    # Declared through FastAPI's security classes so /docs shows both ways to authenticate.
+    bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY")
+    header = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: KEY")
+
+    async def check(credentials: Optional[HTTPAuthorizationCredentials] = Security(bearer),
+                    x_api_key: Optional[str] = Security(header)) -> None:
+        supplied = x_api_key if x_api_key is not None else (credentials.credentials if credentials else None)
+        if supplied is not None and hmac.compare_digest(supplied.encode("utf-8"), expected):
+            return
+        problem = "the API key given is wrong" if supplied is not None else "no API key given"
+        raise ApiError(401, "unauthorized",
+                       f"{problem}; this server needs one on /v1 routes: send the header "
+                       f"'Authorization: Bearer KEY' or 'X-API-Key: KEY'", headers={"WWW-Authenticate": "Bearer"})
+
+    return check
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = HTTP_ERROR_CODES.get(exc.status_code, "http_error")
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}; see /docs for the API"
+        return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, "invalid_request", f"the request is not valid: {exc.errors()}")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal", f"internal error ({type(exc).__name__}: {exc}); this is a bug in "
+                                               f"tidy-detect, please report it with the server log")

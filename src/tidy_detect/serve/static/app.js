@@ -1,0 +1,251 @@
+// The tidy-detect page: pick or drop images, send each to POST /v1/detect, show the verdict, the
+// caption and the grounded objects' boxes coloured by discrepancy. Plain DOM, no build step, no
+// third-party code: the server's Content-Security-Policy allows nothing but this origin.
+"use strict";
+
+(function () {
+  const MAX_PARALLEL = 4; // the server batches concurrent requests; a few at a time keeps the page responsive
+  const SVG_NS = "http://www.w3.org/2000/svg";
+  const KEY_STORAGE = "tidy-detect-api-key";
+  // ColorBrewer RdYlBu, reversed: blue = the crop agrees with its phrase, red = it does not.
+  const STOPS = [[44, 123, 182], [171, 217, 233], [255, 255, 191], [253, 174, 97], [215, 25, 28]];
+
+  const $ = (sel, root = document) => root.querySelector(sel);
+  const statusLine = $("#server-status");
+  const input = $("#file-input");
+  const dropZone = $("#drop-zone");
+  const results = $("#results");
+  const template = $("#result-template");
+  const keyInput = $("#api-key");
+  const keyBox = $("#key-box");
+  const legend = $("#legend");
+
+  const painted = []; // {value, rect, swatch}: recoloured whenever the page's range of values changes
+  const queue = [];
+  let active = 0;
+
+  keyInput.value = sessionStorage.getItem(KEY_STORAGE) || "";
+  keyInput.addEventListener("input", () => sessionStorage.setItem(KEY_STORAGE, keyInput.value));
+
+  // -- server status -------------------------------------------------------------------------------
+
+  async function pollHealth() {
+    try {
+      const response = await fetch("/healthz", { cache: "no-store" });
+      const body = await response.json();
+      setStatus(body.status, body.status === "ready" ? "ready: models loaded"
+        : body.status === "loading" ? "models are loading… images dropped now are scored once they are ready"
+        : `the models failed to load: ${body.error || "see the server log"}`);
+      if (body.status === "loading") setTimeout(pollHealth, 2000);
+    } catch (err) {
+      setStatus("unreachable", "the server cannot be reached");
+      setTimeout(pollHealth, 4000);
+    }
+  }
+
+  function setStatus(state, text) {
+    statusLine.dataset.status = state;
+    statusLine.textContent = text;
+  }
+
+  // -- picking and dropping ------------------------------------------------------------------------
+
+  input.addEventListener("change", () => {
+    addFiles(input.files);
+    input.value = ""; // picking the same file again still fires "change"
+  });
+  for (const type of ["dragenter", "dragover"]) {
+    dropZone.addEventListener(type, (event) => {
+      event.preventDefault();
+      dropZone.classList.add("dragging");
+    });
+  }
+  for (const type of ["dragleave", "drop"]) {
+    dropZone.addEventListener(type, () => dropZone.classList.remove("dragging"));
+  }
+  dropZone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    addFiles(event.dataTransfer.files);
+  });
+  dropZone.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") {
+      event.preventDefault();
+      input.click();
+    }
+  });
+
+  function addFiles(files) {
+    for (const file of Array.from(files || [])) {
+      const card = newCard(file);
+      results.prepend(card.root);
+      queue.push({ file, card });
+    }
+    pump();
+  }
+
+  function pump() {
+    while (active < MAX_PARALLEL && queue.length) {
+      const job = queue.shift();
+      active += 1;
+      upload(job).finally(() => {
+        active -= 1;
+        pump();
+      });
+    }
+  }
+
+  // -- one image -----------------------------------------------------------------------------------
+
+  function newCard(file) {
+    const root = template.content.firstElementChild.cloneNode(true);
+    const card = {
+      root,
+      img: $(".photo", root),
+      svg: $(".overlay", root),
+      verdict: $(".verdict", root),
+      pFake: $(".p-fake", root),
+      caption: $(".caption", root),
+      global: $(".global", root),
+      table: $(".objects", root),
+      noObjects: $(".no-objects", root),
+      error: $(".error", root),
+    };
+    $(".file-name", root).textContent = file.name;
+    card.img.alt = `uploaded image ${file.name}`;
+    card.img.src = URL.createObjectURL(file);
+    card.img.addEventListener("error", () => {
+      $(".figure", root).classList.add("no-image");
+      $(".no-preview", root).hidden = false;
+    });
+    return card;
+  }
+
+  async function upload({ file, card }) {
+    const form = new FormData();
+    form.append("files", file, file.name);
+    const headers = {};
+    if (keyInput.value) headers["X-API-Key"] = keyInput.value;
+    let response;
+    let body;
+    try {
+      response = await fetch("/v1/detect", { method: "POST", body: form, headers });
+      body = await response.json();
+    } catch (err) {
+      showError(card, `the server could not be reached or gave no JSON (${err.message})`);
+      return;
+    }
+    if (!response.ok) {
+      const error = (body && body.error) || {};
+      if (response.status === 401) keyBox.open = true;
+      showError(card, `${error.message || response.statusText} [${response.status} ${error.code || ""}]`);
+      return;
+    }
+    const record = body.records[0];
+    if (record.error) {
+      showError(card, record.error);
+      return;
+    }
+    render(card, record);
+  }
+
+  function showError(card, message) {
+    card.root.dataset.state = "error";
+    card.verdict.dataset.label = "error";
+    card.verdict.textContent = "ERROR";
+    card.error.hidden = false;
+    card.error.textContent = message;
+  }
+
+  function render(card, record) {
+    card.root.dataset.state = "done";
+    card.verdict.dataset.label = record.label;
+    card.verdict.textContent = record.label.toUpperCase();
+    card.pFake.textContent = `p_fake ${record.p_fake.toFixed(3)}`;
+    card.caption.textContent = record.caption;
+    card.global.textContent = `global discrepancy (whole image vs caption): ${record.global_discrepancy.toFixed(3)}`;
+
+    const { width, height } = record;
+    card.svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+    const fontSize = Math.max(width, height) / 24;
+    const tbody = $("tbody", card.table);
+    record.objects.forEach((obj, index) => {
+      const [x0, y0, x1, y1] = obj.box;
+      const outline = document.createElementNS(SVG_NS, "rect");
+      const rect = document.createElementNS(SVG_NS, "rect");
+      for (const r of [outline, rect]) {
+        r.setAttribute("x", x0);
+        r.setAttribute("y", y0);
+        r.setAttribute("width", Math.max(x1 - x0, 1));
+        r.setAttribute("height", Math.max(y1 - y0, 1));
+      }
+      outline.setAttribute("class", "box-outline");
+      rect.setAttribute("class", "box");
+      rect.dataset.phrase = obj.phrase;
+      rect.dataset.discrepancy = obj.discrepancy;
+      const title = document.createElementNS(SVG_NS, "title");
+      title.textContent = `${obj.phrase}: discrepancy ${obj.discrepancy.toFixed(3)}`;
+      rect.appendChild(title);
+      const label = document.createElementNS(SVG_NS, "text");
+      label.setAttribute("class", "box-label");
+      label.setAttribute("x", Math.min(x0 + fontSize * 0.3, width - fontSize * 0.8));
+      label.setAttribute("y", Math.min(y0 + fontSize * 1.1, height - 2));
+      label.setAttribute("font-size", fontSize);
+      label.textContent = String(index + 1); // the number only: phrases would cover the image; the table names them
+      card.svg.append(outline, rect, label);
+
+      const row = document.createElement("tr");
+      const swatchCell = document.createElement("td");
+      const swatch = document.createElement("span");
+      swatch.className = "swatch";
+      swatchCell.append(swatch);
+      row.append(swatchCell, cell(`${index + 1}. ${obj.phrase}`), cell(obj.discrepancy.toFixed(3), true),
+        cell(obj.box_score.toFixed(2), true));
+      // hovering a row thickens its box: with several overlapping boxes, which is which
+      row.addEventListener("mouseenter", () => { rect.classList.add("active"); row.classList.add("active"); });
+      row.addEventListener("mouseleave", () => { rect.classList.remove("active"); row.classList.remove("active"); });
+      tbody.append(row);
+      painted.push({ value: obj.discrepancy, rect, swatch });
+    });
+    card.table.hidden = record.objects.length === 0;
+    card.noObjects.hidden = record.objects.length !== 0;
+    repaint();
+  }
+
+  function cell(text, numeric = false) {
+    const td = document.createElement("td");
+    td.textContent = text;
+    if (numeric) td.className = "num";
+    return td;
+  }
+
+  // -- colour scale --------------------------------------------------------------------------------
+
+  function repaint() {
+    if (!painted.length) return;
+    let low = Math.min(...painted.map((p) => p.value));
+    let high = Math.max(...painted.map((p) => p.value));
+    if (high - low < 0.05) { // a single value, or nearly: centre it rather than paint it one extreme
+      const mid = (low + high) / 2;
+      low = mid - 0.025;
+      high = mid + 0.025;
+    }
+    for (const p of painted) {
+      const colour = colourAt((p.value - low) / (high - low));
+      p.rect.setAttribute("stroke", colour);
+      p.swatch.style.background = colour;
+    }
+    $("#legend-low").textContent = low.toFixed(3);
+    $("#legend-high").textContent = high.toFixed(3);
+    legend.hidden = false;
+  }
+
+  function colourAt(t) {
+    const x = Math.min(Math.max(t, 0), 1) * (STOPS.length - 1);
+    const i = Math.min(Math.floor(x), STOPS.length - 2);
+    const f = x - i;
+    const rgb = STOPS[i].map((c, k) => Math.round(c + (STOPS[i + 1][k] - c) * f));
+    return `rgb(${rgb.join(", ")})`;
+  }
+
+  pollHealth();
+})();

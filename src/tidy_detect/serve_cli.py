@@ -1,0 +1,165 @@
+"""The ``tidy-detect serve`` command: the web service on uvicorn (the ``serve`` extra).
+
+FastAPI and uvicorn are imported inside the command, so ``tidy-detect --help`` stays fast and works
+without the extra. The server starts listening at once and loads the models in the background;
+``GET /healthz`` answers 503 ``loading`` until they are ready, then 200 ``ready``. If loading fails,
+the server stops and the command exits with the loading error.
+
+``python -m tidy_detect.serve_cli serve ...`` is the same command (the load benchmark uses it).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from tidy_detect.errors import CheckpointError, ConfigError, TidyError
+
+SERVE_EXTRA_MESSAGE = "the web service needs the serve extra: pip install 'tidy-detect[serve]'"
+API_KEY_ENV = "TIDY_DETECT_API_KEY"
+
+
+def require_serve_extra() -> None:
+    """Raise TidyError naming the extra when FastAPI, uvicorn or python-multipart is missing."""
+    try:
+        import fastapi  # noqa: F401
+        import python_multipart  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise TidyError(f"{SERVE_EXTRA_MESSAGE} ({exc.name or exc} is not installed)") from None
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``serve`` command to the ``tidy-detect`` typer app."""
+    from tidy_detect.cli import command  # here, not at the top: cli.py imports this module
+
+    @command(app, "serve")
+    def serve_cmd(
+        head: Path = typer.Option(..., "--head", help="Head checkpoint (.safetensors) from `tidy-detect train`."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+        port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port."),
+        max_batch: int = typer.Option(8, "--max-batch", min=1, help="Most images per model call (1: no micro-batching)."),
+        max_wait_ms: float = typer.Option(20.0, "--max-wait-ms", min=0,
+                                          help="How long an image waits for others to share its model call."),
+        max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest request body in MiB (413 above)."),
+        max_files: int = typer.Option(16, "--max-files", min=1, help="Most files per request (413 above)."),
+        max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1,
+                                                 help="Most pixels per image (422 above; default: the detector's, 100M)."),
+        max_pending: int = typer.Option(256, "--max-pending", min=1, help="Most images waiting for the model (503 above)."),
+        api_key: Optional[str] = typer.Option(None, "--api-key", envvar=API_KEY_ENV, show_envvar=True,
+                                              help=f"Require this key on /v1 routes (prefer the {API_KEY_ENV} "
+                                                   f"variable: a command line is visible to other users)."),
+        results_dir: Optional[Path] = typer.Option(None, "--results-dir",
+                                                   help="Write each request's JSON records here (never the images)."),
+        threshold: float = typer.Option(0.5, "--threshold", help="p_fake above this is 'fake'."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+        dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+        clip: Optional[str] = typer.Option(None, "--clip", help="Load the head's CLIP from here (same checkpoint)."),
+        captioner_model: Optional[str] = typer.Option(None, "--captioner-model", help="Load the head's captioner from here."),
+        grounder_model: Optional[str] = typer.Option(None, "--grounder-model", help="Load the head's grounder from here."),
+        log_level: str = typer.Option("info", "--log-level",
+                                      help="uvicorn's log level: critical, error, warning, info, debug."),
+    ) -> None:
+        """Serve detection over HTTP: POST /v1/detect, GET /v1/info, /healthz, /docs, and the page at /."""
+        if max_upload_mb <= 0:
+            raise ConfigError(f"--max-upload-mb must be > 0, got {max_upload_mb!r}")
+        try:
+            require_serve_extra()
+        except TidyError as exc:
+            # Printed here rather than by the CLI's error handler, whose rich markup would swallow "[serve]".
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        run_server(head, host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                   max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_files=max_files, max_pixels=max_pixels,
+                   max_pending=max_pending, api_key=api_key, results_dir=results_dir, threshold=threshold,
+                   device=device, dtype=dtype, clip=clip, captioner_model=captioner_model,
+                   grounder_model=grounder_model, log_level=log_level)
+
+
+def run_server(head: Path, *, host: str, port: int, log_level: str = "info", threshold: float = 0.5,
+               device: str = "auto", dtype: str = "auto", clip: str | None = None,
+               captioner_model: str | None = None, grounder_model: str | None = None, **settings: Any) -> None:
+    """Listen on ``host:port`` until interrupted, loading the detector in the background.
+
+    ``settings`` are :class:`~tidy_detect.serve.settings.ServeSettings` fields. The detector's model
+    batch size is ``max_batch``, so one micro-batch is one forward pass.
+
+    Raises:
+        TidyError: the serve extra is missing; ConfigError: a bad setting; CheckpointError and
+        ModelLoadError: the head or its models cannot be loaded (the server stops first).
+    """
+    require_serve_extra()
+    import uvicorn
+
+    from tidy_detect.serve.app import create_app
+    from tidy_detect.serve.settings import ServeSettings
+
+    serve_settings = ServeSettings(**settings)
+    if not (head.is_file() or head.with_suffix(".safetensors").is_file()):
+        raise CheckpointError(f"{head}: no such head checkpoint; train one with `tidy-detect train`")
+    failure: list[BaseException] = []
+    server: Any = None
+
+    def load() -> Any:
+        from tidy_detect.detect import Detector
+
+        started = time.perf_counter()
+        try:
+            detector = Detector.load(head, device=device, dtype=dtype, batch_size=serve_settings.max_batch,
+                                     threshold=threshold, clip=clip, captioner_model=captioner_model,
+                                     grounder_model=grounder_model)
+        except BaseException as exc:
+            failure.append(exc)
+            server.should_exit = True  # nothing to serve without models: stop and report
+            raise
+        typer.echo(f"tidy-detect: models loaded in {time.perf_counter() - started:.1f} s; ready on "
+                   f"http://{_url_host(host)}:{port}/ (API docs at /docs)", err=True)
+        return detector
+
+    if serve_settings.api_key is None and not _is_loopback(host):
+        typer.echo(f"tidy-detect: warning: listening on {host} without an API key; anyone who can reach it can "
+                   f"use it (set {API_KEY_ENV} or --api-key)", err=True)
+    app = create_app(settings=serve_settings, loader=load)
+    # One process only: the models are loaded once and the batcher sees every request.
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, workers=1,
+                                           timeout_graceful_shutdown=10))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        # uvicorn has already shut down gracefully and re-raises Ctrl-C; for a server that is a normal stop.
+        typer.echo("tidy-detect: server stopped", err=True)
+    if failure:
+        error = failure[0]
+        if isinstance(error, TidyError):
+            raise error
+        raise TidyError(f"loading the models of {head} failed ({type(error).__name__}: {error})") from error
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def main() -> None:
+    """``python -m tidy_detect.serve_cli``: the ``tidy-detect`` app, with ``serve`` registered."""
+    from tidy_detect.cli import app
+
+    if not any(info.name == "serve" for info in app.registered_commands):
+        register(app)
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,289 @@
+"""The Ray engine on a local 2-CPU cluster with the tiny bundle: same rows as the local engine,
+bad files as error rows, resume, a killed worker, an abandoned driver and a killed driver."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from tidy_detect.config import RepresentationConfig, load_preset  # noqa: E402
+from tidy_detect.data.inputs import ImageItem  # noqa: E402
+from tidy_detect.distributed import (  # noqa: E402
+    RayNotInstalledError,
+    RayOptions,
+    extract_ray,
+    extract_with_engine,
+    ray_options_from_cli,
+)
+from tidy_detect.distributed.ray_engine import plan_batches  # noqa: E402
+from tidy_detect.errors import ConfigError, StoreError, UnknownNameError  # noqa: E402
+from tidy_detect.features.extractor import extract  # noqa: E402
+from tidy_detect.features.store import FeatureStore  # noqa: E402
+
+from tests.conftest import make_tree  # noqa: E402
+
+# Two half-CPU actors leave a quarter CPU for decode tasks on the 2-CPU cluster; whole CPUs per
+# actor would leave decoding no slot at all.
+OPTIONS = RayOptions(workers=2, cpus_per_worker=0.5, decode_cpus=0.25)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if ray.is_initialized():  # pragma: no cover - another module left one running
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def config(tiny_bundle):
+    return load_preset(tiny_bundle / "tiny.toml").updated(runtime={"batch_size": 2, "num_workers": 1})
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ray") / "tree"
+    make_tree(root, {"progan": 2, "dalle": 2}, seed=3)
+    (root / "dalle" / "1_fake" / "broken.png").write_text("not an image")
+    return root  # 9 images, one of them unreadable
+
+
+@pytest.fixture(scope="module")
+def local_store(config, tree, tmp_path_factory):
+    out = tmp_path_factory.mktemp("local") / "store"
+    extract([tree], out, config)
+    return FeatureStore(out)
+
+
+@pytest.fixture(scope="module")
+def ray_run(cluster, config, tree, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rayrun") / "store"
+    calls = []
+    summary = extract_ray([tree], out, config, OPTIONS, progress=lambda done, total, s: calls.append((done, total)))
+    return summary, FeatureStore(out), calls
+
+
+def _assert_each_image_once(store: FeatureStore, expected: int) -> None:
+    table = pq.read_table(list(store.shards()), columns=["sha256", "path"])  # raw Parquet: no de-duplication
+    paths = table["path"].to_pylist()
+    assert table.num_rows == expected and len(set(paths)) == expected
+
+
+def test_same_rows_as_the_local_engine(ray_run, local_store):
+    summary, store, calls = ray_run
+    assert (summary.status, summary.total, summary.processed, summary.errors, summary.skipped) == ("completed", 9, 8, 1, 0)
+    assert calls[0] == (0, 9) and calls[-1] == (9, 9)
+    assert store.fingerprint == local_store.fingerprint and store.dim == local_store.dim
+    local = {r["path"]: r for r in local_store.rows()}
+    remote = {r["path"]: r for r in store.rows()}
+    assert remote.keys() == local.keys()
+    for path, want in local.items():
+        got = remote[path]
+        for key in ("sha256", "label", "group", "width", "height", "format", "num_bytes", "caption", "phrases",
+                    "object_phrases", "local_fallback", "error_kind"):
+            assert got[key] == want[key], (path, key)
+        if want["error"] is not None:
+            continue
+        np.testing.assert_allclose(got["boxes"], want["boxes"], atol=1e-3)
+        for key in ("global_image", "global_text", "local_images", "local_texts"):
+            assert np.allclose(np.asarray(got[key], np.float32), np.asarray(want[key], np.float32), atol=1e-4), key
+    _assert_each_image_once(store, 9)
+    X = store.load(RepresentationConfig()).X
+    assert X.shape == (8, store.dim) and np.isfinite(X).all()
+
+
+def test_bad_file_becomes_an_error_row_and_the_run_is_recorded(ray_run):
+    summary, store, _ = ray_run
+    rows = {Path(r["path"]).name: r for r in store.rows(["path", "sha256", "error", "error_kind"])}
+    broken = rows["broken.png"]
+    assert broken["error_kind"] == "unsupported" and "not an image" in broken["error"] and broken["sha256"]
+    assert summary.error_kinds == {"unsupported": 1}
+    run = store.config["runs"][-1]
+    assert run["engine"] == "ray" and run["status"] == "completed" and run["processed"] == 8
+    assert run["device"] == "cpu" and run["ray"]["workers"] == 2
+    assert sum(summary.workers.values()) == 9
+
+
+def test_rerun_skips_everything(ray_run, config, tree):
+    _, store, _ = ray_run
+    shards = sorted(p.name for p in store.shards())
+    again = extract_ray([tree], store.path, config, OPTIONS)
+    assert (again.status, again.processed, again.skipped, again.errors) == ("completed", 0, 9, 0)
+    assert sorted(p.name for p in store.shards()) == shards
+
+
+def test_a_killed_worker_is_replaced_and_the_run_completes(cluster, config, tmp_path):
+    make_tree(tmp_path / "tree", {"gen": 6}, seed=4)  # 12 images, 6 batches
+    killed = []
+
+    def kill_a_worker(done, total, summary):
+        if summary.workers and not killed:
+            pid = int(next(iter(summary.workers)).rsplit(":", 1)[1])
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    summary = extract_ray([tmp_path / "tree"], tmp_path / "store", config, OPTIONS, progress=kill_a_worker)
+    assert killed and summary.status == "completed"
+    assert (summary.processed, summary.errors) == (12, 0)
+    store = FeatureStore(tmp_path / "store")
+    _assert_each_image_once(store, 12)
+    assert sorted(r["path"] for r in store.rows(["path"])) == sorted(str(p) for p in (tmp_path / "tree").rglob("*.png"))
+
+
+def test_an_abandoned_run_completed_by_a_rerun_has_every_image_once(cluster, config, tmp_path):
+    make_tree(tmp_path / "tree", {"gen": 8}, seed=5)  # 16 images
+    # One worker and batches of one image, so that work is surely left when the first batch is
+    # reported (the workers run ahead of the driver's reading).
+    config = config.updated(runtime={"batch_size": 1})
+    options = RayOptions(workers=1, cpus_per_worker=1, decode_cpus=0.25)
+    calls = []
+
+    def interrupt_after_first_batch(done, total, summary):
+        calls.append(done)
+        if len(calls) == 2:  # the first call reports the start, the second a finished batch
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_ray([tmp_path / "tree"], tmp_path / "store", config, options, progress=interrupt_after_first_batch)
+    store = FeatureStore(tmp_path / "store")
+    assert store.config["runs"][-1]["status"] == "interrupted"
+    kept = len(store)
+    assert 1 <= kept < 16  # the reported batch, and any other finished one, was kept
+    summary = extract_ray([tmp_path / "tree"], tmp_path / "store", config, options)
+    assert summary.status == "completed" and summary.skipped == kept and summary.processed == 16 - kept
+    _assert_each_image_once(FeatureStore(tmp_path / "store"), 16)
+
+
+DRIVER = textwrap.dedent("""
+    import logging, sys
+    import ray
+    from tidy_detect.config import load_preset
+    from tidy_detect.distributed import RayOptions, extract_ray
+
+    ray.init(address=sys.argv[1], logging_level=logging.WARNING)
+    config = load_preset(sys.argv[2]).updated(runtime={"batch_size": 2})
+    extract_ray([sys.argv[3]], sys.argv[4], config, RayOptions(workers=2, cpus_per_worker=0.5, decode_cpus=0.25))
+""")
+
+
+@pytest.mark.slow
+def test_a_killed_driver_loses_no_finished_shard_and_a_rerun_completes(cluster, config, tiny_preset, tmp_path):
+    make_tree(tmp_path / "tree", {"gen": 6}, seed=6)  # 12 images, 6 batches
+    store_path = tmp_path / "store"
+    address = cluster.get_runtime_context().gcs_address
+    log_file = tmp_path / "driver.log"
+    with log_file.open("wb") as log:  # a file, not a pipe: a full pipe would stall the driver
+        driver = subprocess.Popen([sys.executable, "-c", DRIVER, address, str(tiny_preset), str(tmp_path / "tree"),
+                                   str(store_path)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((store_path / "shards").glob("*.parquet")):
+            assert driver.poll() is None, log_file.read_text(errors="replace")[-2000:]
+            assert time.monotonic() < deadline, "the driver wrote no shard in 120 s"
+            time.sleep(0.2)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    store = FeatureStore(store_path)
+    finished = len(store)
+    assert finished >= 1 and store.config["runs"] == []  # killed before it could record anything
+    summary = extract_ray([tmp_path / "tree"], store_path, config, OPTIONS)
+    assert summary.status == "completed" and summary.skipped >= finished
+    _assert_each_image_once(FeatureStore(store_path), 12)
+
+
+def test_a_worker_with_other_models_refuses_the_store(cluster, config, tree, tmp_path):
+    from tidy_detect.distributed.ray_engine import run_extraction_ray
+
+    other = config.updated(features={"max_objects": 2})  # fingerprinted: rows would not mix
+    extract([tree], tmp_path / "store", config, limit=1)
+    items = [ImageItem(str(p)) for p in sorted(tree.rglob("*.png"))[1:3]]
+    with pytest.raises(StoreError, match="models differ from the store's extraction config.*max_objects"):
+        run_extraction_ray(items, FeatureStore(tmp_path / "store"), other, OPTIONS)
+    assert FeatureStore(tmp_path / "store").config["runs"][-1]["status"] == "failed"
+
+
+def test_a_store_of_another_config_is_refused_before_any_work(cluster, config, tree, tmp_path):
+    extract([tree], tmp_path / "store", config, limit=1)
+    with pytest.raises(StoreError, match="different extraction config.*max_objects"):
+        extract_ray([tree], tmp_path / "store", config.updated(features={"max_objects": 2}), OPTIONS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Without a cluster
+
+def test_batches_are_cut_from_the_whole_list():
+    items = [ImageItem(f"/x/{i}.png") for i in range(7)]
+    todo = [items[1], items[4], items[5], items[6], items[6]]
+    planned = plan_batches(items + [items[6]], todo, 3)
+    assert [(b, [it.path for it in batch]) for b, batch in planned] == [
+        (0, ["/x/1.png"]), (1, ["/x/4.png", "/x/5.png"]), (2, ["/x/6.png"])]
+
+
+def test_unknown_engine_lists_the_known_ones(tmp_path):
+    with pytest.raises(UnknownNameError, match=r"^Unknown engine 'spark'\. Known: local, ray\.$"):
+        extract_with_engine("spark", [tmp_path], tmp_path / "store")
+    with pytest.raises(UnknownNameError, match="Known: local, ray"):
+        ray_options_from_cli("spark")
+
+
+def test_ray_options_from_the_command_line():
+    assert ray_options_from_cli("local", workers=4) is None  # --workers: decoding threads there
+    with pytest.raises(ConfigError, match="--ray-address only applies to --engine ray, got --engine local"):
+        ray_options_from_cli("local", address="auto")
+    assert ray_options_from_cli("ray", address="auto", workers=3, num_gpus_per_worker=1) == \
+        RayOptions(address="auto", workers=3, num_gpus_per_worker=1)
+    with pytest.raises(ConfigError, match="Ray options only apply to --engine ray"):
+        extract_with_engine("local", [], "x", ray_options=RayOptions())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"workers": 0}, "workers must be an integer >= 1, got 0"),
+    ({"num_gpus_per_worker": -1}, "num_gpus_per_worker must be a number >= 0, got -1"),
+    ({"num_gpus_per_worker": 1.5}, "num_gpus_per_worker above 1 must be a whole number, got 1.5"),
+    ({"cpus_per_worker": 0}, "cpus_per_worker must be > 0 when num_gpus_per_worker is 0"),
+    ({"address": ""}, "ray address must be"),
+])
+def test_invalid_options_name_the_value(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        RayOptions(**kwargs)
+
+
+def test_missing_ray_names_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` fail
+    with pytest.raises(RayNotInstalledError, match=r"pip install 'tidy-detect\[distributed\]'"):
+        extract_with_engine("ray", [tmp_path], tmp_path / "store")
+
+
+def test_a_local_cluster_without_gpus_refuses_gpu_workers(monkeypatch):
+    from tidy_detect.distributed.ray_engine import _check_local_resources
+
+    class FakeRay:
+        @staticmethod
+        def cluster_resources():
+            return {"CPU": 2.0}
+
+    with pytest.raises(ConfigError, match="2 workers x 1 GPUs need 2 GPUs, but this machine has 0"):
+        _check_local_resources(FakeRay, RayOptions(num_gpus_per_worker=1))
+    with pytest.raises(ConfigError, match="more than the 2 CPU slots"):
+        _check_local_resources(FakeRay, RayOptions(workers=2, cpus_per_worker=1))
+    _check_local_resources(FakeRay, OPTIONS)
+
+
+def test_status_is_json_serialisable(ray_run):
+    summary, _, _ = ray_run
+    json.dumps(summary.to_dict())
