@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 from typer.testing import CliRunner
 
 from tidy_detect.cli import app

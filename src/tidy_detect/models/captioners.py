@@ -14,8 +14,7 @@ from PIL import Image
 
 from tidy_detect.config import FeatureConfig
 from tidy_detect.errors import InputError
-from tidy_detect.models.optimize import fold_quick_gelu
-from tidy_detect.models.loading import load_pretrained, revision_of, torch_dtype, weights_fingerprint
+from tidy_detect.models.loading import prepare_model, revision_of, torch_dtype
 from tidy_detect.models.registry import CAPTIONERS
 
 LLAVA_PROMPT = "Please generate a one-sentence caption for the input image."
@@ -47,8 +46,6 @@ class _HFCaptioner:
 
     def __init__(self, name: str, source: str, *, features: FeatureConfig, device: str, dtype: str,
                  optimize: bool = True, components: tuple[Any, Any] | None = None) -> None:
-        import transformers
-
         self.name = name
         self.source = source
         self.device = device
@@ -57,17 +54,9 @@ class _HFCaptioner:
         self.min_tokens = 0  # benchmarks fix the caption length to compare runs
         self.num_beams = features.caption_num_beams
         self.prompt = features.caption_prompt if features.caption_prompt is not None else self.default_prompt
-        if components is None:
-            self.processor = load_pretrained(transformers.AutoProcessor, source, what="captioner model",
-                                             option="--captioner-model")
-            model = load_pretrained(getattr(transformers, self.model_class), source, what="captioner model",
-                                    option="--captioner-model")
-        else:
-            model, self.processor = components
-        self.fingerprint = weights_fingerprint(model)
-        if optimize:
-            fold_quick_gelu(model)  # before the dtype cast, so the scaled weights round once
-        self.model = model.to(device=device, dtype=torch_dtype(dtype)).eval()
+        self.model, self.processor, self.fingerprint = prepare_model(
+            self.model_class, source, what="captioner model", option="--captioner-model", device=device, dtype=dtype,
+            optimize=optimize, components=components)
         tokenizer = getattr(self.processor, "tokenizer", None)
         if tokenizer is not None:
             # Decoder-only models continue the prompt: pad on the left so every row ends at its prompt.

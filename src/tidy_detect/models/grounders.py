@@ -18,8 +18,7 @@ import numpy as np
 from PIL import Image
 
 from tidy_detect.config import FeatureConfig
-from tidy_detect.models.optimize import fold_quick_gelu
-from tidy_detect.models.loading import load_pretrained, revision_of, torch_dtype, weights_fingerprint
+from tidy_detect.models.loading import prepare_model, revision_of, torch_dtype
 from tidy_detect.models.registry import GROUNDERS
 
 
@@ -69,8 +68,6 @@ class _HFGrounder:
 
     def __init__(self, name: str, source: str, *, features: FeatureConfig, device: str, dtype: str,
                  optimize: bool = True, components: tuple[Any, Any] | None = None) -> None:
-        import transformers
-
         self.name = name
         self.source = source
         self.device = device
@@ -79,17 +76,9 @@ class _HFGrounder:
                               else self.default_box_threshold)
         self.text_threshold = (features.text_threshold if features.text_threshold is not None
                                else self.default_text_threshold)
-        if components is None:
-            self.processor = load_pretrained(transformers.AutoProcessor, source, what="grounder model",
-                                             option="--grounder-model")
-            model = load_pretrained(getattr(transformers, self.model_class), source, what="grounder model",
-                                    option="--grounder-model")
-        else:
-            model, self.processor = components
-        self.fingerprint = weights_fingerprint(model)
-        if optimize:
-            fold_quick_gelu(model)  # before the dtype cast, so the scaled weights round once
-        self.model = model.to(device=device, dtype=torch_dtype(dtype)).eval()
+        self.model, self.processor, self.fingerprint = prepare_model(
+            self.model_class, source, what="grounder model", option="--grounder-model", device=device, dtype=dtype,
+            optimize=optimize, components=components)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "model_type": self.model.config.model_type,

@@ -151,6 +151,29 @@ def _explain(exc: Exception, source: str, what: str, option: str) -> str:
     )
 
 
+def prepare_model(model_class: str, source: str, *, what: str, option: str, device: str, dtype: str,
+                  optimize: bool = True, components: tuple[Any, Any] | None = None) -> tuple[Any, Any, str]:
+    """Load (or take) a transformers model and its processor, ready for inference.
+
+    Returns ``(model, processor, fingerprint)``: the model on ``device`` in ``dtype``, in eval
+    mode, with QuickGELU folded when ``optimize``; the fingerprint is of the weights as loaded.
+    ``components`` gives an in-memory (model, processor) instead of loading ``source``.
+    """
+    import transformers
+
+    from tidy_detect.models.optimize import fold_quick_gelu
+
+    if components is None:
+        processor = load_pretrained(transformers.AutoProcessor, source, what=what, option=option)
+        model = load_pretrained(getattr(transformers, model_class), source, what=what, option=option)
+    else:
+        model, processor = components
+    fingerprint = weights_fingerprint(model)
+    if optimize:
+        fold_quick_gelu(model)  # before the dtype cast, so the scaled weights round once
+    return model.to(device=device, dtype=torch_dtype(dtype)).eval(), processor, fingerprint
+
+
 def revision_of(model: Any) -> str | None:
     """The hub commit a checkpoint was loaded from, when transformers recorded it."""
     return getattr(getattr(model, "config", None), "_commit_hash", None)

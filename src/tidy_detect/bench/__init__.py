@@ -1,0 +1,1 @@
+"""Benchmarks on real-size architectures with random weights (``tidy-detect bench``)."""

@@ -1,0 +1,412 @@
+"""``tidy-detect bench``: speed and memory figures of this machine, measured in one run.
+
+What it measures (all on real-size architectures with random weights, see :mod:`archs`):
+
+- ``peak``: the dense matmul peak of this machine in bfloat16 and float32, measured here, so each
+  stage can be given as a fraction of it;
+- ``stages``: images/s and achieved GFLOP/s of every model stage as the extractor runs it
+  (bfloat16 where the CPU has it, batched, QuickGELU folded); FLOPs are counted by
+  ``torch.utils.flop_counter`` on the same inputs;
+- ``pipeline``: the full TIDY extraction (CLIP ViT-L/14 + BLIP-large + Grounding DINO base, 4
+  objects per image, 20 caption tokens) optimised vs naive (one image and one crop at a time,
+  float32, no caches, no folding) on the same images;
+- ``fast``: the global-only path (no grounding) against one CLIP ViT-L/14 image pass plus captioning;
+- ``head``: training the MLP head on 80,000 x 768 features for 50 epochs;
+- ``eval``: peak memory of evaluating a 1,000,000-row store, streamed, in a child process.
+
+The machine is shared and noisy: compare figures measured in the same run, and medians.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+SECTIONS = ("peak", "stages", "pipeline", "fast", "head", "eval")
+STAGE_ARCHS = ("clip-vit-l-14", "clip-vit-b-16", "blip-large", "blip2-opt-2.7b", "grounding-dino-base",
+               "grounding-dino-tiny", "owlv2-base")
+PHRASES = ("dog", "wooden table", "red car", "tree")
+CAPTION_TOKENS = 20
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def _flops(fn: Callable[[], Any]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def _peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status", encoding="utf-8") as handle:
+            return next(int(line.split()[1]) for line in handle if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_peak(repeats: int = 9) -> dict[str, float]:
+    """Best median GFLOP/s of square matmuls (1024-4096) in bfloat16 and float32."""
+    import torch
+
+    out = {}
+    for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        best = 0.0
+        for n in (1024, 2048, 4096):
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            a @ b
+            seconds = _median_time(lambda: a @ b, repeats if n < 4096 else 3)
+            best = max(best, 2 * n ** 3 / seconds / 1e9)
+        out[name] = best
+    return out
+
+
+def synthetic_images(n: int, size: int = 256, seed: int = 0) -> list[Any]:
+    """Photo-like RGB images (the demo's generator), ``size`` x ``size`` like ProGAN's."""
+    from tidy_detect.demo import real_like
+
+    rng = np.random.default_rng(seed)
+    return [real_like(rng, size, size) for _ in range(n)]
+
+
+class FixedPhrases:
+    """The same phrases for every caption, so every image has the same number of objects."""
+
+    def __init__(self, phrases: Sequence[str]) -> None:
+        self.phrases = list(phrases)
+
+    def extract(self, captions: Sequence[str]) -> list[list[str]]:
+        return [list(self.phrases) for _ in captions]
+
+    def describe(self) -> dict[str, Any]:
+        return {"fixed_phrases": self.phrases}
+
+
+def _features(threshold: float = 0.0):
+    from tidy_detect.config import FeatureConfig
+
+    return FeatureConfig(caption_max_tokens=CAPTION_TOKENS, box_threshold=threshold, text_threshold=threshold)
+
+
+def build_adapter(kind: str, arch: str, dtype: str, optimize: bool, seed: int = 0) -> Any:
+    """A real adapter (the classes extraction uses) around a random-weight real-size model."""
+    from tidy_detect.bench.archs import build
+    from tidy_detect.models.captioners import Blip2Captioner, BlipCaptioner
+    from tidy_detect.models.clip import ClipEncoder
+    from tidy_detect.models.grounders import GroundingDinoGrounder, Owlv2Grounder
+
+    # Built straight in the run's dtype: BLIP-2 in float32 and bfloat16 at once would not fit in memory.
+    components = build(arch, dtype=dtype, seed=seed)
+    if kind == "clip":
+        return ClipEncoder(f"random:{arch}", dtype=dtype, optimize=optimize, components=components,
+                           cache_size=65536 if optimize else 0)
+    cls = {"blip-large": BlipCaptioner, "blip2-opt-2.7b": Blip2Captioner, "grounding-dino-base": GroundingDinoGrounder,
+           "grounding-dino-tiny": GroundingDinoGrounder, "owlv2-base": Owlv2Grounder}[arch]
+    adapter = cls(arch, f"random:{arch}", features=_features(), device="cpu", dtype=dtype, optimize=optimize,
+                  components=components)
+    if kind == "captioner":
+        adapter.min_tokens = CAPTION_TOKENS  # random weights may emit EOS early; fix the work per image
+    return adapter
+
+
+def _stage_call(kind: str, adapter: Any, images: list[Any]) -> Callable[[], Any]:
+    if kind == "clip":
+        return lambda: adapter.encode_global(images)
+    if kind == "captioner":
+        return lambda: adapter.caption(images)
+    return lambda: adapter.ground(images, [list(PHRASES)] * len(images))
+
+
+def bench_stage(arch: str, images: list[Any], batch_size: int, dtype: str) -> dict[str, Any]:
+    """images/s and GFLOP/s of one stage, batched as extraction runs it."""
+    kind = "clip" if arch.startswith("clip") else "captioner" if arch.startswith("blip") else "grounder"
+    started = time.perf_counter()
+    adapter = build_adapter(kind, arch, dtype, optimize=True)
+    built = time.perf_counter() - started
+    batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+    _stage_call(kind, adapter, batches[0][:1])()  # warm-up: kernels, caches, lazy inits
+    seconds = sum(_median_time(_stage_call(kind, adapter, b), 1) for b in batches)
+    flops = sum(_flops(_stage_call(kind, adapter, b)) for b in batches)
+    result = {"arch": arch, "kind": kind, "images": len(images), "batch_size": batch_size, "dtype": dtype,
+              "seconds": seconds, "images_per_second": len(images) / seconds, "gflop_per_image": flops / len(images) / 1e9,
+              "gflops": flops / seconds / 1e9, "build_seconds": built}
+    if kind == "clip":
+        texts = [f"a photo of a {p} next to a {q}" for p in PHRASES for q in PHRASES][:len(images)]
+        adapter._cache.clear()
+        text_seconds = _median_time(lambda: (adapter._cache.clear(), adapter.encode_texts(texts)), 3)
+        result["texts_per_second"] = len(texts) / text_seconds
+    return result
+
+
+def make_extractor(dtype: str, optimize: bool, grounder: str | None, batch_size: int, captioner: str = "blip-large"):
+    """An Extractor assembled from real-size random-weight adapters (no loading from disk)."""
+    from tidy_detect.config import ExtractionConfig, RuntimeConfig
+    from tidy_detect.features.extractor import Extractor
+    from tidy_detect.models.grounders import NoGrounder
+
+    extractor = Extractor(ExtractionConfig(features=_features(),
+                                           runtime=RuntimeConfig(dtype=dtype, batch_size=batch_size)))
+    extractor.device, extractor.dtype = "cpu", dtype
+    extractor.clip = build_adapter("clip", "clip-vit-l-14", dtype, optimize)
+    extractor.captioner = build_adapter("captioner", captioner, dtype, optimize)
+    extractor.grounder = (build_adapter("grounder", grounder, dtype, optimize) if grounder
+                          else NoGrounder("none", None, features=_features(), device="cpu", dtype=dtype))
+    extractor.phrases = FixedPhrases(PHRASES if grounder else ())
+    return extractor
+
+
+def _loaded(images: list[Any]) -> list[Any]:
+    from tidy_detect.images import LoadedImage
+
+    return [LoadedImage(im, f"{k:064x}", im.width, im.height, "PNG", 0) for k, im in enumerate(images)]
+
+
+def run_optimized(extractor: Any, images: list[Any]) -> float:
+    """Seconds for the batched extractor over ``images`` (as ``tidy-detect extract`` runs it)."""
+    from tidy_detect.data.inputs import ImageItem
+
+    loaded = _loaded(images)
+    items = [ImageItem(f"/bench/{k}.png") for k in range(len(images))]
+    size = extractor.config.runtime.batch_size
+    started = time.perf_counter()
+    for start in range(0, len(items), size):
+        extractor.process(items[start:start + size], loaded[start:start + size])
+    return time.perf_counter() - started
+
+
+def run_naive(extractor: Any, images: list[Any]) -> float:
+    """Seconds for the naive path: every image, crop and text through the models one at a time."""
+    from tidy_detect.features.views import crop_box
+
+    started = time.perf_counter()
+    for image in images:
+        (caption,) = extractor.captioner.caption([image])
+        (phrases,) = extractor.phrases.extract([caption])
+        (detections,) = extractor.grounder.ground([image], [phrases])
+        extractor.clip.encode_global([image])
+        extractor.clip.encode_texts([caption])
+        for d in detections:
+            extractor.clip.encode_crops([crop_box(image, d.box)])
+            extractor.clip.encode_texts([d.phrase])
+    return time.perf_counter() - started
+
+
+def bench_pipeline(images: list[Any], batch_size: int, dtype: str) -> dict[str, Any]:
+    """The full pipeline, optimised vs naive, on the same images."""
+    fast = make_extractor(dtype, True, "grounding-dino-base", batch_size)
+    run_optimized(fast, images[:1])  # warm-up
+    optimized = run_optimized(fast, images)
+    stages = {k: round(v, 3) for k, v in fast.stage_seconds.items()}
+    del fast
+    gc.collect()
+    naive_extractor = make_extractor("float32", False, "grounding-dino-base", 1)
+    run_naive(naive_extractor, images[:1])
+    naive = run_naive(naive_extractor, images)
+    del naive_extractor
+    gc.collect()
+    return {"images": len(images), "objects_per_image": len(PHRASES), "caption_tokens": CAPTION_TOKENS,
+            "optimized_seconds": optimized, "optimized_images_per_second": len(images) / optimized,
+            "optimized_stage_seconds": stages, "naive_seconds": naive,
+            "naive_images_per_second": len(images) / naive, "speedup": naive / optimized}
+
+
+def bench_fast_path(images: list[Any], batch_size: int, dtype: str) -> dict[str, Any]:
+    """Global-only extraction against one CLIP ViT-L/14 image pass plus captioning."""
+    extractor = make_extractor(dtype, True, None, batch_size)
+    run_optimized(extractor, images[:1])
+    fast = run_optimized(extractor, images)
+    batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+    caption = sum(_median_time(lambda b=b: extractor.captioner.caption(b), 1) for b in batches)
+    clip = sum(_median_time(lambda b=b: extractor.clip.encode_global(b), 1) for b in batches)
+    return {"images": len(images), "global_only_seconds": fast, "caption_seconds": caption,
+            "clip_image_seconds": clip, "ratio": fast / (caption + clip)}
+
+
+def bench_head(rows: int = 80_000, dim: int = 768, epochs: int = 50) -> dict[str, Any]:
+    """Wall time of training the head on random features of the paper's size."""
+    from tidy_detect.head import DiscrepancyHead
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(rows, dim)).astype(np.float32)
+    y = rng.integers(0, 2, rows)
+    X[y == 1] += 0.05
+    head = DiscrepancyHead(epochs=epochs)
+    started = time.perf_counter()
+    head.fit(X, y)
+    seconds = time.perf_counter() - started
+    return {"rows": rows, "dim": dim, "epochs": epochs, "seconds": seconds, "precision": head.precision_,
+            "seconds_per_epoch": seconds / epochs}
+
+
+def write_synthetic_store(path: Path, rows: int, dim: int = 768, shard_rows: int = 50_000, seed: int = 0) -> Path:
+    """A store of ``rows`` random rows (no objects, so the local columns are empty lists) written
+    straight as Arrow shards: building a million row dicts would measure Python, not the store."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tidy_detect.features.store import FeatureStore, store_schema
+
+    extraction = {"clip": {"weights": "synthetic", "dim": dim}, "captioner": {"name": "synthetic"},
+                  "grounder": {"name": "none"}, "phrases": {"max_objects": 0}}
+    store = FeatureStore.open_for_writing(path, extraction, dim)
+    schema = store_schema(dim)
+    rng = np.random.default_rng(seed)
+    store.shard_dir.mkdir(exist_ok=True)
+    for start in range(0, rows, shard_rows):
+        n = min(shard_rows, rows - start)
+        labels = rng.integers(0, 2, n)
+        vectors = [pa.FixedSizeListArray.from_arrays(pa.array(rng.normal(size=n * dim).astype(np.float32)), dim)
+                   for _ in range(2)]
+        empty_lists = pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)),
+                                               pa.FixedSizeListArray.from_arrays(pa.array([], pa.float32()), dim))
+        columns = {
+            "sha256": pa.array([f"{start + i:064x}" for i in range(n)]),
+            "path": pa.array([f"/synthetic/{start + i:07d}.png" for i in range(n)]),
+            "label": pa.array(labels.astype(np.int8)), "group": pa.array([f"gen{(start + i) % 16}" for i in range(n)]),
+            "global_image": vectors[0], "global_text": vectors[1],
+            "local_images": empty_lists, "local_texts": empty_lists,
+            "local_fallback": pa.array(np.ones(n, bool)),
+        }
+        arrays = [columns[f.name] if f.name in columns else pa.nulls(n, f.type) for f in schema]
+        pq.write_table(pa.Table.from_arrays(arrays, schema=schema), store.shard_dir / f"part-{start:09d}.parquet",
+                       compression="none")
+    return path
+
+
+# The child reports VmHWM (its own address space's high-water mark): ru_maxrss would include the
+# parent's size at fork time, which Linux carries across exec.
+_EVAL_CHILD = """
+import json, sys, time
+from tidy_detect.evaluate.evaluation import evaluate
+started = time.perf_counter()
+result = evaluate([sys.argv[1]], [sys.argv[2]], max_per_class=None)
+seconds = time.perf_counter() - started
+name = result.info["head_names"][0]
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"seconds": seconds, "rows_scored": int(len(result.scores[0])),
+                  "groups": len(result.groups[name]), "peak_rss_mb": hwm / 1024}))
+"""
+
+
+def bench_eval(rows: int = 1_000_000, workdir: Path | None = None) -> dict[str, Any]:
+    """Peak memory (and time) of evaluating a ``rows``-row store, in a fresh child process."""
+    from tidy_detect.head import DiscrepancyHead
+
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        store = write_synthetic_store(Path(tmp) / "store", rows)
+        rng = np.random.default_rng(1)
+        head = DiscrepancyHead(epochs=1, hidden=64).fit(rng.normal(size=(256, 768)).astype(np.float32),
+                                                       rng.integers(0, 2, 256))
+        meta = {"representation": {"kind": "both", "w1": 1.0, "w2": 1.0, "normalize": True},
+                "extraction": json.loads((store / "config.json").read_text())["extraction"]}
+        head_path = head.save(Path(tmp) / "head.safetensors", meta)
+        store_bytes = sum(p.stat().st_size for p in (store / "shards").glob("*.parquet"))
+        out = subprocess.run([sys.executable, "-c", _EVAL_CHILD, str(head_path), str(store)], check=True,
+                             capture_output=True, text=True)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"rows": rows, "store_gb": store_bytes / 1e9, **result}
+
+
+def run_bench(sections: Sequence[str] = SECTIONS, *, images: int = 8, batch_size: int = 8,
+              stages: Sequence[str] = STAGE_ARCHS, eval_rows: int = 1_000_000, dtype: str | None = None,
+              say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the chosen sections; returns every figure (also what ``tidy-detect bench`` prints)."""
+    import torch
+
+    from tidy_detect.models.loading import resolve_dtype
+
+    say = say or (lambda message: None)
+    torch.set_flush_denormal(True)
+    dtype = dtype or resolve_dtype("auto", "cpu")
+    report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                                          "torch": torch.__version__, "dtype": dtype}}
+    pictures = synthetic_images(images)
+    if "peak" in sections:
+        say("matmul peak (bfloat16, float32)")
+        report["peak"] = matmul_peak()
+    if "stages" in sections:
+        report["stages"] = {}
+        for arch in stages:
+            say(f"stage {arch}")
+            report["stages"][arch] = bench_stage(arch, pictures if "blip2" not in arch else pictures[:4],
+                                                 batch_size, dtype)
+            gc.collect()  # free this stage's model before the next one is built
+    if "pipeline" in sections:
+        say("pipeline: optimised vs naive (CLIP ViT-L/14 + BLIP-large + Grounding DINO base, 4 objects)")
+        report["pipeline"] = bench_pipeline(pictures, batch_size, dtype)
+    if "fast" in sections:
+        say("fast path: global only vs CLIP image pass + captioning")
+        report["fast"] = bench_fast_path(pictures, batch_size, dtype)
+    if "head" in sections:
+        say("head training: 80,000 x 768, 50 epochs")
+        report["head"] = bench_head()
+    if "eval" in sections:
+        say(f"evaluation of a {eval_rows:,}-row store, streamed (child process)")
+        report["eval"] = bench_eval(eval_rows)
+    if "peak" in report:
+        # The machine is shared: measure the peak again at the end and keep the better of the two,
+        # so a busy moment cannot inflate the fractions below.
+        again = matmul_peak()
+        report["peak"] = {k: max(v, again[k]) for k, v in report["peak"].items()}
+    if "peak" in report and "stages" in report:
+        for result in report["stages"].values():
+            result["fraction_of_peak"] = result["gflops"] / report["peak"][result["dtype"]]
+    report["peak_rss_mb"] = _peak_rss_mb()
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The figures as Markdown (for the README and the issue notes)."""
+    lines = [f"Machine: {report['machine']['cpus']} CPUs, torch {report['machine']['torch']} "
+             f"({report['machine']['torch_threads']} threads), stages in {report['machine']['dtype']}."]
+    if "peak" in report:
+        p = report["peak"]
+        lines.append(f"Matmul peak measured in this run: bfloat16 {p['bfloat16']:.0f} GFLOP/s, "
+                     f"float32 {p['float32']:.0f} GFLOP/s.")
+    if "stages" in report:
+        lines += ["", "| stage | batch | images/s | GFLOP/image | GFLOP/s | of bf16 peak |", "|---|---|---|---|---|---|"]
+        for arch, r in report["stages"].items():
+            frac = f"{r['fraction_of_peak']:.0%}" if "fraction_of_peak" in r else "–"
+            extra = f" (texts: {r['texts_per_second']:.1f}/s)" if "texts_per_second" in r else ""
+            lines.append(f"| {arch} | {r['batch_size']} | {r['images_per_second']:.2f}{extra} | "
+                         f"{r['gflop_per_image']:.0f} | {r['gflops']:.0f} | {frac} |")
+    if "pipeline" in report:
+        r = report["pipeline"]
+        lines += ["", f"Full pipeline ({r['images']} images, {r['objects_per_image']} objects, {r['caption_tokens']} "
+                      f"caption tokens): optimised {r['optimized_images_per_second']:.3f} images/s, naive "
+                      f"{r['naive_images_per_second']:.3f} images/s: **{r['speedup']:.1f}x**. "
+                      f"Optimised stage seconds: {r['optimized_stage_seconds']}."]
+    if "fast" in report:
+        r = report["fast"]
+        lines.append(f"Global-only path: {r['global_only_seconds']:.2f} s vs CLIP image pass + captioning "
+                     f"{r['clip_image_seconds'] + r['caption_seconds']:.2f} s: **{r['ratio']:.2f}x**.")
+    if "head" in report:
+        r = report["head"]
+        lines.append(f"Head training {r['rows']:,} x {r['dim']}, {r['epochs']} epochs ({r['precision']}): "
+                     f"**{r['seconds']:.1f} s**.")
+    if "eval" in report:
+        r = report["eval"]
+        lines.append(f"Evaluation of a {r['rows']:,}-row store ({r['store_gb']:.1f} GB): {r['seconds']:.1f} s, "
+                     f"peak memory **{r['peak_rss_mb']:.0f} MB**.")
+    lines.append(f"Peak memory of this benchmark process: {report['peak_rss_mb']:.0f} MB.")
+    return "\n".join(lines)
