@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data's own, about its own settings
 
 from tidy_detect.config import RepresentationConfig, load_preset  # noqa: E402
 from tidy_detect.data.inputs import ImageItem  # noqa: E402
@@ -85,7 +86,8 @@ def _assert_each_image_once(store: FeatureStore, expected: int) -> None:
 
 def test_same_rows_as_the_local_engine(ray_run, local_store):
     summary, store, calls = ray_run
-    assert (summary.status, summary.total, summary.processed, summary.errors, summary.skipped) == ("completed", 9, 8, 1, 0)
+    assert summary.status == "completed"
+    assert (summary.total, summary.processed, summary.errors, summary.skipped) == (9, 8, 1, 0)
     assert calls[0] == (0, 9) and calls[-1] == (9, 9)
     assert store.fingerprint == local_store.fingerprint and store.dim == local_store.dim
     local = {r["path"]: r for r in local_store.rows()}
@@ -127,45 +129,25 @@ def test_rerun_skips_everything(ray_run, config, tree):
 
 
 def test_a_killed_worker_is_replaced_and_the_run_completes(cluster, config, tmp_path):
-    make_tree(tmp_path / "tree", {"gen": 6}, seed=4)  # 12 images, 6 batches
+    make_tree(tmp_path / "tree", {"gen": 20}, seed=4)  # 40 images
+    # Batches of one image: when the first is reported, the worker still has batches in flight,
+    # which Ray must rerun on the worker's replacement.
+    config = config.updated(runtime={"batch_size": 1})
     killed = []
 
     def kill_a_worker(done, total, summary):
         if summary.workers and not killed:
-            pid = int(next(iter(summary.workers)).rsplit(":", 1)[1])
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
+            worker = next(iter(summary.workers))
+            os.kill(int(worker.rsplit(":", 1)[1]), signal.SIGKILL)
+            killed.append(worker)
 
     summary = extract_ray([tmp_path / "tree"], tmp_path / "store", config, OPTIONS, progress=kill_a_worker)
     assert killed and summary.status == "completed"
-    assert (summary.processed, summary.errors) == (12, 0)
+    assert (summary.processed, summary.errors) == (40, 0)
+    assert len(summary.workers) >= 3, summary.workers  # the two first workers and the replacement
     store = FeatureStore(tmp_path / "store")
-    _assert_each_image_once(store, 12)
+    _assert_each_image_once(store, 40)
     assert sorted(r["path"] for r in store.rows(["path"])) == sorted(str(p) for p in (tmp_path / "tree").rglob("*.png"))
-
-
-def test_an_abandoned_run_completed_by_a_rerun_has_every_image_once(cluster, config, tmp_path):
-    make_tree(tmp_path / "tree", {"gen": 8}, seed=5)  # 16 images
-    # One worker and batches of one image, so that work is surely left when the first batch is
-    # reported (the workers run ahead of the driver's reading).
-    config = config.updated(runtime={"batch_size": 1})
-    options = RayOptions(workers=1, cpus_per_worker=1, decode_cpus=0.25)
-    calls = []
-
-    def interrupt_after_first_batch(done, total, summary):
-        calls.append(done)
-        if len(calls) == 2:  # the first call reports the start, the second a finished batch
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        extract_ray([tmp_path / "tree"], tmp_path / "store", config, options, progress=interrupt_after_first_batch)
-    store = FeatureStore(tmp_path / "store")
-    assert store.config["runs"][-1]["status"] == "interrupted"
-    kept = len(store)
-    assert 1 <= kept < 16  # the reported batch, and any other finished one, was kept
-    summary = extract_ray([tmp_path / "tree"], tmp_path / "store", config, options)
-    assert summary.status == "completed" and summary.skipped == kept and summary.processed == 16 - kept
-    _assert_each_image_once(FeatureStore(tmp_path / "store"), 16)
 
 
 DRIVER = textwrap.dedent("""
@@ -175,35 +157,67 @@ DRIVER = textwrap.dedent("""
     from tidy_detect.distributed import RayOptions, extract_ray
 
     ray.init(address=sys.argv[1], logging_level=logging.WARNING)
-    config = load_preset(sys.argv[2]).updated(runtime={"batch_size": 2})
-    extract_ray([sys.argv[3]], sys.argv[4], config, RayOptions(workers=2, cpus_per_worker=0.5, decode_cpus=0.25))
+    config = load_preset(sys.argv[2]).updated(runtime={"batch_size": 1})
+    extract_ray([sys.argv[3]], sys.argv[4], config, RayOptions(workers=1, cpus_per_worker=1, decode_cpus=0.25))
 """)
 
 
+def _shards(store_path: Path) -> set[str]:
+    return {p.name for p in (store_path / "shards").glob("*.parquet")}
+
+
 @pytest.mark.slow
-def test_a_killed_driver_loses_no_finished_shard_and_a_rerun_completes(cluster, config, tiny_preset, tmp_path):
-    make_tree(tmp_path / "tree", {"gen": 6}, seed=6)  # 12 images, 6 batches
-    store_path = tmp_path / "store"
-    address = cluster.get_runtime_context().gcs_address
+def test_an_abandoned_run_then_a_killed_driver_then_a_rerun_leave_every_image_once(cluster, config, tiny_preset,
+                                                                                    tmp_path):
+    make_tree(tmp_path / "tree", {"gen": 8}, seed=5)  # 16 images
+    tree, store_path = tmp_path / "tree", tmp_path / "store"
+    # One worker and batches of one image, so that work is surely left when the first batch is
+    # reported (the workers run ahead of the driver's reading).
+    config = config.updated(runtime={"batch_size": 1})
+    options = RayOptions(workers=1, cpus_per_worker=1, decode_cpus=0.25)
+
+    # 1. The driver stops reading (Ctrl-C in the CLI): the run is abandoned and recorded so.
+    calls = []
+
+    def interrupt_after_first_batch(done, total, summary):
+        calls.append(done)
+        if len(calls) == 2:  # the first call reports the start, the second a finished batch
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_ray([tree], store_path, config, options, progress=interrupt_after_first_batch)
+    store = FeatureStore(store_path)
+    assert store.config["runs"][-1]["status"] == "interrupted"
+    kept = len(store)
+    assert 1 <= kept < 16  # the reported batch, and any other finished one, was kept
+    _assert_each_image_once(store, kept)
+
+    # 2. A driver process (on the same cluster) goes on, and is killed with SIGKILL once it has
+    # written a shard of its own.
+    before = _shards(store_path)
     log_file = tmp_path / "driver.log"
     with log_file.open("wb") as log:  # a file, not a pipe: a full pipe would stall the driver
-        driver = subprocess.Popen([sys.executable, "-c", DRIVER, address, str(tiny_preset), str(tmp_path / "tree"),
-                                   str(store_path)], stdout=log, stderr=subprocess.STDOUT)
+        driver = subprocess.Popen([sys.executable, "-c", DRIVER, cluster.get_runtime_context().gcs_address,
+                                   str(tiny_preset), str(tree), str(store_path)], stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
-        while not list((store_path / "shards").glob("*.parquet")):
+        while not _shards(store_path) - before:
             assert driver.poll() is None, log_file.read_text(errors="replace")[-2000:]
             assert time.monotonic() < deadline, "the driver wrote no shard in 120 s"
-            time.sleep(0.2)
+            time.sleep(0.1)
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()
     store = FeatureStore(store_path)
+    assert len(store.config["runs"]) == 1  # killed before it could record anything
     finished = len(store)
-    assert finished >= 1 and store.config["runs"] == []  # killed before it could record anything
-    summary = extract_ray([tmp_path / "tree"], store_path, config, OPTIONS)
+    assert kept < finished
+
+    # 3. A rerun skips every finished image and does the rest: each image once.
+    summary = extract_ray([tree], store_path, config, options)
     assert summary.status == "completed" and summary.skipped >= finished
-    _assert_each_image_once(FeatureStore(store_path), 12)
+    assert summary.skipped + summary.processed == 16
+    _assert_each_image_once(FeatureStore(store_path), 16)
 
 
 def test_a_worker_with_other_models_refuses_the_store(cluster, config, tree, tmp_path):
@@ -215,6 +229,15 @@ def test_a_worker_with_other_models_refuses_the_store(cluster, config, tree, tmp
     with pytest.raises(StoreError, match="models differ from the store's extraction config.*max_objects"):
         run_extraction_ray(items, FeatureStore(tmp_path / "store"), other, OPTIONS)
     assert FeatureStore(tmp_path / "store").config["runs"][-1]["status"] == "failed"
+
+
+def test_models_that_do_not_load_fail_before_any_work(cluster, config, tree, tmp_path):
+    from tidy_detect.errors import ModelLoadError
+
+    missing = config.updated(models={"clip": str(tmp_path / "no-such-clip")})
+    with pytest.raises(ModelLoadError, match="no-such-clip"):
+        extract_ray([tree], tmp_path / "store", missing, OPTIONS)
+    assert not (tmp_path / "store").exists()
 
 
 def test_a_store_of_another_config_is_refused_before_any_work(cluster, config, tree, tmp_path):

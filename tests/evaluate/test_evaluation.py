@@ -130,3 +130,20 @@ def test_eval_cli_with_seeds(bench, tmp_path):
     data = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert set(data["groups"]) == {"h-seed0", "h-seed1"} and "across_heads" in data
     assert (tmp_path / "r" / "table.md").is_file() and (tmp_path / "r" / "scores.csv").is_file()
+
+
+def test_cascade_simulated_on_stores(bench, tmp_path):
+    from tidy_detect.config import RepresentationConfig
+    from tidy_detect.training import train_head
+
+    global_head = train_head([bench["stores"]["train"]], tmp_path / "g.safetensors", epochs=3, hidden=8,
+                             representation=RepresentationConfig("global")).path
+    everything = evaluate([bench["heads"][0]], [bench["stores"]["cnn"]], cascade_head=global_head, band=(0.0, 1.0))
+    name = everything.info["head_names"][0]
+    assert everything.info["cascade"][f"{name}+cascade"]["fraction_escalated"] == 1.0
+    np.testing.assert_allclose(everything.scores[1].p_fake, everything.scores[0].p_fake)
+    none = evaluate([bench["heads"][0]], [bench["stores"]["cnn"]], cascade_head=global_head, band=(2.0, 3.0))
+    assert none.info["cascade"][f"{name}+cascade"]["fraction_escalated"] == 0.0
+    alone = evaluate([global_head], [bench["stores"]["cnn"]])
+    np.testing.assert_allclose(none.scores[1].p_fake, alone.scores[0].p_fake)
+    assert "escalated to the full head" in write_results(none, tmp_path)["table.md"].read_text()

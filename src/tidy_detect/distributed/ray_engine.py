@@ -156,28 +156,35 @@ def _import_ray() -> Any:
 def ray_cluster(options: RayOptions) -> Iterator[Any]:
     """Connect to (or start) the cluster of ``options`` for the duration of the block; yields ``ray``.
 
-    A cluster started here is stopped at the end; a connection made here is closed; a connection
-    the caller already made is left alone.
+    Without an address in ``options`` the ``RAY_ADDRESS`` environment variable is used, and
+    without either a local cluster is started. A cluster started here is stopped at the end; a
+    connection made here is closed; a connection the caller already made is left alone.
 
     Raises:
         RayNotInstalledError: Ray is missing.
-        ConfigError: a local cluster cannot hold the workers asked for (e.g. GPUs it does not have).
+        ConfigError: the cluster cannot be reached, or a local cluster cannot hold the workers
+            asked for (e.g. GPUs it does not have).
     """
     ray = _import_ray()
     if ray.is_initialized():
         yield ray
         return
-    common = {"include_dashboard": False, "logging_level": logging.WARNING}
-    if options.address is not None:
-        log.info("connecting to the Ray cluster at %s", options.address)
-        ray.init(address=options.address, **common)
+    # RAY_ADDRESS is how `ray job submit` and KubeRay tell a driver where its cluster is.
+    address = options.address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
+        log.info("connecting to the Ray cluster at %s", address)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ConfigError(f"cannot connect to the Ray cluster at --ray-address {address!r} ({exc}); start one "
+                              f"with `ray start --head`, or leave --ray-address out for a local cluster") from exc
     else:
         needed = options.workers * options.cpus_per_worker + options.decode_cpus
         cpus = options.local_cpus or max(os.cpu_count() or 1, math.ceil(needed))
         log.info("starting a local Ray cluster with %d CPU slots", cpus)
-        ray.init(num_cpus=cpus, **common)
+        ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
     try:
-        if options.address is None:
+        if address is None:
             _check_local_resources(ray, options)
         yield ray
     finally:
@@ -236,8 +243,8 @@ def describe_models(config: ExtractionConfig) -> ModelDescription:
 def probe_models(ray: Any, config: ExtractionConfig, options: RayOptions) -> ModelDescription:
     """:func:`describe_models` on a worker with the extraction actors' resources.
 
-    The same resources matter: ``dtype: auto`` resolves differently on a GPU, and the dtype is
-    part of the store's fingerprint. On a GPU, ``max_calls=1`` ends the worker process
+    The same resources matter: ``device``/``dtype: auto`` resolve where the models run, and the
+    run records what the probe resolved. On a GPU, ``max_calls=1`` ends the worker process
     afterwards, so that its CUDA context holds no GPU memory the actors need; on CPUs the idle
     worker, torch already imported, is kept for the actors or the next run.
     """
@@ -337,9 +344,9 @@ class ExtractionWorker:
     Returns one small status record per image, never the embeddings: the shard is the output.
 
     A worker that cannot work here (the store is not at this path on its node, the models do
-    not load, or they describe themselves differently from the store's config, e.g. another
-    dtype on another kind of GPU) refuses every batch with the error instead of raising it: Ray
-    would hand the driver only its text, while a refusal lets the driver raise the same error.
+    not load, or they describe themselves differently from the store's config, e.g. other model
+    files at the same path on another node) refuses every batch with the error instead of
+    raising it: Ray would hand the driver only its text, a refusal lets it raise the same error.
     """
 
     def __init__(self, config: ExtractionConfig, store_path: str) -> None:
@@ -359,7 +366,7 @@ class ExtractionWorker:
                 diffs = config_differences(self.store.extraction, extraction)
                 raise StoreError(f"its models differ from the store's extraction config "
                                  f"({'; '.join(diffs[:5]) or 'fingerprints differ'}); every node needs the same "
-                                 f"model files, and GPUs that resolve the same dtype (or an explicit --dtype)")
+                                 f"model files at the same paths")
         except TidyError as exc:
             log.error("worker %s refuses to work: %s", self.worker, exc)
             self.refusal = (type(exc).__name__, f"worker {self.worker}: {exc}")
@@ -520,7 +527,8 @@ def run_extraction_ray(items: Sequence[ImageItem], store: FeatureStore, config: 
 def _pipeline(ray: Any, batches: list[tuple[int, list[ImageItem]]], store: FeatureStore,
               config: ExtractionConfig, options: RayOptions) -> Any:
     """Ray Data: input blocks -> decode tasks -> extraction actors (which write the shards)."""
-    dataset = ray.data.from_arrow(_input_blocks(batches))
+    blocks = _input_blocks(batches)
+    dataset = ray.data.from_arrow(blocks)
     # batch_size=1: one row is one model batch, so Ray never re-cuts a model batch.
     dataset = dataset.map_batches(
         decode_batches, batch_size=1, batch_format="pyarrow", num_cpus=options.decode_cpus,
@@ -528,9 +536,10 @@ def _pipeline(ray: Any, batches: list[tuple[int, list[ImageItem]]], store: Featu
     gpu = {"num_gpus": options.num_gpus_per_worker} if options.num_gpus_per_worker > 0 else {}
     # Ray Data creates actor-pool actors with max_restarts=-1 and max_task_retries=-1: a killed
     # actor is replaced and its batches rerun on it (passing them ourselves is deprecated).
+    # No more workers than blocks: each one loads the models, for nothing if it gets no work.
+    pool = ray.data.ActorPoolStrategy(size=min(options.workers, len(blocks)))
     return dataset.map_batches(
-        ExtractionWorker, batch_size=1, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=options.workers), num_cpus=options.cpus_per_worker,
+        ExtractionWorker, batch_size=1, batch_format="pyarrow", compute=pool, num_cpus=options.cpus_per_worker,
         fn_constructor_kwargs={"config": config, "store_path": str(store.path)}, **gpu)
 
 
@@ -625,8 +634,8 @@ def extract_ray(inputs: Iterable[str | Path], out: str | Path, config: Extractio
             raise InputError(f"limit must be >= 0, got {limit}")
         items = items[:limit]
     return extract_items_ray(items, out, config, options, progress=progress, retry_errors=retry_errors,
-                             perturbation=perturbation, pairing=selection.pairing, ignored_files=selection.ignored_files,
-                             params=selection.params or None)
+                             perturbation=perturbation, pairing=selection.pairing,
+                             ignored_files=selection.ignored_files, params=selection.params or None)
 
 
 def _utc_now() -> str:

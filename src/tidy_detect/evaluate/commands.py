@@ -54,18 +54,29 @@ def register(app: typer.Typer) -> None:
         seeds: Optional[str] = typer.Option(None, "--seeds", help="e.g. 0,1,2: expands {seed} in --head."),
         imports: Optional[List[str]] = typer.Option(None, "--import", help="NAME=CSV of another detector's per-image scores (path,score)."),
         plots: bool = typer.Option(True, "--plots/--no-plots", help="PR/ROC curves, cosine histogram and t-SNE."),
+        cascade_head: Optional[Path] = typer.Option(None, "--cascade-head", help="A global-only head: also report the cascade fast path (its accuracy and the fraction escalated), simulated on the stores."),
+        band: str = typer.Option("0.2,0.8", "--band", help="The cascade's uncertainty band LOW,HIGH."),
     ) -> None:
         """Evaluate heads on test stores: per-generator ACC/AP/AUC, paper tables, plots."""
         from tidy_detect.evaluate.evaluation import evaluate, write_plots, write_results
 
+        from tidy_detect.errors import ConfigError
+
         heads = [h.format(seed=s) for h in head for s in parse_seeds(seeds)] if seeds else list(head)
+        try:
+            low, high = (float(v) for v in band.split(","))
+        except ValueError:
+            raise ConfigError(f"--band takes LOW,HIGH, got {band!r}") from None
         result = evaluate(heads, stores, threshold=threshold, calibrate_on=calibrate_on or (), bootstrap=bootstrap,
                           max_per_class=None if all_rows else max_per_class, seed=seed, suite=suite,
-                          imports=_parse_named(imports, "--import"))
+                          imports=_parse_named(imports, "--import"), cascade_head=cascade_head, band=(low, high))
         files = write_results(result, out_dir)
         if plots:
             files.update(write_plots(result, out_dir, seed=seed))
         out.print(files["table.md"].read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
+        for name, info in result.info.get("cascade", {}).items():
+            out.print(f"{name}: {info['fraction_escalated']:.1%} of images escalated to the full head "
+                      f"(band {info['band'][0]:g}-{info['band'][1]:g})", highlight=False)
         err.print(f"results in {out_dir}: " + ", ".join(sorted(p.name for p in files.values())))
 
     @command(app, "robustness")

@@ -265,7 +265,8 @@ class EvalResult:
 
 def evaluate(head_paths: Sequence[str | Path], store_paths: Sequence[str | Path], *, threshold: float = 0.5,
              calibrate_on: Sequence[str | Path] = (), bootstrap: int = 0, max_per_class: int | None = 1000,
-             seed: int = 0, suite: str | None = None, imports: dict[str, Path] | None = None) -> EvalResult:
+             seed: int = 0, suite: str | None = None, imports: dict[str, Path] | None = None,
+             cascade_head: str | Path | None = None, band: tuple[float, float] = (0.2, 0.8)) -> EvalResult:
     """Score stores with one or more heads and compute per-group metrics.
 
     Args:
@@ -277,6 +278,10 @@ def evaluate(head_paths: Sequence[str | Path], store_paths: Sequence[str | Path]
         max_per_class: at most this many real and fake images per group and store (None: all).
         suite: ``table1``/``table2``/``table3`` or a suite file, for paper-style tables.
         imports: other detectors' per-image scores, name -> CSV (path, score).
+        cascade_head: a global-only head; adds, for every head, the cascade "HEAD+cascade" that
+            keeps the global head's score outside ``band`` and the full head's inside it (the fast
+            path of ``detect --cascade-head``, simulated on stored features), with the fraction
+            of images escalated in ``info["cascade"]``.
 
     Raises:
         CheckpointError: a head trained on features of other models than a store's.
@@ -297,6 +302,7 @@ def evaluate(head_paths: Sequence[str | Path], store_paths: Sequence[str | Path]
     result = EvalResult([], {}, {}, threshold, suite=suite_obj)
     names = _unique_names(head_paths)
     calibrated_by_head = {}
+    cascades: dict[str, Any] = {}
     for name, head_path in zip(names, head_paths):
         head, meta = DiscrepancyHead.load(head_path)
         rep = RepresentationConfig(**meta["representation"])
@@ -318,6 +324,13 @@ def evaluate(head_paths: Sequence[str | Path], store_paths: Sequence[str | Path]
         result.scores.append(scores)
         result.groups[name] = group_metrics(scores, threshold, calibrated, bootstrap, seed)
         result.means[name] = mean_over_groups(result.groups[name])
+        if cascade_head is not None:
+            combined, escalated = _cascade_scores(scores, cascade_head, meta, stores, selections, band, name)
+            result.scores.append(combined)
+            result.groups[combined.name] = group_metrics(combined, threshold, None, bootstrap, seed)
+            result.means[combined.name] = mean_over_groups(result.groups[combined.name])
+            cascades[combined.name] = {"global_head": str(cascade_head), "band": list(band),
+                                       "fraction_escalated": escalated}
     missing_imports = {}
     for name, csv_path in (imports or {}).items():
         scores, missing = import_scores(name, Path(csv_path), result.scores[0])
@@ -338,9 +351,30 @@ def evaluate(head_paths: Sequence[str | Path], store_paths: Sequence[str | Path]
                      "rows": {str(s.path): int((result.scores[0].store == str(s.path)).sum()) for s in stores}},
         "perturbations": {str(s.path): s.config.get("perturbation") for s in stores},
         "imports": {k: str(v) for k, v in (imports or {}).items()}, "imports_missing_rows": missing_imports,
-        "suite": suite_obj.name if suite_obj else None,
+        "suite": suite_obj.name if suite_obj else None, "cascade": cascades,
     }
     return result
+
+
+def _cascade_scores(full: Scores, cascade_head: str | Path, meta: dict[str, Any], stores: Sequence[FeatureStore],
+                    selections: dict[str, dict[str, list[str]]], band: tuple[float, float], name: str
+                    ) -> tuple[Scores, float]:
+    """The cascade's scores on the same rows as ``full``, and the fraction it escalates."""
+    from tidy_detect.detect import check_compatible
+    from tidy_detect.head import DiscrepancyHead
+
+    head, cascade_meta = DiscrepancyHead.load(cascade_head)
+    rep = RepresentationConfig(**cascade_meta["representation"])
+    if rep.kind not in ("global", "image", "text"):
+        raise ConfigError(f"the cascade head {cascade_head} uses the {rep.kind!r} representation; it must use one "
+                          f"without objects (global, image or text)")
+    check_compatible(meta["extraction"], cascade_meta["extraction"], f"cascade head {cascade_head}")
+    quick = concat_scores([score_store(head, rep, s, selections[str(s.path)], name) for s in stores], name)
+    lo, hi = band
+    uncertain = (quick.p_fake >= lo) & (quick.p_fake <= hi)
+    combined = Scores(f"{name}+cascade", full.path, full.group, full.label,
+                      np.where(uncertain, full.p_fake, quick.p_fake), full.store)
+    return combined, float(uncertain.mean()) if len(uncertain) else 0.0
 
 
 def _unique_names(paths: Sequence[str | Path]) -> list[str]:
@@ -464,6 +498,10 @@ def write_results(result: EvalResult, out: str | Path) -> dict[str, Path]:
                 row += [_fmt(m.get(k)) for k in ("acc_cal", "real_acc_cal", "fake_acc_cal")]
             detail.append(row)
     sections.append(markdown_table(detail_header, detail))
+    for name, info in result.info.get("cascade", {}).items():
+        sections.append(f"\n{name}: the global head {info['global_head']} decides outside the band "
+                        f"{info['band'][0]:g}-{info['band'][1]:g}; {info['fraction_escalated']:.1%} of the images "
+                        f"were escalated to the full head.")
     if result.calibrated_threshold is not None:
         sections.append(f"\nCalibrated thresholds (on {', '.join(result.info['calibrate_on'])}): "
                         f"{result.info['calibrated_thresholds']}")

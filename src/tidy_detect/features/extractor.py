@@ -289,7 +289,6 @@ def run_extraction(items: Sequence[ImageItem], store: FeatureStore, extractor: E
 
     Returns the run's summary (also appended to the store's config.json).
     """
-    runtime = extractor.config.runtime
     summary = ExtractionSummary(store=str(store.path), total=len(items), ignored_files=ignored_files)
     started = time.perf_counter()
     run_record = {"started": _utc_now(), "engine": engine, **extractor.runtime_info()}
@@ -302,11 +301,9 @@ def run_extraction(items: Sequence[ImageItem], store: FeatureStore, extractor: E
     if progress:
         progress(done_count, summary.total, summary)
     try:
-        window = max(2 * runtime.batch_size, 4)
         perturbation = store.config.get("perturbation")
         perturbation = Perturbation.from_dict(perturbation) if perturbation else None
-        decoded = prefetch(todo, runtime.max_pixels, runtime.num_workers, window, perturbation)
-        for batch in _chunks(decoded, runtime.batch_size):
+        for batch in iter_decoded(todo, extractor, perturbation):
             rows = rows_for_batch(extractor, batch, summary, known_content, deferred)
             t0 = time.perf_counter()
             store.write(rows)
@@ -376,12 +373,13 @@ def rows_for_batch(extractor: Extractor, batch: Sequence[tuple[ImageItem, Loaded
     return [row for row in rows if row is not None]
 
 
-def iter_decoded(items: Sequence[ImageItem], extractor: Extractor
+def iter_decoded(items: Sequence[ImageItem], extractor: Extractor, perturbation: Perturbation | None = None
                  ) -> Iterator[list[tuple[ImageItem, LoadedImage | ImageError, float]]]:
     """Decoded batches of ``items`` (decoding runs ahead in worker threads), in input order."""
     runtime = extractor.config.runtime
     window = max(2 * runtime.batch_size, 4)
-    yield from _chunks(prefetch(items, runtime.max_pixels, runtime.num_workers, window), runtime.batch_size)
+    decoded = prefetch(items, runtime.max_pixels, runtime.num_workers, window, perturbation)
+    yield from _chunks(decoded, runtime.batch_size)
 
 
 def pending_items(items: Sequence[ImageItem], store: FeatureStore, retry_errors: bool = False
