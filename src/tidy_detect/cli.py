@@ -147,7 +147,11 @@ def extract_cmd(
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
     batch_size: Optional[int] = BatchOpt,
-    workers: Optional[int] = WorkersOpt,
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Local engine: image decoding threads (default 2). Ray engine: extraction workers, each with its own copy of the models (default 2)."),
+    engine: str = typer.Option("local", "--engine", help="Where extraction runs: local (this process) or ray (a Ray cluster; needs the distributed extra, see docs/distributed.md)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray engine: auto (this machine's cluster), HOST:PORT or ray://HOST:10001; unset starts a local cluster."),
+    num_gpus_per_worker: Optional[float] = typer.Option(None, "--num-gpus-per-worker", min=0, help="Ray engine: GPUs per extraction worker (default 0; 0.5 lets two share a GPU)."),
+    cpus_per_worker: Optional[float] = typer.Option(None, "--cpus-per-worker", min=0, help="Ray engine: CPU slots per extraction worker, i.e. torch threads (default 1)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Process at most N images."),
     max_objects: Optional[int] = typer.Option(None, "--max-objects", help="Objects per image (default 6)."),
     box_threshold: Optional[float] = typer.Option(None, "--box-threshold", help="Grounder box threshold."),
@@ -167,18 +171,21 @@ def extract_cmd(
 ) -> None:
     """Extract captions, objects and CLIP embeddings of images into a feature store."""
     from tidy_detect.data.layouts import parse_pairing
-    from tidy_detect.features.extractor import extract
+    from tidy_detect.distributed.cli import extract_with_engine, ray_options_from_cli
 
+    ray_options = ray_options_from_cli(engine, address=ray_address, workers=workers,
+                                       num_gpus_per_worker=num_gpus_per_worker, cpus_per_worker=cpus_per_worker)
+    decode_threads = workers if ray_options is None else None  # with Ray, --workers counts extraction workers
     config = build_extraction_config(preset, clip, captioner, captioner_model, grounder, grounder_model, device,
-                                     dtype, batch_size, workers, compile_ or None, max_objects=max_objects,
+                                     dtype, batch_size, decode_threads, compile_ or None, max_objects=max_objects,
                                      box_threshold=box_threshold, text_threshold=text_threshold,
                                      caption_max_tokens=caption_max_tokens, caption_prompt=caption_prompt,
                                      global_view=global_view)
     with extraction_progress("extracting") as progress:
-        summary = extract(inputs, out_dir, config, limit=limit, progress=progress, retry_errors=retry_errors,
-                          layout=layout, split=split, exclude=exclude or None,
-                          pairing=parse_pairing(pairing or []) or None, max_per_class=max_per_class,
-                          per_class=per_class, seed=seed)
+        summary = extract_with_engine(engine, inputs, out_dir, config, ray_options=ray_options, limit=limit,
+                                      progress=progress, retry_errors=retry_errors, layout=layout, split=split,
+                                      exclude=exclude or None, pairing=parse_pairing(pairing or []) or None,
+                                      max_per_class=max_per_class, per_class=per_class, seed=seed)
     print_extraction_summary(summary)
 
 
@@ -224,6 +231,10 @@ def print_extraction_summary(summary: Any) -> None:
     table.add_row("errors", str(summary.errors))
     if summary.ignored_files:
         table.add_row("non-image files ignored in folders", str(summary.ignored_files))
+    if getattr(summary, "workers", None):
+        table.add_row("Ray workers (stage times below are summed over them)", str(len(summary.workers)))
+    if getattr(summary, "workers", None):
+        table.add_row("Ray workers (stage times below are summed over them)", str(len(summary.workers)))
     table.add_row("wall time", f"{summary.seconds:.1f} s")
     table.add_row("throughput", f"{summary.images_per_second:.2f} images/s")
     for stage, seconds in summary.stage_seconds.items():

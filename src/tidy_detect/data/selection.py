@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from tidy_detect.data.inputs import ImageItem, InputSummary
-from tidy_detect.errors import ConfigError
+from tidy_detect.errors import ConfigError, InputError
 
 
 @dataclass
@@ -29,7 +29,8 @@ class Selection:
 
 def select_inputs(inputs: Iterable[str | Path], *, layout: str | None = None, split: str | None = None,
                   exclude: Iterable[str | Path] | None = None, pairing: Mapping[str, str] | None = None,
-                  max_per_class: int | None = None, per_class: int | None = None, seed: int = 0) -> Selection:
+                  max_per_class: int | None = None, per_class: int | None = None, seed: int = 0,
+                  limit: int | None = None) -> Selection:
     """Read INPUTs and sample them.
 
     Args:
@@ -38,6 +39,7 @@ def select_inputs(inputs: Iterable[str | Path], *, layout: str | None = None, sp
         per_class: training subsets: exactly N real and N fake, spread over the classes
             (subgroups) of the training set.
         seed: the sampling seed.
+        limit: keep at most this many images (in order, after sampling).
 
     Raises:
         ConfigError: both sampling options, or dataset options without a layout.
@@ -66,6 +68,10 @@ def select_inputs(inputs: Iterable[str | Path], *, layout: str | None = None, sp
         chosen = {it.path for it in sample_per_class(expand_pairing(items, found_pairing), max_per_class, seed=seed)}
         items = [it for it in items if it.path in chosen]
         params = {"method": "max_per_class", "max_per_class": max_per_class, "seed": seed}
+    if limit is not None:
+        if limit < 0:
+            raise InputError(f"limit must be >= 0, got {limit}")
+        items = items[:limit]
     if params:
         params["layout"] = layout
         params["inputs"] = [str(Path(p).absolute()) for p in inputs]

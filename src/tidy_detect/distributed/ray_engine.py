@@ -43,7 +43,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from tidy_detect.config import ExtractionConfig
 from tidy_detect.data.inputs import ImageItem
 from tidy_detect.data.perturb import Perturbation
-from tidy_detect.errors import ConfigError, ImageError, InputError, StoreError, TidyError
+from tidy_detect.errors import ConfigError, ImageError, StoreError, TidyError
 from tidy_detect.features.extractor import (
     STAGES,
     Extractor,
@@ -259,17 +259,17 @@ def probe_models(ray: Any, config: ExtractionConfig, options: RayOptions) -> Mod
         raise
 
 
-_IMAGE_ERRORS: dict[str, type[ImageError]] = {}
+def _subclasses(cls: type) -> list[type]:
+    return [cls] + [sub for direct in cls.__subclasses__() for sub in _subclasses(direct)]
+
+
+_IMAGE_ERRORS: dict[str, type[ImageError]] = {cls.kind: cls for cls in reversed(_subclasses(ImageError))}
+# What travels with each image; ImageItem's fields, kept explicit because the Arrow schemas list them.
+_ITEM_FIELDS = ("path", "label", "group", "caption", "subgroup")
 
 
 def _image_error(kind: str, message: str, sha256: str | None) -> ImageError:
     """Rebuild an image error of the right kind from what travelled through the object store."""
-    if not _IMAGE_ERRORS:
-        pending = [ImageError]
-        while pending:
-            cls = pending.pop()
-            _IMAGE_ERRORS.setdefault(cls.kind, cls)
-            pending.extend(cls.__subclasses__())
     error = _IMAGE_ERRORS.get(kind, ImageError)(message)
     if kind not in _IMAGE_ERRORS:
         error.kind = kind
@@ -389,7 +389,7 @@ class ExtractionWorker:
 
         batch = []
         for record in images:
-            item = ImageItem(record["path"], record["label"], record["group"], record["caption"], record["subgroup"])
+            item = ImageItem(**{name: record[name] for name in _ITEM_FIELDS})
             if record["error"] is not None:
                 loaded: LoadedImage | ImageError = _image_error(record["error_kind"], record["error"], record["sha256"])
             else:
@@ -439,8 +439,7 @@ def _input_blocks(batches: list[tuple[int, list[ImageItem]]]) -> list[Any]:
     per_block = max(1, math.ceil(len(batches) / MAX_INPUT_BLOCKS))
     blocks = []
     for start in range(0, len(batches), per_block):
-        rows = [{"batch": batch_id, "items": [{"path": it.path, "label": it.label, "group": it.group,
-                                               "caption": it.caption, "subgroup": it.subgroup} for it in batch]}
+        rows = [{"batch": batch_id, "items": [{name: getattr(it, name) for name in _ITEM_FIELDS} for it in batch]}
                 for batch_id, batch in batches[start:start + per_block]]
         blocks.append(pa.Table.from_pylist(rows, schema=schema))
     return blocks
@@ -627,12 +626,8 @@ def extract_ray(inputs: Iterable[str | Path], out: str | Path, config: Extractio
     _import_ray()  # before walking a million files
     config = config or ExtractionConfig()
     selection = select_inputs(inputs, layout=layout, split=split, exclude=exclude, pairing=pairing,
-                              max_per_class=max_per_class, per_class=per_class, seed=seed)
+                              max_per_class=max_per_class, per_class=per_class, seed=seed, limit=limit)
     items = selection.items
-    if limit is not None:
-        if limit < 0:
-            raise InputError(f"limit must be >= 0, got {limit}")
-        items = items[:limit]
     return extract_items_ray(items, out, config, options, progress=progress, retry_errors=retry_errors,
                              perturbation=perturbation, pairing=selection.pairing,
                              ignored_files=selection.ignored_files, params=selection.params or None)

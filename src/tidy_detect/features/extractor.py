@@ -494,12 +494,8 @@ def extract(inputs: Iterable[str | Path], out: str | Path, config: ExtractionCon
     from tidy_detect.data.selection import select_inputs
 
     selection = select_inputs(inputs, layout=layout, split=split, exclude=exclude, pairing=pairing,
-                              max_per_class=max_per_class, per_class=per_class, seed=seed)
+                              max_per_class=max_per_class, per_class=per_class, seed=seed, limit=limit)
     items = selection.items
-    if limit is not None:
-        if limit < 0:
-            raise InputError(f"limit must be >= 0, got {limit}")
-        items = items[:limit]
     extractor = extractor or Extractor(config)
     extractor.load()
     store = FeatureStore.open_for_writing(out, extractor.extraction, extractor.dim,

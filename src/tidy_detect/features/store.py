@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -515,11 +516,17 @@ class FeatureStore:
     # -- maintenance -------------------------------------------------------------------------
 
     def compact(self, target_rows: int = 4096) -> int:
-        """Merge small shards into larger ones; returns how many shards were merged.
+        """Merge small shards into larger ones (and delete temporary files older than an hour left by
+        writers that died mid-write); returns how many shards were merged.
 
         Crash-safe: the plan is journalled before the merged shard is written, so a crash leaves
         either the old shards or the complete new one plus a journal the next open finishes.
         """
+        # Temporary files of writers that died mid-write: readers skip them, so only their space is lost.
+        stale = time.time() - 3600
+        for tmp in self.shard_dir.glob(".*.tmp") if self.shard_dir.is_dir() else ():
+            if tmp.stat().st_mtime < stale:
+                tmp.unlink(missing_ok=True)
         small = [s for s in self.shards() if pq.ParquetFile(s).metadata.num_rows < target_rows]
         if len(small) < 2:
             return 0

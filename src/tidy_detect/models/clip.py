@@ -51,6 +51,7 @@ class ClipEncoder:
         self.fingerprint = weights_fingerprint(model)
         if optimize:
             fold_quick_gelu(model)  # before the dtype cast, so the scaled weights round once
+        model.requires_grad_(False)  # inference only: no parameter ever needs a gradient
         self.model = model.to(device=device, dtype=torch_dtype(dtype)).eval()
         self.model.vision_model = maybe_compile(self.model.vision_model, compile)
         config = self.model.config

@@ -161,7 +161,7 @@ def prepare_model(model_class: str, source: str, *, what: str, option: str, devi
     """
     import transformers
 
-    from tidy_detect.models.optimize import fold_quick_gelu
+    from tidy_detect.models.optimize import fold_quick_gelu, speed_up_deformable_attention
 
     if components is None:
         processor = load_pretrained(transformers.AutoProcessor, source, what=what, option=option)
@@ -171,7 +171,11 @@ def prepare_model(model_class: str, source: str, *, what: str, option: str, devi
     fingerprint = weights_fingerprint(model)
     if optimize:
         fold_quick_gelu(model)  # before the dtype cast, so the scaled weights round once
-    return model.to(device=device, dtype=torch_dtype(dtype)).eval(), processor, fingerprint
+    model.requires_grad_(False)  # inference only: no parameter ever needs a gradient
+    model = model.to(device=device, dtype=torch_dtype(dtype)).eval()
+    if optimize:
+        speed_up_deformable_attention(model)
+    return model, processor, fingerprint
 
 
 def revision_of(model: Any) -> str | None:
