@@ -161,7 +161,7 @@ def prepare_model(model_class: str, source: str, *, what: str, option: str, devi
     """
     import transformers
 
-    from tidy_detect.models.optimize import fold_quick_gelu, speed_up_deformable_attention
+    from tidy_detect.models.optimize import fold_quick_gelu, speed_up_grounding_dino
 
     if components is None:
         processor = load_pretrained(transformers.AutoProcessor, source, what=what, option=option)
@@ -174,7 +174,7 @@ def prepare_model(model_class: str, source: str, *, what: str, option: str, devi
     model.requires_grad_(False)  # inference only: no parameter ever needs a gradient
     model = model.to(device=device, dtype=torch_dtype(dtype)).eval()
     if optimize:
-        speed_up_deformable_attention(model)
+        speed_up_grounding_dino(model)
     return model, processor, fingerprint
 
 
