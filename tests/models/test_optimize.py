@@ -90,3 +90,25 @@ def test_fusion_attention_matches_transformers(dtype):
     for got, want in ((got_v, want_v), (got_vw, want_vw), (got_t, want_t), (got_tw, want_tw)):
         assert got.shape == want.shape and got.dtype == want.dtype
         torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blip_attention_matches_transformers(dtype):
+    import copy
+
+    from transformers import BlipVisionConfig
+    from transformers.models.blip.modeling_blip import BlipAttention
+
+    from tidy_detect.models.optimize import speed_up_attention
+
+    torch.manual_seed(0)
+    reference = BlipAttention(BlipVisionConfig(hidden_size=64, num_attention_heads=4)).eval().to(dtype)
+    fast = copy.deepcopy(reference)
+    assert speed_up_attention(fast) == 1
+    hidden = torch.randn(3, 17, 64).to(dtype)
+    with torch.inference_mode():
+        want, _ = reference(hidden)
+        got, _ = fast(hidden)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert got.shape == want.shape and got.dtype == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=tolerance)

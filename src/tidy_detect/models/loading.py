@@ -156,12 +156,13 @@ def prepare_model(model_class: str, source: str, *, what: str, option: str, devi
     """Load (or take) a transformers model and its processor, ready for inference.
 
     Returns ``(model, processor, fingerprint)``: the model on ``device`` in ``dtype``, in eval
-    mode, with QuickGELU folded when ``optimize``; the fingerprint is of the weights as loaded.
+    mode, with the speed-ups of :mod:`tidy_detect.models.optimize` (QuickGELU folding, fused
+    attention forwards) when ``optimize``; the fingerprint is of the weights as loaded.
     ``components`` gives an in-memory (model, processor) instead of loading ``source``.
     """
     import transformers
 
-    from tidy_detect.models.optimize import fold_quick_gelu, speed_up_grounding_dino
+    from tidy_detect.models.optimize import fold_quick_gelu, speed_up_attention, speed_up_grounding_dino
 
     if components is None:
         processor = load_pretrained(transformers.AutoProcessor, source, what=what, option=option)
@@ -175,6 +176,7 @@ def prepare_model(model_class: str, source: str, *, what: str, option: str, devi
     model = model.to(device=device, dtype=torch_dtype(dtype)).eval()
     if optimize:
         speed_up_grounding_dino(model)
+        speed_up_attention(model)
     return model, processor, fingerprint
 
 
