@@ -65,32 +65,26 @@ def _peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_peak(repeats: int = 9) -> dict[str, float]:
-    """Best median GFLOP/s of square matmuls (1024-4096) in bfloat16 and float32."""
+def _matmul_gflops(n: int, dtype: str, repeats: int) -> float:
+    """Median GFLOP/s of an n x n by n x n matmul in ``dtype`` (after one warm-up product)."""
     import torch
 
-    out = {}
-    for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
-        best = 0.0
-        for n in (1024, 2048, 4096):
-            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-            a @ b
-            seconds = _median_time(lambda: a @ b, repeats if n < 4096 else 3)
-            best = max(best, 2 * n ** 3 / seconds / 1e9)
-        out[name] = best
-    return out
-
-
-def nearby_peak(dtype: str, repeats: int = 7) -> float:
-    """A quick matmul peak (n = 2048, median of ``repeats``) in GFLOP/s, taken beside a stage so
-    its fraction of peak is not skewed by the shared machine's speed drifting during the run."""
-    import torch
-
-    n = 2048
     a = torch.randn(n, n, dtype=getattr(torch, dtype))
     b = torch.randn(n, n, dtype=a.dtype)
     a @ b
     return 2 * n ** 3 / _median_time(lambda: a @ b, repeats) / 1e9
+
+
+def matmul_peak(repeats: int = 9) -> dict[str, float]:
+    """Best median GFLOP/s of square matmuls (1024-4096) in bfloat16 and float32."""
+    return {dtype: max(_matmul_gflops(n, dtype, repeats if n < 4096 else 3) for n in (1024, 2048, 4096))
+            for dtype in ("bfloat16", "float32")}
+
+
+def nearby_peak(dtype: str, repeats: int = 7) -> float:
+    """A quick matmul peak (n = 2048) in GFLOP/s, taken beside a stage so its fraction of peak is
+    not skewed by the shared machine's speed drifting during the run."""
+    return _matmul_gflops(2048, dtype, repeats)
 
 
 def synthetic_images(n: int, size: int = 256, seed: int = 0) -> list[Any]:
