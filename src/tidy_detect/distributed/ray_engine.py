@@ -49,9 +49,11 @@ from tidy_detect.features.extractor import (
     Extractor,
     ExtractionSummary,
     ProgressFn,
+    finish_run,
     pending_items,
     prefetch,
     rows_for_batch,
+    utc_now,
 )
 from tidy_detect.features.store import FeatureStore, config_differences, config_fingerprint
 from tidy_detect.images import LoadedImage
@@ -472,7 +474,7 @@ def run_extraction_ray(items: Sequence[ImageItem], store: FeatureStore, config: 
     options = options or RayOptions()
     summary = RayExtractionSummary(store=str(store.path), total=len(items), ignored_files=ignored_files)
     started = time.perf_counter()
-    run_record: dict[str, Any] = {"started": _utc_now(), "engine": "ray", **(models.runtime if models else {}),
+    run_record: dict[str, Any] = {"started": utc_now(), "engine": "ray", **(models.runtime if models else {}),
                                   "batch_size": config.runtime.batch_size, "ray": options.to_dict()}
     todo, _ = pending_items(items, store, retry_errors)
     batches = plan_batches(items, todo, config.runtime.batch_size)
@@ -512,14 +514,7 @@ def run_extraction_ray(items: Sequence[ImageItem], store: FeatureStore, config: 
         if iterator is not None and hasattr(iterator, "close"):
             iterator.close()  # stops the pipeline and its actors now, not whenever it is collected
         summary.seconds = time.perf_counter() - started
-        run_record.update(finished=_utc_now(), **summary.to_dict())
-        run_record.pop("store", None)
-        try:
-            store.record_run(run_record)
-            if summary.status == "completed":
-                store.compact()
-        except OSError as exc:  # never hide the original outcome behind a bookkeeping failure
-            log.warning("could not record the run in %s: %s", store.path, exc)
+        finish_run(store, run_record, summary)
     return summary
 
 
@@ -632,8 +627,3 @@ def extract_ray(inputs: Iterable[str | Path], out: str | Path, config: Extractio
                              perturbation=perturbation, pairing=selection.pairing,
                              ignored_files=selection.ignored_files, params=selection.params or None)
 
-
-def _utc_now() -> str:
-    import datetime as dt
-
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -291,7 +291,7 @@ def run_extraction(items: Sequence[ImageItem], store: FeatureStore, extractor: E
     """
     summary = ExtractionSummary(store=str(store.path), total=len(items), ignored_files=ignored_files)
     started = time.perf_counter()
-    run_record = {"started": _utc_now(), "engine": engine, **extractor.runtime_info()}
+    run_record = {"started": utc_now(), "engine": engine, **extractor.runtime_info()}
     todo, known_content = pending_items(items, store, retry_errors)
     summary.skipped = len(items) - len(todo)
     deferred: list[tuple[ImageItem, LoadedImage]] = []  # same content as a row written earlier
@@ -324,14 +324,7 @@ def run_extraction(items: Sequence[ImageItem], store: FeatureStore, extractor: E
     finally:
         summary.seconds = time.perf_counter() - started
         summary.stage_seconds = {k: stage[k] - before.get(k, 0.0) for k in STAGES}
-        run_record.update(finished=_utc_now(), **summary.to_dict())
-        run_record.pop("store", None)
-        try:
-            store.record_run(run_record)
-            if summary.status == "completed":
-                store.compact()
-        except OSError as exc:  # never hide the original outcome behind a bookkeeping failure
-            log.warning("could not record the run in %s: %s", store.path, exc)
+        finish_run(store, run_record, summary)
     return summary
 
 
@@ -456,10 +449,23 @@ def _write_copies(store: FeatureStore, extractor: Extractor, deferred: list[tupl
         store.write(rows[start:start + 1024])
 
 
-def _utc_now() -> str:
+def utc_now() -> str:
     import datetime as dt
 
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def finish_run(store: FeatureStore, run_record: dict[str, Any], summary: ExtractionSummary) -> None:
+    """Record a run that has ended (whatever its status) in the store, and compact the store when
+    the run completed. A bookkeeping failure is logged, never raised over the run's own outcome."""
+    run_record.update(finished=utc_now(), **summary.to_dict())
+    run_record.pop("store", None)
+    try:
+        store.record_run(run_record)
+        if summary.status == "completed":
+            store.compact()
+    except OSError as exc:
+        log.warning("could not record the run in %s: %s", store.path, exc)
 
 
 def extract(inputs: Iterable[str | Path], out: str | Path, config: ExtractionConfig | None = None, *,
