@@ -49,13 +49,15 @@ def test_report_formatting():
                                            "gflops": 800.0, "fraction_of_peak": 0.8, "texts_per_second": 50.0,
                                            "nearby_peak": 1600.0, "fraction_of_nearby_peak": 0.5}},
               "pipeline": {"images": 8, "objects_per_image": 4, "caption_tokens": 20, "optimized_images_per_second": 1.0,
-                           "naive_images_per_second": 0.1, "speedup": 10.0, "optimized_stage_seconds": {}},
+                           "naive_images_per_second": 0.1, "speedup": 10.0, "optimized_stage_seconds": {},
+                           "optimized_peak_rss_mb": 5000.0, "naive_peak_rss_mb": 6000.0},
               "fast": {"global_only_seconds": 1.1, "clip_image_seconds": 0.5, "caption_seconds": 0.5, "ratio": 1.1},
               "head": {"rows": 80000, "dim": 768, "epochs": 50, "precision": "bfloat16", "seconds": 30.0},
               "eval": {"rows": 1000000, "store_gb": 6.2, "seconds": 60.0, "peak_rss_mb": 900.0},
               "peak_rss_mb": 1234.0}
     text = format_report(report)
     assert "| clip-vit-l-14 | 8 | 5.00 (texts: 50.0/s) | 160 | 800 | 80% | 50% (1600) |" in text
+    assert "Peak memory: optimised 5000 MB, naive 6000 MB" in text
     assert "**10.0x**" in text and "**1.10x**" in text and "**30.0 s**" in text and "**900 MB**" in text
 
 
@@ -74,3 +76,10 @@ def test_nearby_peak_is_a_rate():
     from tidy_detect.bench.run import nearby_peak
 
     assert nearby_peak("float32", repeats=1) > 1.0  # GFLOP/s: any machine that runs the tests beats 1
+
+
+def test_pipeline_run_refuses_an_unknown_mode():
+    from tidy_detect.bench.run import pipeline_run
+
+    with pytest.raises(ValueError, match="mode must be 'optimized' or 'naive', got 'fast'"):
+        pipeline_run("fast", 1, 1, "float32")

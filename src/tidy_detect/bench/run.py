@@ -48,10 +48,29 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> float:
     return float(np.median(times))
 
 
+def _linear_pointwise_flops(x_shape: Any, w_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return 2 * int(np.prod(x_shape[:-1])) * int(w_shape[0]) * int(w_shape[1])
+
+
+def _cpu_attention_flops(q_shape: Any, k_shape: Any, v_shape: Any, *args: Any, out_shape: Any = None,
+                         **kwargs: Any) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+
 def _flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of ``fn``, counted by ``torch.utils.flop_counter``, which does not know two of the
+    ops the optimised models run on a CPU: oneDNN's fused linear + activation and the CPU
+    flash-attention kernel. Their formulas are added here (2 x rows x in x out for the linear,
+    PyTorch's own attention formula for the kernel), so that work is counted too."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        mapping[torch.ops.mkldnn._linear_pointwise] = _linear_pointwise_flops
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
     with counter:
         fn()
     return int(counter.get_total_flops())
@@ -234,23 +253,53 @@ def run_naive(extractor: Any, images: list[Any]) -> float:
     return time.perf_counter() - started
 
 
+def pipeline_run(mode: str, images: int, batch_size: int, dtype: str) -> dict[str, Any]:
+    """One path of the pipeline comparison, as its own process runs it (see :func:`bench_pipeline`)."""
+    import torch
+
+    torch.set_flush_denormal(True)
+    pictures = synthetic_images(images)
+    if mode == "optimized":
+        extractor = make_extractor(dtype, True, "grounding-dino-base", batch_size)
+        run_optimized(extractor, pictures[:1])  # warm-up
+        extractor.stage_seconds = {k: 0.0 for k in extractor.stage_seconds}
+        seconds = run_optimized(extractor, pictures)
+        stages = {k: round(v, 3) for k, v in extractor.stage_seconds.items() if v}
+    elif mode == "naive":
+        extractor = make_extractor("float32", False, "grounding-dino-base", 1)
+        run_naive(extractor, pictures[:1])
+        seconds, stages = run_naive(extractor, pictures), {}
+    else:
+        raise ValueError(f"mode must be 'optimized' or 'naive', got {mode!r}")
+    return {"seconds": seconds, "stage_seconds": stages, "peak_rss_mb": _peak_rss_mb()}
+
+
+_PIPELINE_CHILD = """
+import json, sys
+from tidy_detect.bench.run import pipeline_run
+print(json.dumps(pipeline_run(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])))
+"""
+
+
 def bench_pipeline(images: list[Any], batch_size: int, dtype: str) -> dict[str, Any]:
-    """The full pipeline, optimised vs naive, on the same images."""
-    fast = make_extractor(dtype, True, "grounding-dino-base", batch_size)
-    run_optimized(fast, images[:1])  # warm-up
-    optimized = run_optimized(fast, images)
-    stages = {k: round(v, 3) for k, v in fast.stage_seconds.items()}
-    del fast
-    gc.collect()
-    naive_extractor = make_extractor("float32", False, "grounding-dino-base", 1)
-    run_naive(naive_extractor, images[:1])
-    naive = run_naive(naive_extractor, images)
-    del naive_extractor
-    gc.collect()
+    """The full pipeline, optimised vs naive, on the same images.
+
+    Each path runs in a fresh process, as a user's run would: the optimised one with everything
+    tidy-detect does when it loads models (process-wide settings included, such as the
+    allocator's, see :func:`tidy_detect.models.optimize.reuse_freed_memory`), the naive one with
+    none of it, and neither inherits the other's memory state."""
+    results = {}
+    for mode in ("optimized", "naive"):
+        out = subprocess.run([sys.executable, "-c", _PIPELINE_CHILD, mode, str(len(images)), str(batch_size), dtype],
+                             check=True, capture_output=True, text=True)
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    optimized, naive = results["optimized"]["seconds"], results["naive"]["seconds"]
     return {"images": len(images), "objects_per_image": len(PHRASES), "caption_tokens": CAPTION_TOKENS,
             "optimized_seconds": optimized, "optimized_images_per_second": len(images) / optimized,
-            "optimized_stage_seconds": stages, "naive_seconds": naive,
-            "naive_images_per_second": len(images) / naive, "speedup": naive / optimized}
+            "optimized_stage_seconds": results["optimized"]["stage_seconds"],
+            "optimized_peak_rss_mb": results["optimized"]["peak_rss_mb"], "naive_seconds": naive,
+            "naive_images_per_second": len(images) / naive, "naive_peak_rss_mb": results["naive"]["peak_rss_mb"],
+            "speedup": naive / optimized}
 
 
 def bench_fast_path(images: list[Any], batch_size: int, dtype: str) -> dict[str, Any]:
@@ -427,7 +476,9 @@ def format_report(report: dict[str, Any]) -> str:
         lines += ["", f"Full pipeline ({r['images']} images, {r['objects_per_image']} objects, {r['caption_tokens']} "
                       f"caption tokens): optimised {r['optimized_images_per_second']:.3f} images/s, naive "
                       f"{r['naive_images_per_second']:.3f} images/s: **{r['speedup']:.1f}x**. "
-                      f"Optimised stage seconds: {r['optimized_stage_seconds']}."]
+                      f"Optimised stage seconds: {r['optimized_stage_seconds']}. Peak memory: optimised "
+                      f"{r['optimized_peak_rss_mb']:.0f} MB, naive {r['naive_peak_rss_mb']:.0f} MB (each in its own "
+                      f"process)."]
     if "fast" in report:
         r = report["fast"]
         lines.append(f"Global-only path: {r['global_only_seconds']:.2f} s vs CLIP image pass + captioning "

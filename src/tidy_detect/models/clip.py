@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from tidy_detect.features.views import center_crop, to_normalized_array
-from tidy_detect.models.optimize import fold_quick_gelu, maybe_compile
+from tidy_detect.models.optimize import fold_quick_gelu, fuse_linear_activations, maybe_compile, reuse_freed_memory
 from tidy_detect.models.loading import load_pretrained, revision_of, torch_dtype, weights_fingerprint
 
 
@@ -29,7 +29,8 @@ class ClipEncoder:
         view_size: side of the global centre crop; ``None`` means CLIP's input size.
         max_batch: largest number of images or texts sent through the model at once.
         cache_size: text embeddings kept (captions and phrases repeat across images); 0 disables the cache.
-        optimize: fold QuickGELU into the weights (same function, faster; see models.optimize).
+        optimize: fold QuickGELU into the weights and fuse each MLP's first matmul with its activation
+            (same function, faster; see models.optimize).
         compile: torch.compile the vision tower (pays off on long runs; the first batch compiles).
         components: (model, processor) already built, instead of loading ``source``.
     """
@@ -53,6 +54,10 @@ class ClipEncoder:
             fold_quick_gelu(model)  # before the dtype cast, so the scaled weights round once
         model.requires_grad_(False)  # inference only: no parameter ever needs a gradient
         self.model = model.to(device=device, dtype=torch_dtype(dtype)).eval()
+        if optimize and not compile:  # inductor does its own fusing
+            fuse_linear_activations(self.model)
+        if optimize:
+            reuse_freed_memory()
         self.model.vision_model = maybe_compile(self.model.vision_model, compile)
         config = self.model.config
         self.dim = int(config.projection_dim)

@@ -157,12 +157,14 @@ def prepare_model(model_class: str, source: str, *, what: str, option: str, devi
 
     Returns ``(model, processor, fingerprint)``: the model on ``device`` in ``dtype``, in eval
     mode, with the speed-ups of :mod:`tidy_detect.models.optimize` (QuickGELU folding, fused
-    attention forwards) when ``optimize``; the fingerprint is of the weights as loaded.
+    attention and matmul-activation forwards, freed memory kept for reuse) when ``optimize``; the
+    fingerprint is of the weights as loaded.
     ``components`` gives an in-memory (model, processor) instead of loading ``source``.
     """
     import transformers
 
-    from tidy_detect.models.optimize import fold_quick_gelu, speed_up_attention, speed_up_grounding_dino
+    from tidy_detect.models.optimize import (fold_quick_gelu, fuse_linear_activations, reuse_freed_memory,
+                                             speed_up_attention, speed_up_grounding_dino, speed_up_swin)
 
     if components is None:
         processor = load_pretrained(transformers.AutoProcessor, source, what=what, option=option)
@@ -176,7 +178,10 @@ def prepare_model(model_class: str, source: str, *, what: str, option: str, devi
     model = model.to(device=device, dtype=torch_dtype(dtype)).eval()
     if optimize:
         speed_up_grounding_dino(model)
+        speed_up_swin(model)
         speed_up_attention(model)
+        fuse_linear_activations(model)
+        reuse_freed_memory()
     return model, processor, fingerprint
 
 
