@@ -1,12 +1,23 @@
-"""Inference speed-ups that keep the models' results: dtype choice, QuickGELU folding, compile.
+"""Inference speed-ups that keep the models' results.
 
-CLIP-family MLPs apply QuickGELU, ``x * sigmoid(1.702 x)``: three element-wise passes over the
-largest activation of the model, which on a CPU cost as much as the matmul next to them. Since
-``x * sigmoid(1.702 x) = silu(1.702 x) / 1.702``, the constant folds into the weights around it
-(fc1 scaled by 1.702, fc2 by 1 / 1.702) and the activation becomes one in-place SiLU. The
-function is the same; float rounding differs at the level of the dtype's precision.
+Each is the same function as the transformers module it replaces (tested against it, float32
+and bfloat16); float rounding differs at the level of the dtype's precision:
+
+- dtype choice (bfloat16 where the CPU has native bf16 matmuls);
+- QuickGELU folded into CLIP-family MLP weights: ``x * sigmoid(1.702 x) = silu(1.702 x) / 1.702``,
+  so fc1 is scaled by 1.702, fc2 by 1 / 1.702, and the activation becomes a SiLU;
+- each MLP's first matmul fused with its activation (oneDNN, on CPUs);
+- attention through ``scaled_dot_product_attention`` where transformers runs it eagerly (BLIP's
+  vision tower, Grounding DINO's multi-head attention);
+- Swin (Grounding DINO's backbone): window partition, shift and padding as one gather each way,
+  q/k/v in one matmul, the shift mask built per layer rather than per window of every image,
+  and only the used stages' feature maps laid out;
+- Grounding DINO's deformable attention as one ``embedding_bag`` over bilinear corners, with
+  sample positions in pixel units, and its image-text fusion attention with re-associated
+  matmuls (the 1024-wide image projections disappear);
+- glibc's malloc keeping freed memory for reuse (process-wide, see :func:`reuse_freed_memory`);
+- an optional ``torch.compile``.
 """
-
 from __future__ import annotations
 
 import ctypes
@@ -331,34 +342,33 @@ def _multihead_attention(self: Any, queries: Any, keys: Any, values: Any, attent
 
 
 def speed_up_grounding_dino(model: Any) -> int:
-    """Give Grounding DINO's pure-PyTorch multi-scale deformable attention and its image-text
-    fusion attention the faster forwards above, and its ReLUs in place, on CPU models only;
-    returns how many attention modules were changed (0 for any other model)."""
+    """Give Grounding DINO's multi-scale deformable attention, image-text fusion attention and
+    multi-head attention the faster forwards above, and its ReLUs in place, on CPU models only;
+    returns how many attention modules were changed (0 for any other model, and on a second
+    call)."""
     import types
 
     import torch
 
     if next(model.parameters()).device.type != "cpu":
         return 0
+    forwards = {"GroundingDinoMultiscaleDeformableAttention": _multiscale_deformable_attention,
+                "GroundingDinoBiMultiHeadAttention": _bi_attention,
+                "GroundingDinoMultiheadAttention": _multihead_attention}
     patched = 0
     for module in model.modules():
         kind = type(module).__name__
-        if kind == "GroundingDinoMultiscaleDeformableAttention":
-            module.forward = types.MethodType(_multiscale_deformable_attention, module)
-            patched += 1
-        elif kind == "GroundingDinoBiMultiHeadAttention" and not getattr(module, "_tidy_scale_folded", False):
-            with torch.no_grad():
-                module.vision_proj.weight.mul_(module.scale)
-                module.vision_proj.bias.mul_(module.scale)
-            module._tidy_scale_folded = True
-            module.forward = types.MethodType(_bi_attention, module)
-            patched += 1
-        elif kind == "GroundingDinoMultiheadAttention":
-            module.forward = types.MethodType(_multihead_attention, module)
+        if kind in forwards and not getattr(module, "_tidy_fast", False):
+            if kind == "GroundingDinoBiMultiHeadAttention":
+                with torch.no_grad():  # the query scale, folded once
+                    module.vision_proj.weight.mul_(module.scale)
+                    module.vision_proj.bias.mul_(module.scale)
+            module.forward = types.MethodType(forwards[kind], module)
+            module._tidy_fast = True
             patched += 1
         elif kind.startswith("GroundingDino") and kind.endswith("Layer"):
             # Every layer applies its ReLU to a fresh fc1 output: in place saves a pass over the
-            # (B, 13k, 2048) activation, bandwidth-bound on a CPU.
+            # (B, 13k, 2048) activation, bandwidth-bound on a CPU (where the fc1 is not fused).
             for attribute in ("activation", "activation_fn"):
                 if type(getattr(module, attribute, None)) is torch.nn.ReLU:
                     setattr(module, attribute, torch.nn.ReLU(inplace=True))
@@ -366,7 +376,7 @@ def speed_up_grounding_dino(model: Any) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _window_order(height: int, width: int, window: int, shift: int) -> tuple[Any, Any, Any, int]:
+def _window_order(height: int, width: int, window: int, shift: int, device: str) -> tuple[Any, Any, Any, int]:
     """Where Swin's shifted-window layout takes its rows from, as index tensors.
 
     Swin pads the (height, width) map to multiples of ``window`` (zeros, bottom/right), rolls it
@@ -388,7 +398,8 @@ def _window_order(height: int, width: int, window: int, shift: int) -> tuple[Any
     gather = torch.where(valid, grid_rows * width + grid_cols, 0)
     scatter = torch.empty(height * width, dtype=torch.long)
     scatter[gather[valid]] = torch.arange(len(gather))[valid]
-    return gather, torch.nonzero(~valid).view(-1), scatter, (padded_h // window) * (padded_w // window)
+    pads = torch.nonzero(~valid).view(-1)
+    return gather.to(device), pads.to(device), scatter.to(device), (padded_h // window) * (padded_w // window)
 
 
 def _swin_layer(self: Any, hidden_states: Any, input_dimensions: tuple[int, int], always_partition: bool = False,
@@ -413,8 +424,7 @@ def _swin_layer(self: Any, hidden_states: Any, input_dimensions: tuple[int, int]
     height, width = input_dimensions
     batch, _, channels = hidden_states.shape
     window, shift = int(self.window_size), int(self.shift_size)
-    gather, pads, scatter, num_windows = (t.to(hidden_states.device) if hasattr(t, "to") else t
-                                          for t in _window_order(height, width, window, shift))
+    gather, pads, scatter, num_windows = _window_order(height, width, window, shift, str(hidden_states.device))
     length = window * window
     windows = self.layernorm_before(hidden_states.index_select(1, gather))
     if len(pads):
