@@ -490,11 +490,15 @@ def _swin_backbone(self: Any, pixel_values: Any, **kwargs: Any) -> Any:
 def speed_up_swin(model: Any) -> int:
     """Give every ``SwinLayer`` (Grounding DINO's backbone among them) the forward above, with its
     q, k and v projections fused into one matmul, and every ``SwinBackbone`` the feature-map
-    forward; returns how many layers were changed."""
+    forward, on CPU models; returns how many layers were changed. (The forwards are written for
+    any device, but only measured and tested on CPUs, so GPU models keep transformers' code.)"""
     import types
 
     import torch
 
+    parameter = next(model.parameters(), None)
+    if parameter is None or parameter.device.type != "cpu":
+        return 0
     patched = 0
     for module in model.modules():
         if type(module).__name__ == "SwinBackbone" and not getattr(module, "_tidy_fast", False):
