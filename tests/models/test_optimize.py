@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tidy_detect.models.loading import resolve_dtype
-from tidy_detect.models.optimize import _deformable_attention, cpu_has_fast_bf16, fold_quick_gelu
+from tidy_detect.models.optimize import _bilinear_sum, cpu_has_fast_bf16, fold_quick_gelu
 
 from tests.conftest import random_image
 
@@ -32,7 +32,7 @@ def test_quick_gelu_folding_keeps_the_embeddings(tiny_bundle):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_deformable_attention_matches_transformers(dtype):
+def test_deformable_sampling_matches_transformers_kernel(dtype):
     from transformers.models.grounding_dino.modeling_grounding_dino import MultiScaleDeformableAttention
 
     torch.manual_seed(0)
@@ -46,9 +46,11 @@ def test_deformable_attention_matches_transformers(dtype):
         batch, queries, heads, len(shapes), points).to(dtype)
     spatial = torch.tensor(shapes)
     start = torch.cat([spatial.new_zeros(1), (spatial[:, 0] * spatial[:, 1]).cumsum(0)[:-1]])
-    module = MultiScaleDeformableAttention()
-    expected = module(value.float(), spatial, shapes, start, locations.float(), weights.float(), 64)
-    got = _deformable_attention(module, value, spatial, shapes, start, locations, weights, 64)
+    expected = MultiScaleDeformableAttention()(value.float(), spatial, shapes, start, locations.float(),
+                                                weights.float(), 64)
+    # The kernel's locations are in [0, 1] with pixel centres at (i + 0.5) / size.
+    sizes = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32).view(len(shapes), 1, 2)
+    got = _bilinear_sum(value, shapes, locations.float() * sizes - 0.5, weights)
     assert got.dtype == dtype and got.shape == expected.shape
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got.float(), expected, rtol=tolerance, atol=tolerance)

@@ -189,18 +189,6 @@ def _bilinear_sum(value: Any, shapes: list, pixels: Any, attention: Any) -> Any:
     return output
 
 
-def _deformable_attention(self: Any, value: Any, value_spatial_shapes: Any, value_spatial_shapes_list: list,
-                          level_start_index: Any, sampling_locations: Any, attention_weights: Any,
-                          im2col_step: int) -> Any:
-    """transformers' ``MultiScaleDeformableAttention`` kernel (sampling locations in [0, 1],
-    ``align_corners=False``) through :func:`_bilinear_sum`."""
-    import torch
-
-    sizes = torch.tensor([[w, h] for h, w in value_spatial_shapes_list], dtype=torch.float32, device=value.device)
-    pixels = sampling_locations.float() * sizes.view(len(sizes), 1, 2) - 0.5
-    return _bilinear_sum(value, [tuple(s) for s in value_spatial_shapes_list], pixels, attention_weights)
-
-
 def _multiscale_deformable_attention(self: Any, hidden_states: Any, attention_mask: Any = None,
                                      encoder_hidden_states: Any = None, encoder_attention_mask: Any = None,
                                      position_embeddings: Any = None, reference_points: Any = None,
