@@ -191,7 +191,8 @@ def bench_stage(arch: str, images: list[Any], batch_size: int, dtype: str) -> di
         seconds = timed(adapter)
     flops = sum(_flops(_stage_call(kind, adapter, b)) for b in batches)
     result = {"arch": arch, "kind": kind, "images": len(images), "batch_size": batch_size, "dtype": dtype,
-              "seconds": seconds, "images_per_second": len(images) / seconds, "gflop_per_image": flops / len(images) / 1e9,
+              "seconds": seconds, "images_per_second": len(images) / seconds,
+              "gflop_per_image": flops / len(images) / 1e9,
               "gflops": flops / seconds / 1e9, "build_seconds": built}
     if plain is not None:
         texts = [f"a photo of a {p} next to a {q}" for p in PHRASES for q in PHRASES][:len(images)]

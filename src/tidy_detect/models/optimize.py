@@ -111,7 +111,8 @@ def fold_quick_gelu(model: Any) -> int:
         for module in model.modules():
             act = getattr(module, "activation_fn", None)
             fc1, fc2 = getattr(module, "fc1", None), getattr(module, "fc2", None)
-            if isinstance(act, QuickGELUActivation) and isinstance(fc1, torch.nn.Linear) and isinstance(fc2, torch.nn.Linear):
+            linears = isinstance(fc1, torch.nn.Linear) and isinstance(fc2, torch.nn.Linear)
+            if isinstance(act, QuickGELUActivation) and linears:
                 fc1.weight.mul_(QUICK_GELU_ALPHA)
                 if fc1.bias is not None:
                     fc1.bias.mul_(QUICK_GELU_ALPHA)
