@@ -312,3 +312,14 @@ def test_reuse_freed_memory_can_be_turned_off():
                         capture_output=True, text=True, check=True)
     glibc = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
     assert on.stdout.split() == ([str(glibc)] * 2)
+
+
+def test_fused_linear_activation_keeps_gradients():
+    from tidy_detect.models.optimize import _linear_activation_module
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 4)
+    fused = _linear_activation_module(linear, "gelu")
+    x = torch.randn(3, 6)
+    fused(x).sum().backward()  # trainable weights: the plain path, so gradients flow
+    assert linear.weight.grad is not None and linear.weight.grad.abs().sum() > 0

@@ -531,7 +531,8 @@ def _linear_activation_module(linear: Any, activation: str) -> Any:
             self.activation = activation
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if x.device.type != "cpu" or torch.is_grad_enabled() and x.requires_grad:
+            # The oneDNN op has no backward: anything that may need gradients takes the plain path.
+            if x.device.type != "cpu" or torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
                 return reference(F.linear(x, self.weight, self.bias))
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.activation, [], algorithm)
 
