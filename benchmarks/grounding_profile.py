@@ -51,14 +51,21 @@ def main() -> None:
     parser.add_argument("--ops", action="store_true", help="also print the profiler's costliest operators")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
+    if args.images < 1:
+        parser.error(f"--images must be >= 1, got {args.images}")
 
     import torch
 
     from tidy_detect.bench.run import PHRASES, build_adapter, synthetic_images
     from tidy_detect.models.loading import resolve_dtype
 
+    from tidy_detect.errors import TidyError
+
     torch.set_flush_denormal(True)
-    dtype = resolve_dtype(args.dtype, "cpu")
+    try:
+        dtype = resolve_dtype(args.dtype, "cpu")
+    except TidyError as error:
+        parser.error(f"--dtype: {error}")
     grounder = build_adapter("grounder", args.arch, dtype, optimize=not args.plain)
     phrases = [list(PHRASES)] * args.images
     grounder.ground(synthetic_images(args.images, seed=1), phrases)  # warm-up on other images
