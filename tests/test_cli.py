@@ -83,3 +83,32 @@ def test_help_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
     result = subprocess.run([sys.executable, "-m", "tidy_detect.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "extract" in result.stdout
+
+
+def test_extract_exit_codes_and_kept_errors(tiny_preset, image_tree, tmp_path):
+    manifest = tmp_path / "missing.csv"
+    manifest.write_text("path\n" + "".join(f"/nope/{i}.png\n" for i in range(5)))
+    store = str(tmp_path / "store")
+    first = runner.invoke(app, ["extract", str(manifest), "--out", store, "--preset", str(tiny_preset)])
+    assert first.exit_code == 8 and "none of the 5 images could be processed" in first.output
+    again = runner.invoke(app, ["extract", str(manifest), "--out", store, "--preset", str(tiny_preset)])
+    assert again.exit_code == 8 and "5 of them recorded as errors by earlier runs" in again.output
+    assert "errors kept from earlier runs" in again.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    none = runner.invoke(app, ["extract", str(empty), "--out", str(tmp_path / "s2"), "--preset", str(tiny_preset)])
+    assert none.exit_code == 8 and "no images found" in none.output
+    (image_tree / "progan" / "1_fake" / "bad.png").write_text("not an image")
+    mixed = ["extract", str(image_tree), "--out", str(tmp_path / "s3"), "--preset", str(tiny_preset)]
+    assert runner.invoke(app, mixed).exit_code == 0
+    strict = runner.invoke(app, mixed + ["--fail-on-error"])
+    assert strict.exit_code == 9 and "0 now, 1 kept from earlier runs" in strict.output
+
+
+def test_help_lists_the_exit_codes():
+    result = runner.invoke(app, ["--help"])
+    from tidy_detect.errors import EXIT_CODES
+
+    assert result.exit_code == 0
+    for code, _ in EXIT_CODES:
+        assert f"{code} " in result.output

@@ -230,3 +230,28 @@ def test_detect_cli_cascade(trained, tmp_path):
     assert result.exit_code == 0, result.output
     records = json.loads(result.stdout)
     assert {r["stage"] for r in records} <= {"global", "full"} and "cascade:" in result.stderr
+
+
+def test_detect_exit_codes_say_when_nothing_was_scored(trained, tmp_path):
+    from typer.testing import CliRunner
+
+    from tidy_detect.cli import app
+
+    runner = CliRunner()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = runner.invoke(app, ["detect", str(empty), "--head", str(trained["head"])])
+    assert result.exit_code == 8 and "no images found" in result.output
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "x.png").write_text("not an image")
+    out = tmp_path / "out.json"
+    result = runner.invoke(app, ["detect", str(broken), "--head", str(trained["head"]), "--out", str(out)])
+    assert result.exit_code == 8 and "none of the 1 images could be scored" in result.output
+    assert json.loads(out.read_text())[0]["error"]  # the records were still written
+    mixed = trained["root"] / "tree" / "gen" / "0_real"
+    ok = runner.invoke(app, ["detect", str(mixed), str(broken), "--head", str(trained["head"]), "-f", "json"])
+    assert ok.exit_code == 0
+    strict = runner.invoke(app, ["detect", str(mixed), str(broken), "--head", str(trained["head"]), "-f", "json",
+                                 "--fail-on-error"])
+    assert strict.exit_code == 9 and "1 of the 7 images could not be scored" in strict.output

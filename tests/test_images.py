@@ -13,6 +13,8 @@ from tidy_detect.errors import (
 )
 from tidy_detect.images import is_image_path, load_image, sha256_bytes
 
+from tests.conftest import random_image
+
 
 def _save(img, tmp_path, name, **kw):
     path = tmp_path / name
@@ -124,3 +126,75 @@ def test_pil_input_and_suffixes():
 
     assert is_image_path(Path("x.tar.gz.JPEG")) and is_image_path(Path("a.b.c.Png"))
     assert not is_image_path(Path("notes.txt"))
+
+
+# -- bounded reads ------------------------------------------------------------------------------
+
+def test_fifo_and_devices_are_refused_without_reading(tmp_path):
+    import os
+
+    from tidy_detect.errors import NotAFileError
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer came
+    with pytest.raises(NotAFileError, match="FIFO"):
+        load_image(fifo)
+    with pytest.raises(NotAFileError, match="character device"):
+        load_image("/dev/zero")  # would never end
+
+
+def test_file_size_limit_is_checked_before_reading(tmp_path, monkeypatch):
+    from tidy_detect import images
+
+    path = tmp_path / "big.png"
+    random_image(np.random.default_rng(0), 64, 64).save(path)
+    size = path.stat().st_size
+    reads = []
+    original = images._read_up_to
+    monkeypatch.setattr(images, "_read_up_to", lambda handle, n: reads.append(n) or original(handle, n))
+    with pytest.raises(ImageTooLargeError, match=f"{size:,} bytes is over the limit of 100 bytes"):
+        load_image(path, max_bytes=100)
+    assert reads == []  # refused from the file's size alone
+    with pytest.raises(ImageTooLargeError, match="over the limit"):
+        load_image(path.read_bytes(), max_bytes=100)
+    assert load_image(path, max_bytes=size).num_bytes == size
+
+
+def test_header_is_checked_before_the_body_is_read(tmp_path, monkeypatch):
+    from tidy_detect import images
+
+    path = tmp_path / "bomb.png"
+    # A real 3000x3000 PNG (9 M pixels) of noise: far larger than the header probe reads.
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (3000, 3000, 3), dtype=np.uint8)).save(path)
+    assert path.stat().st_size > 4 * images.HEADER_BYTES
+    read = []
+    original = images._read_up_to
+    monkeypatch.setattr(images, "_read_up_to", lambda handle, n: read.append(len(chunk := original(handle, n))) or chunk)
+    with pytest.raises(ImageTooLargeError, match="9,000,000 pixels"):
+        load_image(path, max_pixels=1_000_000)
+    assert sum(read) == images.HEADER_BYTES  # the header, and nothing after it
+
+
+def test_file_errors_record_the_file_stat(tmp_path):
+    path = tmp_path / "text.png"
+    path.write_text("not an image at all")
+    with pytest.raises(ImageError) as info:
+        load_image(path)
+    assert info.value.stat is not None and info.value.stat.size == path.stat().st_size
+    with pytest.raises(ImageError) as missing:
+        load_image(tmp_path / "nope.png")
+    assert missing.value.stat is None
+
+
+def test_reduce_for_models_keeps_the_native_centre_crop():
+    from tidy_detect.features.views import center_crop
+    from tidy_detect.images import reduce_for_models
+
+    source = random_image(np.random.default_rng(1), 3000, 1000)
+    loaded = load_image(source)
+    reduced = reduce_for_models(loaded, 1500, 224)
+    assert reduced.image.size == (1500, 500) and reduced.scale == 2.0
+    assert (reduced.width, reduced.height) == (3000, 1000)  # what records report
+    assert np.array_equal(np.asarray(reduced.center), np.asarray(center_crop(loaded.image, 224)))
+    assert reduce_for_models(loaded, 4000, 224) is loaded  # small enough already
+    assert reduce_for_models(loaded, 0, 224) is loaded  # off

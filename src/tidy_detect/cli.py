@@ -16,11 +16,12 @@ from rich.table import Table
 
 from tidy_detect import __version__
 from tidy_detect.data.cli_datasets import ExcludeOpt, PairingOpt, SplitOpt
-from tidy_detect.errors import TidyError
+from tidy_detect.errors import EXIT_CODES, TidyError
 
 app = typer.Typer(
     name="tidy-detect",
     help="Detect AI-generated images from the discrepancy between an image and its caption in CLIP space (TIDY).",
+    epilog="Exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES) + ".",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -97,7 +98,8 @@ def command(parent: typer.Typer, *args: Any, **kwargs: Any) -> Callable[[Callabl
 def build_extraction_config(preset: Optional[str], clip: Optional[str], captioner: Optional[str],
                             captioner_model: Optional[str], grounder: Optional[str], grounder_model: Optional[str],
                             device: Optional[str], dtype: Optional[str], batch_size: Optional[int],
-                            workers: Optional[int], compile_: Optional[bool] = None, **features: Any):
+                            workers: Optional[int], compile_: Optional[bool] = None,
+                            max_file_bytes: Optional[int] = None, **features: Any):
     """Preset (or the defaults) with the options given on the command line on top."""
     from tidy_detect.config import ExtractionConfig, load_preset
 
@@ -112,7 +114,7 @@ def build_extraction_config(preset: Optional[str], clip: Optional[str], captione
                 "grounder_model": grounder_model},
         features=features,
         runtime={"device": device, "dtype": dtype, "batch_size": batch_size, "num_workers": workers,
-                 "compile": compile_},
+                 "compile": compile_, "max_file_bytes": max_file_bytes},
     )
 
 
@@ -132,6 +134,14 @@ DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N.")
 DtypeOpt = typer.Option(None, "--dtype", help="auto, float32, bfloat16 or float16.")
 BatchOpt = typer.Option(None, "--batch-size", min=1, help="Images per model batch (default 8).")
 WorkersOpt = typer.Option(None, "--workers", min=0, help="Image decoding threads (default 2).")
+FailOnErrorOpt = typer.Option(False, "--fail-on-error",
+                              help="Exit with code 9 if any input could not be processed (default: only when none could, code 8).")
+MaxFileMbOpt = typer.Option(None, "--max-file-mb", min=0.001,
+                            help="Largest image file read, in MiB (default 512); larger files become error rows before they are read.")
+
+
+def _mib(value: Optional[float]) -> Optional[int]:
+    return None if value is None else int(value * 1024 * 1024)
 
 
 @command(app, "extract")
@@ -168,8 +178,16 @@ def extract_cmd(
     max_per_class: Optional[int] = typer.Option(None, "--max-per-class", min=1, help="Sample at most N real and N fake per generator (evaluation sets; the paper: 1000)."),
     per_class: Optional[int] = typer.Option(None, "--per-class", min=1, help="Sample exactly N real and N fake spread over the classes (training subsets; the paper: 40000)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    fail_on_error: bool = FailOnErrorOpt,
+    max_file_mb: Optional[float] = MaxFileMbOpt,
 ) -> None:
-    """Extract captions, objects and CLIP embeddings of images into a feature store."""
+    """Extract captions, objects and CLIP embeddings of images into a feature store.
+
+    A rerun skips images already in the store and redoes files whose content changed since
+    (see the README's "Resume"). Exits 8 when no image could be processed, 9 with --fail-on-error
+    when any could not.
+    """
+    from tidy_detect.features.extractor import check_outcome
     from tidy_detect.data.layouts import parse_pairing
     from tidy_detect.distributed.cli import extract_with_engine, ray_options_from_cli
 
@@ -177,7 +195,8 @@ def extract_cmd(
                                        num_gpus_per_worker=num_gpus_per_worker, cpus_per_worker=cpus_per_worker)
     decode_threads = workers if ray_options is None else None  # with Ray, --workers counts extraction workers
     config = build_extraction_config(preset, clip, captioner, captioner_model, grounder, grounder_model, device,
-                                     dtype, batch_size, decode_threads, compile_ or None, max_objects=max_objects,
+                                     dtype, batch_size, decode_threads, compile_ or None, _mib(max_file_mb),
+                                     max_objects=max_objects,
                                      box_threshold=box_threshold, text_threshold=text_threshold,
                                      caption_max_tokens=caption_max_tokens, caption_prompt=caption_prompt,
                                      global_view=global_view)
@@ -187,6 +206,7 @@ def extract_cmd(
                                       exclude=exclude or None, pairing=parse_pairing(pairing or []) or None,
                                       max_per_class=max_per_class, per_class=per_class, seed=seed)
     print_extraction_summary(summary)
+    check_outcome(summary, fail_on_error)
 
 
 class extraction_progress:
@@ -226,13 +246,17 @@ def print_extraction_summary(summary: Any) -> None:
     table.add_column(justify="right")
     table.add_row("images given", str(summary.total))
     table.add_row("extracted now", str(summary.processed))
-    table.add_row("already in store (skipped)", str(summary.skipped))
+    table.add_row("already in store (skipped)", str(summary.skipped - summary.kept_errors))
+    if summary.changed:
+        table.add_row("changed since extracted (redone)", str(summary.changed))
     table.add_row("same content as another image (copied)", str(summary.copied))
     table.add_row("errors", str(summary.errors))
+    if summary.kept_errors:
+        table.add_row("errors kept from earlier runs (unchanged files)", str(summary.kept_errors))
+    if summary.label_conflicts:
+        table.add_row("same content as another image with another label", str(summary.label_conflicts))
     if summary.ignored_files:
         table.add_row("non-image files ignored in folders", str(summary.ignored_files))
-    if getattr(summary, "workers", None):
-        table.add_row("Ray workers (stage times below are summed over them)", str(len(summary.workers)))
     if getattr(summary, "workers", None):
         table.add_row("Ray workers (stage times below are summed over them)", str(len(summary.workers)))
     table.add_row("wall time", f"{summary.seconds:.1f} s")
@@ -246,6 +270,15 @@ def print_extraction_summary(summary: Any) -> None:
                   f"in the store with their error. First ones:", highlight=False)
         for path, message in summary.error_examples[:10]:
             out.print(f"  - {message}", highlight=False, soft_wrap=True)
+    if summary.kept_errors:
+        out.print(f"[yellow]{summary.kept_errors} image(s) failed in an earlier run and are unchanged[/]; their "
+                  f"error rows are kept (`--retry-errors` redoes them; `tidy-detect store info` counts them by kind)",
+                  highlight=False)
+    if summary.label_conflicts:
+        out.print(f"[yellow]{summary.label_conflicts} image(s) have the same content as another image with a "
+                  f"different label[/] (a mislabelled manifest, or a real image among the fakes?):", highlight=False)
+        for path, other in summary.label_conflict_examples[:10]:
+            out.print(f"  - {path} = {other}", highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,8 +385,14 @@ def detect_cmd(
     compile_: bool = typer.Option(False, "--compile", help="torch.compile CLIP's vision tower (pays off on large runs)."),
     cascade_head: Optional[Path] = typer.Option(None, "--cascade-head", help="Fast path: a global-only head (train with --representation global) scores every image first; only uncertain ones get objects and the full head."),
     band: str = typer.Option("0.2,0.8", "--band", help="The cascade's uncertainty band LOW,HIGH on the global head's p_fake."),
+    fail_on_error: bool = FailOnErrorOpt,
 ) -> None:
-    """Score images with a trained head and explain each score (caption, objects, discrepancies)."""
+    """Score images with a trained head and explain each score (caption, objects, discrepancies).
+
+    Images that cannot be read get a record with their error; the others are scored. Exits 8 when
+    no image was found or none could be scored (after writing the records), 9 with --fail-on-error
+    when any could not.
+    """
     from tidy_detect.data.inputs import collect_inputs
     from tidy_detect.detect import Detector
     from tidy_detect.errors import ConfigError
@@ -370,6 +409,11 @@ def detect_cmd(
         raise ConfigError("--cascade-head skips objects for confident images, so it cannot fill a store of "
                           "full features; drop --save-store or --cascade-head")
     items = collect_inputs(inputs)
+    if not items:
+        from tidy_detect.errors import NothingProcessedError
+
+        raise NothingProcessedError(f"no images found in {', '.join(inputs)} (folders are searched for image "
+                                    f"suffixes such as .jpg, .png, .webp)")
     detector = Detector.load(head, device=device, dtype=dtype, batch_size=batch_size, num_workers=workers,
                              threshold=threshold, compile=compile_, cascade_head=cascade_head, band=(low, high),
                              clip=clip, captioner_model=captioner_model, grounder_model=grounder_model)
@@ -395,6 +439,23 @@ def detect_cmd(
         c = detector.cascade
         err.print(f"cascade: {c.escalated} of {c.images} images ({c.fraction_escalated:.1%}) were in the band "
                   f"{c.band[0]:g}-{c.band[1]:g} and got objects and the full head", highlight=False)
+    check_records(records, fail_on_error)
+
+
+def check_records(records: list, fail_on_error: bool) -> None:
+    """The exit status of `detect`: 8 when nothing was scored, 9 for any error with --fail-on-error."""
+    from tidy_detect.errors import InputsFailedError, NothingProcessedError
+
+    failed = [r for r in records if r.get("error")]
+    if not records:
+        raise NothingProcessedError("no images found in the inputs given (folders are searched for image "
+                                    "suffixes such as .jpg, .png, .webp)")
+    if len(failed) == len(records):
+        raise NothingProcessedError(f"none of the {len(records)} images could be scored; first error: "
+                                    f"{failed[0]['error']}")
+    if fail_on_error and failed:
+        raise InputsFailedError(f"{len(failed)} of the {len(records)} images could not be scored (first: "
+                                f"{failed[0]['error']}) and --fail-on-error was given")
 
 
 def write_records(records: list, fmt: str, out_file: Optional[Path]) -> None:

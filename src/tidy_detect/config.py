@@ -108,6 +108,7 @@ class RuntimeConfig:
     num_workers: int = 2
     max_pixels: int = 100_000_000
     compile: bool = False
+    max_file_bytes: int = 512 * 1024 * 1024  # see tidy_detect.images.DEFAULT_MAX_FILE_BYTES
 
     def __post_init__(self) -> None:
         _check(isinstance(self.compile, bool), f"runtime.compile must be true or false, got {self.compile!r}")
@@ -120,6 +121,8 @@ class RuntimeConfig:
                f"runtime.num_workers must be >= 0, got {self.num_workers!r}")
         _check(isinstance(self.max_pixels, int) and self.max_pixels >= 1,
                f"runtime.max_pixels must be >= 1, got {self.max_pixels!r}")
+        _check(isinstance(self.max_file_bytes, int) and not isinstance(self.max_file_bytes, bool)
+               and self.max_file_bytes >= 1, f"runtime.max_file_bytes must be >= 1, got {self.max_file_bytes!r}")
 
 
 @dataclass(frozen=True)

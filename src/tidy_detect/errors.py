@@ -50,6 +50,12 @@ class ImageNotFoundError(ImageError):
     kind = "not-found"
 
 
+class NotAFileError(ImageError):
+    """A FIFO, device or socket where an image file was expected (reading it could block or never end)."""
+
+    kind = "not-a-file"
+
+
 class UnsupportedImageError(ImageError):
     kind = "unsupported"
 
@@ -72,6 +78,35 @@ class CheckpointError(TidyError):
     """A head checkpoint is unreadable or does not fit the features it is given."""
 
     exit_code = 7
+
+
+class NothingProcessedError(TidyError):
+    """A batch command had inputs (or none were found) but could not process a single image."""
+
+    exit_code = 8
+
+
+class InputsFailedError(TidyError):
+    """Some inputs could not be processed and ``--fail-on-error`` asked for a non-zero exit."""
+
+    exit_code = 9
+
+
+# Exit codes of the command line, for `tidy-detect --help` and the README (one source of truth).
+EXIT_CODES = (
+    (0, "success"),
+    (1, "other tidy-detect error"),
+    (2, "bad option, preset or config value (also usage errors)"),
+    (3, "an input path or manifest cannot be used"),
+    (4, "a model cannot be found or loaded"),
+    (5, "an image cannot be read (single-image operations)"),
+    (6, "a feature store is unreadable, made with other settings, or locked by another writer"),
+    (7, "a head checkpoint is unreadable or does not fit"),
+    (8, "nothing could be processed (no images found, or every one failed)"),
+    (9, "some inputs failed and --fail-on-error was given"),
+    (70, "internal error (a bug: rerun with --traceback and report it)"),
+    (130, "interrupted (finished work is kept)"),
+)
 
 
 class NotFittedError(TidyError, AttributeError):

@@ -76,3 +76,64 @@ def test_missing_input(tmp_path):
 def test_duplicates_kept_once(tmp_path):
     p = _img(tmp_path / "a.png")
     assert len(collect_inputs([p, p, tmp_path])) == 1
+
+
+# -- links, loops, hostile files and encodings --------------------------------------------------
+
+def test_symlink_loops_end_and_no_file_is_listed_twice(tmp_path):
+    import os
+
+    root = tmp_path / "tree"
+    _img(root / "gen" / "0_real" / "a.png")
+    _img(root / "gen" / "1_fake" / "b.png")
+    os.symlink(root, root / "gen" / "0_real" / "loop")  # a link back to an ancestor
+    os.symlink(root / "gen", root / "gen" / "1_fake" / "again")  # a second one, elsewhere
+    os.symlink(root / "gen" / "0_real" / "a.png", root / "gen" / "1_fake" / "link-to-a.png")  # a file link
+    summary = InputSummary()
+    items = collect_inputs([root], summary)  # used to hang, or list a.png dozens of times
+    assert sorted(os.path.basename(i.path) for i in items) == ["a.png", "b.png"]
+    assert summary.repeated_links >= 3
+
+
+def test_layouts_and_inspect_survive_link_loops(tmp_path):
+    import os
+
+    from tidy_detect.data.inspect import inspect_dataset
+    from tidy_detect.data.layouts import REACHED_AGAIN, read_dataset
+
+    root = tmp_path / "CNN_synth_testset"
+    _img(root / "biggan" / "0_real" / "a.png")
+    _img(root / "biggan" / "1_fake" / "b.png")
+    os.symlink(root, root / "biggan" / "1_fake" / "up")
+    dataset = read_dataset(root, "cnndetection")
+    assert len(dataset.items) == 2 and dataset.skipped[REACHED_AGAIN] >= 1
+    report = inspect_dataset(dataset, probe=2)
+    assert report  # counted, probed, finished
+
+
+def test_fifo_in_a_tree_is_an_error_row_not_a_hang(tmp_path):
+    import os
+
+    from tidy_detect.data.inspect import UNREADABLE, probe_format
+
+    root = tmp_path / "tree"
+    _img(root / "gen" / "0_real" / "a.png")
+    os.mkfifo(root / "gen" / "0_real" / "pipe.png")
+    items = collect_inputs([root])
+    assert len(items) == 2  # listed; reading it gives its error row (tests/features)
+    assert probe_format(root / "gen" / "0_real" / "pipe.png") == UNREADABLE
+
+
+def test_utf16_manifest_is_read(tmp_path):
+    _img(tmp_path / "a.png")
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,label\na.png,fake\n", encoding="utf-16")  # with its byte-order mark
+    items = read_manifest(manifest)
+    assert [(i.path, i.label) for i in items] == [(str(tmp_path / "a.png"), 1)]
+
+
+def test_manifest_in_another_encoding_is_a_clear_error(tmp_path):
+    manifest = tmp_path / "list.csv"
+    manifest.write_bytes("path,label\ncaf\xe9.png,0\n".encode("latin-1"))
+    with pytest.raises(InputError, match="not UTF-8 text.*save it as UTF-8"):
+        read_manifest(manifest)

@@ -336,3 +336,24 @@ def test_extract_cli_with_the_ray_engine(cluster, tiny_preset, tree, tmp_path):
     assert bad.exit_code == 2 and "Unknown engine 'spark'. Known: local, ray." in bad.output
     stray = runner.invoke(app, ["extract", str(tree), "--out", str(tmp_path / "t"), "--ray-address", "auto"])
     assert stray.exit_code == 2
+
+
+def test_a_replaced_file_is_extracted_again_by_the_ray_engine(cluster, config, tmp_path):
+    from PIL import Image
+
+    from tests.conftest import random_image
+
+    paths = make_tree(tmp_path / "tree", {"gen": 2}, seed=8, suffix=".bmp")
+    store_path = tmp_path / "store"
+    extract_ray([tmp_path / "tree"], store_path, config, OPTIONS)
+    target = paths[0]
+    stat = target.stat()
+    random_image(np.random.default_rng(77), *Image.open(target).size).save(target)
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same mtime
+    summary = extract_ray([tmp_path / "tree"], store_path, config, OPTIONS)
+    assert (summary.changed, summary.processed) == (1, 1)
+    rows = [r for r in FeatureStore(store_path).rows(["path", "sha256"]) if r["path"] == str(target)]
+    import hashlib
+
+    assert len(rows) == 1 and rows[0]["sha256"] == hashlib.sha256(target.read_bytes()).hexdigest()
+    assert len(FeatureStore(store_path)) == 4

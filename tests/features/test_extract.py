@@ -135,17 +135,21 @@ def test_bad_files_are_recorded_and_the_rest_processed(extractor, tmp_path):
     assert rows["img0.png"]["error"] is None
 
 
-def test_retry_errors_redoes_fixed_files(extractor, tmp_path):
+def test_a_fixed_file_is_retried_and_retry_errors_redoes_unchanged_errors(extractor, tmp_path):
     root = tmp_path / "tree"
     make_tree(root, {"gen": 1})
     broken = root / "gen" / "1_fake" / "later.png"
     broken.write_text("not yet")
-    extract([root], tmp_path / "store", extractor=extractor)
+    still_broken = root / "gen" / "1_fake" / "never.png"
+    still_broken.write_text("never an image")
+    first = extract([root], tmp_path / "store", extractor=extractor)
+    assert (first.processed, first.errors) == (2, 2)
     random_image(np.random.default_rng(9), 30, 30).save(broken)
     again = extract([root], tmp_path / "store", extractor=extractor)
-    assert again.processed == 0  # errors count as done...
+    assert (again.processed, again.changed) == (1, 1)  # the fixed file, retried because it changed
+    assert (again.kept_errors, again.errors) == (1, 0) and again.failed == 1  # the other error row is kept
     fixed = extract([root], tmp_path / "store", extractor=extractor, retry_errors=True)
-    assert fixed.processed == 1  # ...unless asked
+    assert (fixed.processed, fixed.errors) == (0, 1)  # redone on request, and still broken
     rows = [r for r in FeatureStore(tmp_path / "store").rows(["path", "error"]) if r["path"] == str(broken)]
     assert len(rows) == 1 and rows[0]["error"] is None
 

@@ -107,7 +107,8 @@ def test_remove_paths_and_index(tmp_path):
     store = FeatureStore.open_for_writing(tmp_path / "s", EXTRACTION, DIM)
     store.write([_row(0), _row(1, error="boom")])
     index = store.index()
-    assert index["/img/1.png"][2] is True and index["/img/0.png"] == ("sha0", 100, False)
+    assert index["/img/1.png"].has_error is True
+    assert (index["/img/0.png"].sha256, index["/img/0.png"].has_error) == ("sha0", False)
     assert store.remove_paths(["/img/1.png"]) == 1
     assert set(store.index()) == {"/img/0.png"}
 

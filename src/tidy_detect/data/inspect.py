@@ -40,11 +40,19 @@ def format_from_suffix(path: str | Path) -> str:
 
 
 def probe_format(path: str | Path) -> str:
-    """The format Pillow reads from the file's header, or ``UNREADABLE``."""
+    """The format Pillow reads from the file's header, or ``UNREADABLE`` (also for FIFOs and
+    devices, which are never opened: reading them could block or never end)."""
+    import os
+    import stat
+
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return UNREADABLE
+        # Non-blocking: a FIFO swapped in after the check must not hang the probe.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as handle, Image.open(handle) as image:  # reads the header only
             return image.format or "UNKNOWN"
     except Exception:  # any failure to identify is the answer here, not an error
         return UNREADABLE

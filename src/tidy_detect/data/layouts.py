@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
-from tidy_detect.data.inputs import LABEL_FOLDERS, ImageItem, InputSummary, collect_inputs
+from tidy_detect.data.inputs import LABEL_FOLDERS, ImageItem, InputSummary, WalkCounts, collect_inputs, walk_tree
 from tidy_detect.data.sampling import list_counts, load_list
 from tidy_detect.errors import ConfigError, InputError, UnknownNameError
 from tidy_detect.images import is_image_path
@@ -85,6 +85,7 @@ EXCLUDED = "excluded"
 NO_LABEL_FOLDER = "outside a 0_real/1_fake folder"
 REALS_IN_FAKE_FOLDER = "in 0_real of a fake folder paired with another real folder"
 FAKES_IN_REAL_FOLDER = "in 1_fake of a shared real folder"
+REACHED_AGAIN = "folders or files reached again through links"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,14 +219,9 @@ class Walker:
 
     def images(self, folder: Path) -> Iterator[tuple[str, tuple[str, ...]]]:
         """``(absolute path, folders between folder and the file)`` of every image, sorted."""
-        base = str(folder.absolute())
-        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            rel_dir = os.path.relpath(dirpath, base)
-            parts = () if rel_dir == "." else tuple(rel_dir.split(os.sep))
-            for name in sorted(filenames):
-                if name.startswith("."):
-                    continue
+        counts = WalkCounts()
+        for dirpath, parts, filenames in walk_tree(folder.absolute(), counts):
+            for name in filenames:
                 path = os.path.join(dirpath, name)
                 if not is_image_path(Path(name)):
                     self.skipped[NOT_AN_IMAGE] += 1
@@ -234,6 +230,8 @@ class Walker:
                     self.skipped[EXCLUDED] += 1
                     continue
                 yield path, parts
+        if counts.repeated:
+            self.skipped[REACHED_AGAIN] += counts.repeated
 
 
 def _posix_relative(path: str, root: Path) -> str:

@@ -56,7 +56,7 @@ from tidy_detect.features.extractor import (
     utc_now,
 )
 from tidy_detect.features.store import FeatureStore, config_differences, config_fingerprint
-from tidy_detect.images import LoadedImage
+from tidy_detect.images import DEFAULT_MAX_FILE_BYTES, FileStat, LoadedImage
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +268,17 @@ def _subclasses(cls: type) -> list[type]:
 _IMAGE_ERRORS: dict[str, type[ImageError]] = {cls.kind: cls for cls in reversed(_subclasses(ImageError))}
 # What travels with each image; ImageItem's fields, kept explicit because the Arrow schemas list them.
 _ITEM_FIELDS = ("path", "label", "group", "caption", "subgroup")
+_STAT_FIELDS = ("stat_size", "stat_mtime_ns", "stat_ctime_ns", "stat_inode")  # a FileStat, flattened
+
+
+def _flat_stat(stat: FileStat | None) -> dict[str, int | None]:
+    values = (stat.size, stat.mtime_ns, stat.ctime_ns, stat.inode) if stat is not None else (None,) * 4
+    return dict(zip(_STAT_FIELDS, values))
+
+
+def _unflat_stat(record: dict[str, Any]) -> FileStat | None:
+    values = [record.get(name) for name in _STAT_FIELDS]
+    return None if None in values else FileStat(*values)
 
 
 def _image_error(kind: str, message: str, sha256: str | None) -> ImageError:
@@ -295,6 +306,7 @@ def _decoded_schema() -> Any:
         ("subgroup", pa.string()), ("sha256", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
         ("format", pa.string()), ("num_bytes", pa.int64()), ("pixels", pa.large_binary()),
         ("seconds", pa.float64()), ("error", pa.string()), ("error_kind", pa.string()),
+        *[(name, pa.int64()) for name in _STAT_FIELDS],
     ])
     return pa.schema([("batch", pa.int64()), ("images", pa.list_(image))])
 
@@ -308,7 +320,8 @@ def _status_schema() -> Any:
                       *[(f"seconds_{stage}", pa.float64()) for stage in STAGES]])
 
 
-def decode_batches(table: Any, max_pixels: int, perturbation: dict[str, Any] | None) -> Any:
+def decode_batches(table: Any, max_pixels: int, perturbation: dict[str, Any] | None,
+                   max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Any:
     """Decode task: each row's images -> RGB pixels plus what the store records, or the error.
 
     Anything a file can throw at the decoder becomes that image's error record, so one odd file
@@ -324,17 +337,19 @@ def decode_batches(table: Any, max_pixels: int, perturbation: dict[str, Any] | N
             item = ImageItem(**entry)
             started = time.perf_counter()
             try:
-                ((_, loaded, seconds),) = prefetch([item], max_pixels, 0, 1, perturb)
+                ((_, loaded, seconds),) = prefetch([item], max_pixels, 0, 1, perturb, max_bytes)
             except Exception as exc:  # noqa: BLE001 - see the docstring
                 loaded = ImageError(f"{item.path}: cannot be decoded ({type(exc).__name__}: {exc})")
                 seconds = time.perf_counter() - started
             record = {**entry, "seconds": seconds, "sha256": None, "width": None, "height": None,
                       "format": None, "num_bytes": None, "pixels": None, "error": None, "error_kind": None}
             if isinstance(loaded, ImageError):
-                record.update(sha256=getattr(loaded, "sha256", None), error=str(loaded), error_kind=loaded.kind)
+                record.update(sha256=getattr(loaded, "sha256", None), error=str(loaded), error_kind=loaded.kind,
+                              **_flat_stat(getattr(loaded, "stat", None)))
             else:
                 record.update(sha256=loaded.sha256, width=loaded.width, height=loaded.height,
-                              format=loaded.format, num_bytes=loaded.num_bytes, pixels=loaded.image.tobytes())
+                              format=loaded.format, num_bytes=loaded.num_bytes, pixels=loaded.image.tobytes(),
+                              **_flat_stat(loaded.stat))
             images.append(record)
         out.append({"batch": row["batch"], "images": images})
     return pa.Table.from_pylist(out, schema=_decoded_schema())
@@ -394,10 +409,11 @@ class ExtractionWorker:
             item = ImageItem(**{name: record[name] for name in _ITEM_FIELDS})
             if record["error"] is not None:
                 loaded: LoadedImage | ImageError = _image_error(record["error_kind"], record["error"], record["sha256"])
+                loaded.stat = _unflat_stat(record)
             else:
                 size = (record["width"], record["height"])
                 loaded = LoadedImage(Image.frombytes("RGB", size, record["pixels"]), record["sha256"], *size,
-                                     record["format"], record["num_bytes"])
+                                     record["format"], record["num_bytes"], _unflat_stat(record))
             batch.append((item, loaded, record["seconds"]))
         stage = self.extractor.stage_seconds
         before = dict(stage)
@@ -468,18 +484,26 @@ def run_extraction_ray(items: Sequence[ImageItem], store: FeatureStore, config: 
 
     Raises:
         KeyboardInterrupt, or whatever stops the run (after recording it as interrupted/failed);
-        StoreError when a worker's models differ from the store's.
+        StoreError when a worker's models differ from the store's, or another process writes to it.
     """
+    with store.writing():
+        return _run_ray_locked(items, store, config, options, progress, retry_errors, ignored_files, models)
+
+
+def _run_ray_locked(items: Sequence[ImageItem], store: FeatureStore, config: ExtractionConfig,
+                    options: RayOptions | None, progress: ProgressFn | None, retry_errors: bool, ignored_files: int,
+                    models: ModelDescription | None) -> RayExtractionSummary:
     ray = _import_ray()
     options = options or RayOptions()
     summary = RayExtractionSummary(store=str(store.path), total=len(items), ignored_files=ignored_files)
     started = time.perf_counter()
     run_record: dict[str, Any] = {"started": utc_now(), "engine": "ray", **(models.runtime if models else {}),
                                   "batch_size": config.runtime.batch_size, "ray": options.to_dict()}
-    todo, _ = pending_items(items, store, retry_errors)
-    batches = plan_batches(items, todo, config.runtime.batch_size)
+    # The driver hashes touched files itself (I/O bound, so a few threads regardless of its cores).
+    plan = pending_items(items, store, retry_errors, workers=4,
+                         max_bytes=config.runtime.max_file_bytes, summary=summary)
+    batches = plan_batches(items, plan.todo, config.runtime.batch_size)
     expected = {item.path for _, batch in batches for item in batch}
-    summary.skipped = len(items) - len(expected)
     seen: set[str] = set()
     if progress:
         progress(summary.skipped, summary.total, summary)
@@ -526,7 +550,8 @@ def _pipeline(ray: Any, batches: list[tuple[int, list[ImageItem]]], store: Featu
     # batch_size=1: one row is one model batch, so Ray never re-cuts a model batch.
     dataset = dataset.map_batches(
         decode_batches, batch_size=1, batch_format="pyarrow", num_cpus=options.decode_cpus,
-        fn_kwargs={"max_pixels": config.runtime.max_pixels, "perturbation": store.config.get("perturbation")})
+        fn_kwargs={"max_pixels": config.runtime.max_pixels, "perturbation": store.config.get("perturbation"),
+                   "max_bytes": config.runtime.max_file_bytes})
     gpu = {"num_gpus": options.num_gpus_per_worker} if options.num_gpus_per_worker > 0 else {}
     # Ray Data creates actor-pool actors with max_restarts=-1 and max_task_retries=-1: a killed
     # actor is replaced and its batches rerun on it (passing them ourselves is deprecated).

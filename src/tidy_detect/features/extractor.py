@@ -27,10 +27,11 @@ import numpy as np
 from tidy_detect.config import ExtractionConfig
 from tidy_detect.data.inputs import ImageItem
 from tidy_detect.data.perturb import Perturbation
-from tidy_detect.errors import ImageError, InputError, TidyError
-from tidy_detect.features.store import FeatureStore
+from tidy_detect.errors import ImageError, InputError, InputsFailedError, NothingProcessedError, TidyError
+from tidy_detect.features.store import FeatureStore, IndexEntry
 from tidy_detect.features.views import crop_box
-from tidy_detect.images import LoadedImage, load_image
+from tidy_detect.images import DEFAULT_MAX_FILE_BYTES, FileStat, LoadedImage, load_image, read_file, sha256_bytes, \
+    stat_file
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,13 @@ class ExtractionSummary:
     store: str = ""
     total: int = 0
     processed: int = 0
-    skipped: int = 0  # already in the store
+    skipped: int = 0  # already in the store (unchanged files), kept_errors included
+    kept_errors: int = 0  # skipped files whose row is an error from an earlier run (still unchanged)
+    changed: int = 0  # files whose content changed since their row was written: redone
+    hashed: int = 0  # files whose stat had changed, so their content was hashed to decide
     copied: int = 0  # same content as another image: features copied, models not run
+    label_conflicts: int = 0  # images with the same content as another of a different label
+    label_conflict_examples: list[tuple[str, str]] = field(default_factory=list)
     errors: int = 0
     error_kinds: dict[str, int] = field(default_factory=dict)
     error_examples: list[tuple[str, str]] = field(default_factory=list)
@@ -53,6 +59,21 @@ class ExtractionSummary:
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
     status: str = "completed"
+
+    @property
+    def usable(self) -> int:
+        """Images of this run's inputs that have features in the store now (new, copied or kept)."""
+        return self.processed + self.copied + self.skipped - self.kept_errors
+
+    @property
+    def failed(self) -> int:
+        """Inputs without features: errors of this run plus error rows kept from earlier runs."""
+        return self.errors + self.kept_errors
+
+    def add_label_conflict(self, path: str, other: str) -> None:
+        self.label_conflicts += 1
+        if len(self.label_conflict_examples) < 20:
+            self.label_conflict_examples.append((path, other))
 
     @property
     def images_per_second(self) -> float:
@@ -68,22 +89,49 @@ class ExtractionSummary:
     def to_dict(self) -> dict[str, Any]:
         return {
             "store": self.store, "status": self.status, "total": self.total, "processed": self.processed,
-            "skipped": self.skipped, "copied": self.copied, "errors": self.errors, "error_kinds": self.error_kinds,
+            "skipped": self.skipped, "kept_errors": self.kept_errors, "changed": self.changed, "hashed": self.hashed,
+            "copied": self.copied, "label_conflicts": self.label_conflicts, "errors": self.errors,
+            "error_kinds": self.error_kinds,
             "ignored_files": self.ignored_files, "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 3),
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
         }
 
 
+def check_outcome(summary: ExtractionSummary, fail_on_error: bool = False, what: str = "images") -> None:
+    """Raise when a run's outcome should not look like success (the CLI turns it into an exit code).
+
+    Raises:
+        NothingProcessedError: no inputs, or none of them has features (new, copied or kept).
+        InputsFailedError: with ``fail_on_error``, any input without features, errors kept from
+            earlier runs included.
+    """
+    if summary.total == 0:
+        raise NothingProcessedError(f"no {what} found in the inputs given (folders are searched for image "
+                                    f"suffixes such as .jpg, .png, .webp)")
+    kinds = ", ".join(f"{k}: {v}" for k, v in sorted(summary.error_kinds.items()))
+    detail = f" ({kinds})" if kinds else ""
+    if summary.usable == 0:
+        kept = f", {summary.kept_errors} of them recorded as errors by earlier runs" if summary.kept_errors else ""
+        raise NothingProcessedError(f"none of the {summary.total} {what} could be processed{kept}{detail}; "
+                                    f"the store keeps each one's error")
+    if fail_on_error and summary.failed:
+        raise InputsFailedError(f"{summary.failed} of the {summary.total} {what} could not be processed "
+                                f"({summary.errors} now, {summary.kept_errors} kept from earlier runs){detail} "
+                                f"and --fail-on-error was given")
+
+
 def error_row(item: ImageItem, error: Exception, loaded: LoadedImage | None = None) -> dict[str, Any]:
     """A store row recording why an image has no features."""
     kind = getattr(error, "kind", None) or ("input" if isinstance(error, InputError) else "model")
+    stat = loaded.stat if loaded else getattr(error, "stat", None)
     return {
         "sha256": loaded.sha256 if loaded else getattr(error, "sha256", None),
         "path": item.path, "label": item.label, "group": item.group,
         "width": loaded.width if loaded else None, "height": loaded.height if loaded else None,
-        "format": loaded.format if loaded else None, "num_bytes": loaded.num_bytes if loaded else None,
-        "error": str(error) or type(error).__name__, "error_kind": kind,
+        "format": loaded.format if loaded else None,
+        "num_bytes": loaded.num_bytes if loaded else (stat.size if stat else None),
+        "error": str(error) or type(error).__name__, "error_kind": kind, "stat": stat,
     }
 
 
@@ -183,9 +231,10 @@ class Extractor:
         pil = [im.image for im in images]
         captions = self._timed("caption", self.captioner.caption, pil, [it.caption for it in items])
         phrases = self._timed("phrases", self.phrases.extract, captions)
+        views = [self._global_source(im) for im in images]
 
         def global_pass() -> tuple[np.ndarray, np.ndarray]:
-            return self.clip.encode_global(pil), self.clip.encode_texts(list(captions))
+            return self.clip.encode_global(views), self.clip.encode_texts(list(captions))
 
         global_emb, caption_emb = self._timed("clip", global_pass)
         empty = np.zeros((0, self.dim), dtype=np.float32)
@@ -196,10 +245,21 @@ class Extractor:
             "object_phrases": [], "boxes": [], "box_scores": [],
             "global_image": global_emb[k], "global_text": caption_emb[k],
             "local_images": empty, "local_texts": empty, "local_fallback": True, "error": None, "error_kind": None,
+            "stat": image.stat,
         } for k, (item, image) in enumerate(zip(items, images))]
         if local:
             self.add_local(rows, images)
         return rows
+
+    def _global_source(self, loaded: LoadedImage) -> Any:
+        """What CLIP's global view is taken from: the native centre crop kept by
+        :func:`~tidy_detect.images.reduce_for_models` for a reduced image (cropping it again is
+        the identity), else the image."""
+        center = loaded.center
+        size = self.clip.view_size
+        if center is not None and self.clip.global_view == "center-crop" and center.size == (size, size):
+            return center
+        return loaded.image
 
     def add_local(self, rows: Sequence[dict[str, Any]], images: Sequence[LoadedImage]) -> None:
         """Ground the rows' phrases and embed every crop and phrase, filling the object fields in place.
@@ -216,9 +276,11 @@ class Extractor:
 
         crop_emb, phrase_emb = self._timed("clip", local_pass)
         offset = 0
-        for row, dets in zip(rows, detections):
+        for row, dets, image in zip(rows, detections, images):
             n = len(dets)
-            row.update(object_phrases=[d.phrase for d in dets], boxes=[list(d.box) for d in dets],
+            # Boxes are recorded in the original image's pixels, also for a reduced image.
+            boxes = [[float(v) * image.scale for v in d.box] for d in dets]
+            row.update(object_phrases=[d.phrase for d in dets], boxes=boxes,
                        box_scores=[d.score for d in dets], local_images=crop_emb[offset:offset + n],
                        local_texts=phrase_emb[offset:offset + n], local_fallback=n == 0)
             offset += n
@@ -227,11 +289,11 @@ class Extractor:
 # ---------------------------------------------------------------------------------------------
 # The runner
 
-def _decode(item: ImageItem, max_pixels: int, perturbation: Perturbation | None = None
-            ) -> tuple[LoadedImage | ImageError, float]:
+def _decode(item: ImageItem, max_pixels: int, perturbation: Perturbation | None = None,
+            max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple[LoadedImage | ImageError, float]:
     started = time.perf_counter()
     try:
-        result: LoadedImage | ImageError = load_image(item.path, max_pixels=max_pixels)
+        result: LoadedImage | ImageError = load_image(item.path, max_pixels=max_pixels, max_bytes=max_bytes)
         if perturbation is not None:
             image = perturbation.apply(result.image, result.sha256)
             result = dataclasses.replace(result, image=image, width=image.width, height=image.height)
@@ -241,18 +303,19 @@ def _decode(item: ImageItem, max_pixels: int, perturbation: Perturbation | None 
 
 
 def prefetch(items: Iterable[ImageItem], max_pixels: int, workers: int, window: int,
-             perturbation: Perturbation | None = None) -> Iterator[tuple[ImageItem, LoadedImage | ImageError, float]]:
+             perturbation: Perturbation | None = None, max_bytes: int = DEFAULT_MAX_FILE_BYTES
+             ) -> Iterator[tuple[ImageItem, LoadedImage | ImageError, float]]:
     """Decode (and perturb) images in worker threads, at most ``window`` ahead of the consumer, in order."""
     items = iter(items)
     if workers == 0:
         for item in items:
-            yield (item, *_decode(item, max_pixels, perturbation))
+            yield (item, *_decode(item, max_pixels, perturbation, max_bytes))
         return
     pending: collections.deque[tuple[ImageItem, Future]] = collections.deque()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tidy-decode") as pool:
         try:
             for item in items:
-                pending.append((item, pool.submit(_decode, item, max_pixels, perturbation)))
+                pending.append((item, pool.submit(_decode, item, max_pixels, perturbation, max_bytes)))
                 if len(pending) >= window:
                     head, future = pending.popleft()
                     yield (head, *future.result())
@@ -281,19 +344,29 @@ ProgressFn = Callable[[int, int, ExtractionSummary], None]
 def run_extraction(items: Sequence[ImageItem], store: FeatureStore, extractor: Extractor, *,
                    progress: ProgressFn | None = None, retry_errors: bool = False,
                    engine: str = "local", ignored_files: int = 0) -> ExtractionSummary:
-    """Extract ``items`` into ``store``, skipping what it already holds.
+    """Extract ``items`` into ``store``, skipping what it already holds (see :func:`pending_items`).
 
-    An image counts as done when the store has a row for its path and either that row is an
-    error (unless ``retry_errors``) or the file still has the recorded size; images whose content
-    (sha256) is already in the store get the stored features, not a second model run.
+    Images whose content (sha256) is already in the store get the stored features, not a second
+    model run. Holds the store's writer lock for the whole run.
 
     Returns the run's summary (also appended to the store's config.json).
+
+    Raises:
+        StoreError: another process is writing to the store.
     """
+    with store.writing():
+        return _run_locked(items, store, extractor, progress, retry_errors, engine, ignored_files)
+
+
+def _run_locked(items: Sequence[ImageItem], store: FeatureStore, extractor: Extractor, progress: ProgressFn | None,
+                retry_errors: bool, engine: str, ignored_files: int) -> ExtractionSummary:
     summary = ExtractionSummary(store=str(store.path), total=len(items), ignored_files=ignored_files)
     started = time.perf_counter()
     run_record = {"started": utc_now(), "engine": engine, **extractor.runtime_info()}
-    todo, known_content = pending_items(items, store, retry_errors)
-    summary.skipped = len(items) - len(todo)
+    plan = pending_items(items, store, retry_errors, workers=extractor.config.runtime.num_workers,
+                         max_bytes=extractor.config.runtime.max_file_bytes, summary=summary)
+    todo, known_content = plan.todo, plan.known_content
+    labels = LabelCheck(plan.labels)
     deferred: list[tuple[ImageItem, LoadedImage]] = []  # same content as a row written earlier
     stage = extractor.stage_seconds
     before = dict(stage)
@@ -305,6 +378,7 @@ def run_extraction(items: Sequence[ImageItem], store: FeatureStore, extractor: E
         perturbation = Perturbation.from_dict(perturbation) if perturbation else None
         for batch in iter_decoded(todo, extractor, perturbation):
             rows = rows_for_batch(extractor, batch, summary, known_content, deferred)
+            labels.check(rows, summary)
             t0 = time.perf_counter()
             store.write(rows)
             stage["write"] += time.perf_counter() - t0
@@ -312,7 +386,7 @@ def run_extraction(items: Sequence[ImageItem], store: FeatureStore, extractor: E
             if progress:
                 progress(done_count - len(deferred), summary.total, summary)
         if deferred:
-            _write_copies(store, extractor, deferred, summary)
+            _write_copies(store, extractor, deferred, summary, labels)
             if progress:
                 progress(summary.total, summary.total, summary)
     except KeyboardInterrupt:
@@ -326,6 +400,25 @@ def run_extraction(items: Sequence[ImageItem], store: FeatureStore, extractor: E
         summary.stage_seconds = {k: stage[k] - before.get(k, 0.0) for k in STAGES}
         finish_run(store, run_record, summary)
     return summary
+
+
+class LabelCheck:
+    """Warns about images with the same content as another image but a different label (a
+    mislabelled manifest, or a real image that also sits among the fakes)."""
+
+    def __init__(self, known: dict[str, tuple[int, str]] | None = None) -> None:
+        self.labels: dict[str, tuple[int, str]] = dict(known or {})  # sha256 -> (label, first path)
+
+    def check(self, rows: Iterable[dict[str, Any]], summary: ExtractionSummary) -> None:
+        for row in rows:
+            sha, label = row.get("sha256"), row.get("label")
+            if sha is None or label is None or row.get("error") is not None:
+                continue
+            first = self.labels.setdefault(sha, (label, row["path"]))
+            if first[0] != label and first[1] != row["path"]:
+                summary.add_label_conflict(row["path"], first[1])
+                log.warning("%s has the same content as %s but label %s instead of %s", row["path"], first[1],
+                            label, first[0])
 
 
 def rows_for_batch(extractor: Extractor, batch: Sequence[tuple[ImageItem, LoadedImage | ImageError, float]],
@@ -371,37 +464,104 @@ def iter_decoded(items: Sequence[ImageItem], extractor: Extractor, perturbation:
     """Decoded batches of ``items`` (decoding runs ahead in worker threads), in input order."""
     runtime = extractor.config.runtime
     window = max(2 * runtime.batch_size, 4)
-    decoded = prefetch(items, runtime.max_pixels, runtime.num_workers, window, perturbation)
+    decoded = prefetch(items, runtime.max_pixels, runtime.num_workers, window, perturbation, runtime.max_file_bytes)
     yield from _chunks(decoded, runtime.batch_size)
 
 
-def pending_items(items: Sequence[ImageItem], store: FeatureStore, retry_errors: bool = False
-                  ) -> tuple[list[ImageItem], set[str]]:
-    """The items a run still has to do, and the content hashes the store already has features for.
+@dataclass
+class ResumePlan:
+    """What a run still has to do (see :func:`pending_items`)."""
 
-    With ``retry_errors`` the store's error rows are removed first, so their images are redone.
+    todo: list[ImageItem]
+    known_content: set[str]  # content hashes the store has features for
+    labels: dict[str, tuple[int, str]]  # sha256 -> (label, path) of labelled rows with features
+
+
+def pending_items(items: Sequence[ImageItem], store: FeatureStore, retry_errors: bool = False, *,
+                  workers: int = 2, max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+                  summary: ExtractionSummary | None = None) -> ResumePlan:
+    """Decide, for every item, whether the store's row for its path is still good.
+
+    An item is redone when the store has no row for its path, or when its file's content changed
+    since the row was written; the changed file's old row is removed first, so the store keeps one
+    row per path. Deciding costs no model run:
+
+    1. a cheap ``stat``: size, mtime, ctime and inode equal to those recorded when the file was
+       read mean the file was not touched (ctime changes with every write or replacement and
+       cannot be set back, so a same-size rewrite with a restored mtime is still seen);
+    2. otherwise (touched, copied, recorded by an older tidy-detect, or changed so close to its
+       read that timestamps could not tell) the file is read and hashed: the same sha256 as the row
+       means unchanged (the row's stat is updated so the next run needs no hash), another means
+       changed.
+
+    A file that failed before (an error row) is retried the same way when it changed, and kept
+    (``summary.kept_errors``) when it did not; ``retry_errors`` redoes every error row. A file
+    that is gone keeps its row.
     """
+    summary = summary if summary is not None else ExtractionSummary(total=len(items))
     index = store.index()
     if retry_errors:
-        failed = [p for p, (_, _, err) in index.items() if err]
+        failed = [p for p, entry in index.items() if entry.has_error]
         if failed:
             store.remove_paths(failed)
             for path in failed:
                 index.pop(path)
-    todo = [item for item in items if not _already_done(item, index.get(item.path))]
-    return todo, {sha for sha, _, err in index.values() if sha and not err}
+    todo: list[ImageItem] = []
+    to_hash: list[tuple[ImageItem, IndexEntry]] = []
+    for item in items:
+        entry = index.get(item.path)
+        if entry is None:
+            todo.append(item)
+            continue
+        now = stat_file(item.path)
+        if now is not None and (entry.stat is None or entry.stat != now):
+            to_hash.append((item, entry))
+        # else: untouched, or gone since (its row stays)
+    changed: list[ImageItem] = []
+    restat: dict[str, FileStat] = {}
+    for (item, entry), (digest, stat) in zip(to_hash, _hash_files([i for i, _ in to_hash], workers, max_bytes)):
+        summary.hashed += 1
+        if digest is not None and digest == entry.sha256:
+            if stat is not None and stat != entry.stat:
+                restat[item.path] = stat
+        else:
+            changed.append(item)
+    if changed:
+        log.info("%d files changed since they were extracted; redoing them", len(changed))
+        store.remove_paths(item.path for item in changed)
+        for item in changed:
+            index.pop(item.path, None)
+    if restat:
+        store.update_stats(restat)
+    pending = {item.path for item in todo} | {item.path for item in changed}
+    summary.skipped = sum(1 for item in items if item.path not in pending)
+    summary.kept_errors = sum(1 for item in items if item.path not in pending and index[item.path].has_error)
+    summary.changed = len(changed)
+    ordered = [item for item in items if item.path in pending]
+    good = [(path, entry) for path, entry in index.items() if entry.sha256 and not entry.has_error]
+    labels = {}
+    for path, entry in good:
+        if entry.label is not None:
+            labels.setdefault(entry.sha256, (entry.label, path))
+    return ResumePlan(ordered, {entry.sha256 for _, entry in good}, labels)
 
 
-def _already_done(item: ImageItem, known: tuple[str | None, int | None, bool] | None) -> bool:
-    if known is None:
-        return False
-    sha, size, has_error = known
-    if has_error:
-        return True
-    try:
-        return Path(item.path).stat().st_size == size
-    except OSError:
-        return True  # gone since: keep its row, nothing to redo
+def _hash_files(items: Sequence[ImageItem], workers: int, max_bytes: int
+                ) -> Iterator[tuple[str | None, FileStat | None]]:
+    """(sha256, stat as read) of each item's file, in order; (None, None) when it cannot be read."""
+
+    def one(item: ImageItem) -> tuple[str | None, FileStat | None]:
+        try:
+            data, stat = read_file(item.path, max_bytes=max_bytes)
+        except ImageError:
+            return None, None
+        return sha256_bytes(data), stat
+
+    if workers <= 1 or len(items) < 2:
+        yield from map(one, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tidy-hash") as pool:
+        yield from pool.map(one, items)
 
 
 def _process_isolating(extractor: Extractor, items: list[ImageItem], images: list[LoadedImage],
@@ -432,7 +592,7 @@ def _process_isolating(extractor: Extractor, items: list[ImageItem], images: lis
 
 
 def _write_copies(store: FeatureStore, extractor: Extractor, deferred: list[tuple[ImageItem, LoadedImage]],
-                  summary: ExtractionSummary) -> None:
+                  summary: ExtractionSummary, labels: LabelCheck | None = None) -> None:
     """Rows for images whose content was already extracted: copy features, new path/label/group."""
     originals = store.lookup({loaded.sha256 for _, loaded in deferred})
     rows, redo_items, redo_images = [], [], []
@@ -442,9 +602,11 @@ def _write_copies(store: FeatureStore, extractor: Extractor, deferred: list[tupl
             redo_items.append(item)
             redo_images.append(loaded)
             continue
-        rows.append({**source, "path": item.path, "label": item.label, "group": item.group})
+        rows.append({**source, "path": item.path, "label": item.label, "group": item.group, "stat": loaded.stat})
         summary.copied += 1
     rows.extend(_process_isolating(extractor, redo_items, redo_images, summary))
+    if labels is not None:
+        labels.check(rows, summary)
     for start in range(0, len(rows), 1024):
         store.write(rows[start:start + 1024])
 

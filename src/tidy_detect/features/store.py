@@ -10,7 +10,12 @@ Guarantees:
 - shard names derive from the rows they hold, so a retried batch replaces its own shard instead
   of adding a copy, and readers also skip any repeated (sha256, path) key;
 - a store remembers the extraction config it was made with (``fingerprint``); opening it for
-  writing with another config is an error naming what differs.
+  writing with another config is an error naming what differs;
+- one writer at a time: extraction holds ``STORE/writer.lock`` (an advisory ``flock``, which the
+  system releases when its process dies, so a stale lock is taken over safely); a second writer
+  is refused with a message naming the holder (:class:`StoreLock`);
+- each row records the file's size, mtime, ctime and inode as read, so a rerun can tell a changed
+  file from an unchanged one (see :func:`tidy_detect.features.extractor.pending_items`).
 
 The shards are plain Parquet in ``STORE/shards/``: ``pandas.read_parquet("STORE/shards")``, DuckDB's
 ``read_parquet('STORE/shards/*.parquet')`` and ``polars.read_parquet("STORE/shards/*.parquet")`` read
@@ -19,13 +24,17 @@ them as they are.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import logging
 import os
-import tempfile
+import socket
+import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -38,6 +47,7 @@ import pyarrow.parquet as pq
 from tidy_detect.config import RepresentationConfig
 from tidy_detect.errors import StoreError
 from tidy_detect.features import discrepancy
+from tidy_detect.images import FileStat
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +55,7 @@ STORE_FORMAT = "tidy-detect-store"
 STORE_FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 COMPACT_JOURNAL = "compact-journal.json"
+LOCK_FILE = "writer.lock"
 SHARD_DIR = "shards"  # Parquet only, so the folder itself reads as one dataset
 # Keys of the extraction config that identify where a model came from, not what it computes;
 # they are recorded but left out of the fingerprint.
@@ -52,6 +63,7 @@ _VOLATILE_KEYS = {"source", "revision", "spacy_version"}
 
 KEY_COLUMNS = ["sha256", "path"]
 META_COLUMNS = ["sha256", "path", "label", "group", "width", "height", "format", "num_bytes"]
+STAT_COLUMNS = ["mtime_ns", "ctime_ns", "inode"]  # with num_bytes: the file as it was read
 EMBEDDING_COLUMNS = ["global_image", "global_text", "local_images", "local_texts"]
 
 
@@ -79,6 +91,10 @@ def store_schema(dim: int) -> pa.Schema:
         ("local_fallback", pa.bool_()),
         ("error", pa.string()),
         ("error_kind", pa.string()),
+        # Added after the first stores: shards without them read as nulls (see _conform).
+        ("mtime_ns", pa.int64()),
+        ("ctime_ns", pa.int64()),
+        ("inode", pa.int64()),
     ])
 
 
@@ -119,17 +135,114 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def temporary_path(final: Path) -> Path:
+    """A unique, not yet existing name beside ``final`` for writing it atomically.
+
+    The file is created by whoever writes it (``open``, pyarrow, safetensors), so it gets the
+    user's umask like any other file; ``tempfile.mkstemp`` would make it 0600.
+    """
+    return final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = temporary_path(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        with open(tmp, "x", encoding="utf-8") as handle:
             json.dump(data, handle, indent=2, sort_keys=False)
             handle.write("\n")
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+class StoreLock:
+    """The one-writer lock of a store: ``flock`` on ``STORE/writer.lock``, holder described inside.
+
+    ``flock`` is released by the system when the holding process exits or dies, so a lock left by
+    a killed run is simply taken over; the file itself is never deleted (deleting a lock file races
+    with a process that has just opened it). Re-entrant for the same object.
+    """
+
+    def __init__(self, store: Path) -> None:
+        self.path = store / LOCK_FILE
+        self._fd: int | None = None
+        self._depth = 0
+
+    def acquire(self, wait: float = 0.0) -> None:
+        """Take the lock, waiting up to ``wait`` seconds for another writer.
+
+        Raises:
+            StoreError: another process holds it (the message names it), or it cannot be created.
+        """
+        if self._fd is not None:
+            self._depth += 1
+            return
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot create the store's writer lock ({exc.strerror or exc})") from exc
+        deadline = time.monotonic() + max(wait, 0.0)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    os.close(fd)
+                    raise StoreError(f"{self.path}: cannot lock the store ({exc.strerror or exc})") from exc
+                if time.monotonic() >= deadline:
+                    holder = self.holder()
+                    os.close(fd)
+                    raise StoreError(f"{self.path.parent}: another process is writing to this store "
+                                     f"({describe_holder(holder)}); wait for it to finish, or write to another "
+                                     f"--out folder. Two writers would both redo the same images.") from None
+                time.sleep(0.2)
+        previous = self.holder()
+        if previous and previous.get("pid") not in (None, os.getpid()):
+            log.info("%s: taking over the writer lock of %s, which has ended", self.path.parent,
+                     describe_holder(previous))
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now(),
+                  "command": " ".join(sys.argv)[:500]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        self._fd, self._depth = fd, 1
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        self._depth -= 1
+        if self._depth > 0:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)  # holder info would be stale once released
+        except OSError:
+            pass
+        os.close(fd)  # closing releases the flock
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def holder(self) -> dict[str, Any] | None:
+        """What the last (or current) holder wrote about itself, if anything readable."""
+        try:
+            text = self.path.read_text(encoding="utf-8").strip()
+            data = json.loads(text) if text else None
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+
+def describe_holder(holder: dict[str, Any] | None) -> str:
+    if not holder:
+        return "holder unknown"
+    return (f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}, "
+            f"command: {holder.get('command') or '?'}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,6 +277,8 @@ def rows_to_table(rows: Sequence[dict[str, Any]], dim: int) -> pa.Table:
     columns = {}
     for field in schema:
         values = [row.get(field.name) for row in rows]
+        if field.name in STAT_COLUMNS:
+            values = [_stat_value(row, field.name) for row in rows]
         if field.name in ("global_image", "global_text"):
             columns[field.name] = _vectors(values, dim)
         elif field.name in ("local_images", "local_texts"):
@@ -174,6 +289,33 @@ def rows_to_table(rows: Sequence[dict[str, Any]], dim: int) -> pa.Table:
         else:
             columns[field.name] = pa.array(values, field.type)
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+
+def _stat_value(row: dict[str, Any], name: str) -> int | None:
+    """A row's file-stat column: rows from the extractor carry a FileStat under ``stat``; rows
+    read back from a store (copies) carry the columns themselves."""
+    stat = row.get("stat")
+    if isinstance(stat, FileStat):
+        return {"mtime_ns": stat.mtime_ns, "ctime_ns": stat.ctime_ns, "inode": stat.inode}[name]
+    return row.get(name)
+
+
+def row_stat(num_bytes: int | None, mtime_ns: int | None, ctime_ns: int | None, inode: int | None
+             ) -> FileStat | None:
+    """The FileStat recorded in a row's columns (None when the row has none, e.g. older stores)."""
+    if None in (num_bytes, mtime_ns, ctime_ns, inode):
+        return None
+    return FileStat(int(num_bytes), int(mtime_ns), int(ctime_ns), int(inode))
+
+
+def _conform(table: pa.Table | pa.RecordBatch, schema: pa.Schema) -> pa.Table:
+    """A shard's table in the current schema: columns added since it was written read as nulls."""
+    if isinstance(table, pa.RecordBatch):
+        table = pa.Table.from_batches([table])
+    for field in schema:
+        if field.name not in table.schema.names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(schema.names).cast(schema)
 
 
 def vectors_to_numpy(array: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray:
@@ -192,6 +334,17 @@ def vector_lists_to_numpy(array: pa.Array | pa.ChunkedArray, dim: int) -> list[n
     offsets = array.offsets.to_numpy()
     flat = vectors_to_numpy(array.values, dim) if len(array.values) else np.zeros((0, dim), np.float32)
     return [flat[offsets[i]:offsets[i + 1]] for i in range(len(array))]
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """What the store holds for one path: resume decides from this whether to redo the file."""
+
+    sha256: str | None
+    has_error: bool
+    error_kind: str | None
+    stat: FileStat | None  # None for rows without a readable file (not found) or from older stores
+    label: int | None = None
 
 
 @dataclass
@@ -222,16 +375,18 @@ class FeatureStore:
         config_file = self.path / CONFIG_FILE
         if not config_file.is_file():
             raise StoreError(f"{self.path}: not a feature store (no {CONFIG_FILE}); create one with `tidy-detect extract`")
-        try:
-            self.config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"{config_file}: cannot be read ({exc})") from exc
-        if self.config.get("format") != STORE_FORMAT:
-            raise StoreError(f"{config_file}: not a tidy-detect store config (format {self.config.get('format')!r})")
-        if self.config.get("format_version", 0) > STORE_FORMAT_VERSION:
-            raise StoreError(f"{self.path}: store format {self.config.get('format_version')} is newer than this "
-                             f"tidy-detect understands ({STORE_FORMAT_VERSION}); upgrade tidy-detect")
+        self.config = _read_config(config_file)
+        self.lock = StoreLock(self.path)
         self._recover_compaction()
+
+    @contextlib.contextmanager
+    def writing(self, wait: float = 0.0) -> Iterator["FeatureStore"]:
+        """Hold the store's writer lock for the block (re-entrant); see :class:`StoreLock`."""
+        self.lock.acquire(wait)
+        try:
+            yield self
+        finally:
+            self.lock.release()
 
     # -- creation ----------------------------------------------------------------------------
 
@@ -314,15 +469,16 @@ class FeatureStore:
             raise StoreError(f"{self.path}: generator {g!r} is paired with real folder {current[g]!r} in this store, "
                              f"not {pairing[g]!r}; use another --out folder or the same --pairing")
         if any(current.get(g) != r for g, r in pairing.items()):
-            config = json.loads((self.path / CONFIG_FILE).read_text(encoding="utf-8"))
+            config = _read_config(self.path / CONFIG_FILE)
             config["pairing"] = {**current, **pairing}
             write_json_atomic(self.path / CONFIG_FILE, config)
             self.config = config
 
     def record_run(self, run: dict[str, Any]) -> None:
         """Append a run's summary (device, dtype, counts, timings) to config.json."""
-        config = json.loads((self.path / CONFIG_FILE).read_text(encoding="utf-8"))
-        config.setdefault("runs", []).append(run)
+        config = _read_config(self.path / CONFIG_FILE)
+        runs = config.get("runs")
+        config["runs"] = [*(runs if isinstance(runs, list) else []), run]
         write_json_atomic(self.path / CONFIG_FILE, config)
         self.config = config
 
@@ -343,13 +499,12 @@ class FeatureStore:
     def _write_table(self, table: pa.Table, prefix: str, final: Path | None = None) -> Path:
         final = final or self._shard_path(table, prefix)
         final.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-        os.close(fd)
+        tmp = temporary_path(final)
         try:
-            pq.write_table(table, tmp, compression="zstd")
+            pq.write_table(table, str(tmp), compression="zstd")
             os.replace(tmp, final)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         return final
 
@@ -366,23 +521,27 @@ class FeatureStore:
     def iter_batches(self, columns: Sequence[str] | None = None, batch_size: int = 8192,
                      dedupe: bool = True) -> Iterator[pa.RecordBatch]:
         """Record batches over all shards, each (sha256, path) key once, with bounded memory."""
+        schema = store_schema(self.dim)
         wanted = list(columns) if columns is not None else None
-        read = None if wanted is None else list(dict.fromkeys([*wanted, *KEY_COLUMNS] if dedupe else wanted))
+        read = schema.names if wanted is None else list(dict.fromkeys([*wanted, *KEY_COLUMNS] if dedupe else wanted))
         seen: set[int] = set()
         for shard in self.shards():
             try:
                 reader = pq.ParquetFile(shard)
-                batches = reader.iter_batches(batch_size=batch_size, columns=read)
+                present = set(reader.schema_arrow.names)
+                missing = [name for name in read if name not in present]
+                batches = reader.iter_batches(batch_size=batch_size, columns=[n for n in read if n in present])
                 for batch in batches:
+                    if missing:  # a shard written before these columns existed
+                        batch = _with_nulls(batch, [schema.field(n) for n in missing], read)
                     if dedupe:
                         batch = _drop_seen(batch, seen)
                     if wanted is not None:
                         batch = batch.select(wanted)
                     if batch.num_rows:
                         yield batch
-            except (OSError, pa.ArrowInvalid) as exc:
-                raise StoreError(f"{shard}: unreadable shard ({exc}); move it away and rerun extraction "
-                                 f"to redo its images") from exc
+            except (OSError, pa.ArrowException) as exc:
+                raise _unreadable(shard, exc) from exc
 
     def table(self, columns: Sequence[str] | None = None) -> pa.Table:
         batches = list(self.iter_batches(columns))
@@ -406,27 +565,60 @@ class FeatureStore:
     def __len__(self) -> int:
         return len(self.keys())
 
-    def index(self) -> dict[str, tuple[str | None, int | None, bool]]:
-        """path -> (sha256, num_bytes, has_error) for every row: what resume needs, cheaply."""
-        found: dict[str, tuple[str | None, int | None, bool]] = {}
-        for batch in self.iter_batches(["sha256", "path", "num_bytes", "error"]):
-            for sha, path, size, error in zip(*(batch.column(i).to_pylist() for i in range(4))):
-                found.setdefault(path, (sha, size, error is not None))
+    def index(self) -> dict[str, "IndexEntry"]:
+        """path -> :class:`IndexEntry` (content hash, error or not, file stat as read) for every
+        row: what resume needs, cheaply."""
+        found: dict[str, IndexEntry] = {}
+        columns = ["sha256", "path", "label", "error", "error_kind", "num_bytes", *STAT_COLUMNS]
+        for batch in self.iter_batches(columns):
+            values = [batch.column(i).to_pylist() for i in range(len(columns))]
+            for sha, path, label, error, kind, size, mtime, ctime, inode in zip(*values):
+                if path not in found:
+                    found[path] = IndexEntry(sha, error is not None, kind, row_stat(size, mtime, ctime, inode),
+                                             label)
         return found
+
+    def update_stats(self, stats: dict[str, FileStat]) -> int:
+        """Record new file stats for rows whose files were touched but hold the same content, so
+        the next resume recognises them from their stat alone. Returns the rows updated."""
+        if not stats:
+            return 0
+        schema = store_schema(self.dim)
+        updated = 0
+        for shard in self.shards():
+            table = _conform(self._read_shard(shard), schema)
+            paths = table["path"].to_pylist()
+            hits = [i for i, p in enumerate(paths) if p in stats]
+            if not hits:
+                continue
+            columns = {name: table[name].to_pylist() for name in ("num_bytes", *STAT_COLUMNS)}
+            for i in hits:
+                stat = stats[paths[i]]
+                columns["num_bytes"][i] = stat.size
+                columns["mtime_ns"][i], columns["ctime_ns"][i], columns["inode"][i] = (
+                    stat.mtime_ns, stat.ctime_ns, stat.inode)
+            for name, values in columns.items():
+                table = table.set_column(schema.get_field_index(name), schema.field(name),
+                                         pa.array(values, schema.field(name).type))
+            self._replace([shard], table)
+            updated += len(hits)
+        return updated
 
     def remove_paths(self, paths: Iterable[str]) -> int:
         """Rewrite the shards holding rows of ``paths`` without them; returns rows removed."""
         doomed = set(paths)
         removed = 0
+        if not doomed:
+            return 0
         for shard in self.shards():
-            table = pq.read_table(shard)
+            table = self._read_shard(shard)
             keep = pc.invert(pc.is_in(table["path"], value_set=pa.array(sorted(doomed), pa.string())))
             kept = table.filter(keep)
             if kept.num_rows == table.num_rows:
                 continue
             removed += table.num_rows - kept.num_rows
             if kept.num_rows:
-                self._replace([shard], kept)
+                self._replace([shard], _conform(kept, store_schema(self.dim)))
             else:
                 shard.unlink()
         return removed
@@ -527,7 +719,12 @@ class FeatureStore:
         for tmp in self.shard_dir.glob(".*.tmp") if self.shard_dir.is_dir() else ():
             if tmp.stat().st_mtime < stale:
                 tmp.unlink(missing_ok=True)
-        small = [s for s in self.shards() if pq.ParquetFile(s).metadata.num_rows < target_rows]
+        with self.writing():
+            return self._compact(target_rows)
+
+    def _compact(self, target_rows: int) -> int:
+        sizes = {s: self._shard_rows(s) for s in self.shards()}
+        small = [s for s, n in sizes.items() if n < target_rows]
         if len(small) < 2:
             return 0
         merged = 0
@@ -536,7 +733,7 @@ class FeatureStore:
         for shard in small + [None]:
             if shard is not None:
                 group.append(shard)
-                rows += pq.ParquetFile(shard).metadata.num_rows
+                rows += sizes[shard]
             if group and (shard is None or rows >= target_rows):
                 if len(group) > 1:
                     self._merge(group)
@@ -545,9 +742,21 @@ class FeatureStore:
         return merged
 
     def _merge(self, shards: list[Path]) -> None:
-        table = pa.concat_tables([pq.read_table(s) for s in shards])
         schema = store_schema(self.dim)
-        self._replace(shards, table.select(schema.names).cast(schema))
+        table = pa.concat_tables([_conform(self._read_shard(s), schema) for s in shards])
+        self._replace(shards, table)
+
+    def _shard_rows(self, shard: Path) -> int:
+        try:
+            return pq.ParquetFile(shard).metadata.num_rows
+        except (OSError, pa.ArrowException) as exc:
+            raise _unreadable(shard, exc) from exc
+
+    def _read_shard(self, shard: Path) -> pa.Table:
+        try:
+            return pq.read_table(shard)
+        except (OSError, pa.ArrowException) as exc:
+            raise _unreadable(shard, exc) from exc
 
     def _replace(self, shards: list[Path], table: pa.Table) -> None:
         """Write ``table`` as a new shard, then remove ``shards``, journalled for crash safety."""
@@ -565,13 +774,61 @@ class FeatureStore:
             return
         try:
             plan = json.loads(journal.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            merged, replaced = plan["merged"], plan["replaced"]
+            if not isinstance(merged, str) or not all(isinstance(n, str) for n in replaced):
+                raise ValueError("not a compaction plan")
+        except (OSError, ValueError, KeyError, TypeError):
             journal.unlink(missing_ok=True)  # written atomically, so unreadable means foreign; merged rows are deduped
             return
-        if (self.shard_dir / plan["merged"]).is_file():
-            for name in plan["replaced"]:
-                (self.shard_dir / name).unlink(missing_ok=True)
+        if (self.shard_dir / Path(merged).name).is_file():
+            for name in replaced:
+                (self.shard_dir / Path(name).name).unlink(missing_ok=True)
         journal.unlink(missing_ok=True)
+
+
+def _with_nulls(batch: pa.RecordBatch, fields: list[pa.Field], order: list[str]) -> pa.RecordBatch:
+    arrays = dict(zip(batch.schema.names, batch.columns))
+    for field in fields:
+        arrays[field.name] = pa.nulls(batch.num_rows, field.type)
+    return pa.RecordBatch.from_arrays([arrays[n] for n in order], names=order)
+
+
+def _unreadable(shard: Path, exc: BaseException) -> StoreError:
+    return StoreError(f"{shard}: unreadable shard ({exc}); move it out of the store folder and rerun the "
+                      f"extraction to redo its images")
+
+
+def _read_config(config_file: Path) -> dict[str, Any]:
+    """config.json, checked enough that every later use of it is safe.
+
+    Raises:
+        StoreError: unreadable, not JSON, not an object, another format, a newer version, or a
+            required field of the wrong type.
+    """
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{config_file}: cannot be read ({exc})") from exc
+    if not isinstance(config, dict):
+        raise StoreError(f"{config_file}: must hold a JSON object (a tidy-detect store config), "
+                         f"got {type(config).__name__}")
+    if config.get("format") != STORE_FORMAT:
+        raise StoreError(f"{config_file}: not a tidy-detect store config (format {config.get('format')!r})")
+    version = config.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise StoreError(f"{config_file}: format_version must be an integer, got {version!r}")
+    if version > STORE_FORMAT_VERSION:
+        raise StoreError(f"{config_file.parent}: store format {version} is newer than this tidy-detect "
+                         f"understands ({STORE_FORMAT_VERSION}); upgrade tidy-detect")
+    checks = {"fingerprint": (isinstance(config.get("fingerprint"), str), "a string"),
+              "dim": (isinstance(config.get("dim"), int) and not isinstance(config.get("dim"), bool)
+                      and 1 <= config.get("dim") <= 65536, "an integer in 1..65536"),
+              "extraction": (isinstance(config.get("extraction"), dict), "an object"),
+              "pairing": (config.get("pairing") is None or isinstance(config.get("pairing"), dict), "an object")}
+    for name, (ok, rule) in checks.items():
+        if not ok:
+            raise StoreError(f"{config_file}: field {name} must be {rule}, got {config.get(name)!r}")
+    return config
 
 
 def _drop_seen(batch: pa.RecordBatch, seen: set[int]) -> pa.RecordBatch:
