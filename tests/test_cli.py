@@ -112,3 +112,13 @@ def test_help_lists_the_exit_codes():
     assert result.exit_code == 0
     for code, _ in EXIT_CODES:
         assert f"{code} " in result.output
+
+
+def test_readme_lists_every_exit_code():
+    from pathlib import Path
+
+    from tidy_detect.errors import EXIT_CODES
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    for code, meaning in EXIT_CODES:
+        assert f"| {code} | {meaning} |" in readme

@@ -136,3 +136,62 @@ def test_shards_read_as_one_dataset_in_pandas_polars_and_duckdb(tmp_path):
     assert pl.read_parquet(str(store.shard_dir / "*.parquet")).height == 4
     count = duckdb.sql(f"select count(*) from read_parquet('{store.shard_dir}/*.parquet') where error is null")
     assert count.fetchall() == [(3,)]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[]", "must hold a JSON object"),
+    ("{not json", "cannot be read"),
+    ('{"format": "tidy-detect-store", "format_version": 1, "fingerprint": "x", "dim": "768", "extraction": {}}',
+     "field dim must be an integer"),
+    ('{"format": "tidy-detect-store", "format_version": "1"}', "format_version must be an integer"),
+])
+def test_a_bad_config_json_is_a_store_error(tmp_path, content, message):
+    store = FeatureStore.open_for_writing(tmp_path / "s", EXTRACTION, DIM)
+    (store.path / "config.json").write_text(content)
+    with pytest.raises(StoreError, match=message):
+        FeatureStore(store.path)
+
+
+def test_a_truncated_shard_is_a_clear_error_for_compact_and_readers(tmp_path):
+    store = FeatureStore.open_for_writing(tmp_path / "s", EXTRACTION, DIM)
+    for i in range(3):
+        store.write([_row(i)])
+    shard = store.shards()[0]
+    shard.write_bytes(shard.read_bytes()[:40])
+    with pytest.raises(StoreError, match=f"{shard.name}: unreadable shard .*move it out of the store folder"):
+        store.compact(target_rows=100)
+    with pytest.raises(StoreError, match="unreadable shard"):
+        len(store)
+    assert len(store.shards()) == 3  # nothing removed
+
+
+def test_shards_without_the_file_stat_columns_still_read_and_compact(tmp_path):
+    """Stores written before the stat columns existed: the columns read as nulls."""
+    import pyarrow as pa
+
+    store = FeatureStore.open_for_writing(tmp_path / "s", EXTRACTION, DIM)
+    store.write([_row(0)])
+    store.write([_row(1)])
+    for shard in store.shards():
+        table = pq.read_table(shard)
+        pq.write_table(table.drop_columns(["mtime_ns", "ctime_ns", "inode"]), shard)
+    assert store.index()["/img/0.png"].stat is None
+    assert store.compact(target_rows=100) == 2
+    table = pq.read_table(store.shards()[0])
+    assert table.num_rows == 2 and table["mtime_ns"].null_count == 2 and table.schema.field("inode").type == pa.int64()
+
+
+def test_store_cli_errors_are_one_line_not_internal(tmp_path):
+    from typer.testing import CliRunner
+
+    from tidy_detect.cli import app
+
+    store = FeatureStore.open_for_writing(tmp_path / "s", EXTRACTION, DIM)
+    store.write([_row(0)])
+    store.write([_row(1)])
+    store.shards()[0].write_bytes(b"PAR1 garbage")
+    result = CliRunner().invoke(app, ["store", "compact", str(store.path)])
+    assert result.exit_code == 6 and "unreadable shard" in result.output
+    (store.path / "config.json").write_text("[]")
+    result = CliRunner().invoke(app, ["store", "info", str(store.path)])
+    assert result.exit_code == 6 and "must hold a JSON object" in result.output
