@@ -9,7 +9,9 @@ Training is seeded and deterministic on the CPU: the same data, options and seed
 weights bit for bit (initialisation and shuffling draw from private generators).
 
 Checkpoints are ``HEAD.safetensors`` (weights, with all metadata as JSON in the safetensors
-header) plus a readable ``HEAD.json`` copy of that metadata. No pickle.
+header) plus a readable ``HEAD.json`` copy of that metadata. No pickle. ``load`` checks the
+header size, every metadata field it or detection relies on, and the tensors' names, shapes and
+dtypes before it builds anything, so a damaged or hand-edited file is one clear ``CheckpointError``.
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import math
+import os
+import struct
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 
+from tidy_detect.config import GLOBAL_VIEWS, RepresentationConfig
 from tidy_detect.errors import CheckpointError, ConfigError, NotFittedError
 from tidy_detect.evaluate.metrics import detection_metrics
 
@@ -32,6 +38,15 @@ HEAD_FORMAT = "tidy-detect-head"
 HEAD_FORMAT_VERSION = 1
 SELECT_CHOICES = ("last", "best-val")
 PRECISIONS = ("auto", "float32", "bfloat16")
+
+# Budgets for what a checkpoint may ask of ``load``. A head's metadata is a few kilobytes (the
+# history grows ~100 bytes an epoch); safetensors itself allows a 100 MB header, which we would
+# then parse a second time as JSON.
+MAX_HEADER_BYTES = 16 * 2**20
+MAX_WIDTH = 65536
+MAX_EPOCHS = 1_000_000
+MAX_BATCH_SIZE = 2**24
+WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 EpochFn = Callable[[dict[str, Any]], None]
 
@@ -87,6 +102,9 @@ class DiscrepancyHead:
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
                f"batch_size must be >= 1, got {self.batch_size!r}")
+        # The bounds load() enforces, so that every head fit() makes can be loaded again.
+        for name, limit in (("hidden", MAX_WIDTH), ("epochs", MAX_EPOCHS), ("batch_size", MAX_BATCH_SIZE)):
+            _check(getattr(self, name) <= limit, f"{name} must be <= {limit}, got {getattr(self, name)!r}")
         _check(self.select in SELECT_CHOICES, f"select must be one of {', '.join(SELECT_CHOICES)}, got {self.select!r}")
         _check(self.precision in PRECISIONS,
                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
@@ -120,6 +138,8 @@ class DiscrepancyHead:
             raise ConfigError(f"X must be (N, d) with one label per row, got X {X.shape} and y {y.shape}")
         if len(X) == 0:
             raise ConfigError("no training examples (every row had an error or no label?)")
+        if X.shape[1] > MAX_WIDTH:
+            raise ConfigError(f"X must have at most {MAX_WIDTH} features per row, got {X.shape[1]}")
         if not set(np.unique(y).tolist()) <= {0, 1}:
             raise ConfigError(f"labels must be 0 (real) or 1 (fake), got {sorted(set(np.unique(y).tolist()))}")
         if not np.isfinite(X).all():
@@ -239,8 +259,12 @@ class DiscrepancyHead:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def save(self, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-        """Write ``path`` (.safetensors) and its ``.json`` twin; returns the safetensors path."""
-        from safetensors.torch import save_file
+        """Write ``path`` (.safetensors) and its ``.json`` twin; returns the safetensors path.
+
+        Each file is written under a unique temporary name and renamed into place, so a reader never
+        sees half a head; both get the permissions of any new file (the user's umask applies).
+        """
+        from safetensors.torch import save as safetensors_bytes
 
         from tidy_detect import __version__
 
@@ -261,52 +285,316 @@ class DiscrepancyHead:
         }
         meta = json_safe(meta)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.model_.state_dict().items()}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"tidy_detect": json.dumps(meta, allow_nan=False)})
-        tmp.replace(path)
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        # In memory, then our own open(): safetensors' save_file creates its file 0600 whatever
+        # the umask. A head is a few megabytes at most.
+        _write_atomic(path, safetensors_bytes(tensors, metadata={"tidy_detect": json.dumps(meta, allow_nan=False)}))
+        _write_atomic(path.with_suffix(".json"), (json.dumps(meta, indent=2, allow_nan=False) + "\n").encode("utf-8"))
         return path
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> tuple["DiscrepancyHead", dict[str, Any]]:
+    def load(cls, path: str | Path, device: str = "cpu", *,
+             pipeline: bool = True) -> tuple["DiscrepancyHead", dict[str, Any]]:
         """Read a checkpoint; returns (head, metadata).
 
+        Everything is checked before a network is built or a tensor read: the safetensors header
+        size (at most ``MAX_HEADER_BYTES``), the metadata (format and version, the head's sizes and
+        hyperparameters, and the ``representation`` and ``extraction`` records that detection and
+        evaluation use), and that the file holds exactly the tensors those sizes imply.
+
+        Args:
+            path: the ``.safetensors`` file (the suffix may be left off).
+            device: where the head runs.
+            pipeline: require ``representation`` and ``extraction`` (written by ``tidy-detect train``);
+                pass False for a bare estimator saved by :meth:`save` without them.
+
         Raises:
-            CheckpointError: missing or unreadable file, or not a tidy-detect head.
+            CheckpointError: missing or unreadable file, not a tidy-detect head, or a metadata field
+                or tensor that breaks a rule (the message names the file, the field, the rule and
+                the value).
         """
+        import torch
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
         path = Path(path)
         if not path.is_file() and path.with_suffix(".safetensors").is_file():
             path = path.with_suffix(".safetensors")
         if not path.is_file():
             raise CheckpointError(f"{path}: no such head checkpoint; train one with `tidy-detect train`")
+        _check_header_size(path)
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                raw = (handle.metadata() or {}).get("tidy_detect")
-            tensors = load_file(str(path))
+            handle = safe_open(str(path), framework="pt")
         except Exception as exc:  # safetensors raises its own error types for bad headers
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
-        if raw is None:
-            raise CheckpointError(f"{path}: a safetensors file without tidy-detect metadata; not a head checkpoint")
-        meta = json.loads(raw)
-        if meta.get("format") != HEAD_FORMAT or meta.get("format_version", 0) > HEAD_FORMAT_VERSION:
-            raise CheckpointError(f"{path}: head format {meta.get('format')!r} v{meta.get('format_version')} "
-                                  f"is not one this tidy-detect reads")
+        with handle:
+            raw = (handle.metadata() or {}).get("tidy_detect")
+            if raw is None:
+                raise CheckpointError(f"{path}: a safetensors file without tidy-detect metadata; "
+                                      f"not a head checkpoint")
+            meta = validate_metadata(raw, path, pipeline=pipeline)
+            hidden, n_features = meta["head"]["hidden"], meta["head"]["n_features"]
+            layout = {name: (tuple(handle.get_slice(name).get_shape()), handle.get_slice(name).get_dtype())
+                      for name in handle.keys()}
+            _check_layout(path, layout, hidden, n_features)
+            try:
+                tensors = {name: handle.get_tensor(name) for name in layout}
+            except Exception as exc:
+                raise CheckpointError(f"{path}: cannot read the weights ({exc})") from exc
+        for name, tensor in tensors.items():
+            if not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values; the head is damaged")
         params = {k: v for k, v in meta["head"].items() if k in cls().get_params()}
         head = cls(**params, device=device)
-        model = head._build(int(meta["head"]["n_features"]))
+        model = head._build(n_features)
         try:
             model.load_state_dict(tensors)
-        except RuntimeError as exc:
+        except RuntimeError as exc:  # the layout check above should make this unreachable
             raise CheckpointError(f"{path}: weights do not match the recorded architecture ({exc})") from exc
         head.model_ = model.to(device).eval()
-        head.n_features_in_ = int(meta["head"]["n_features"])
+        head.n_features_in_ = n_features
         head.classes_ = np.array([0, 1])
         head.history_ = meta.get("history", [])
-        head.chosen_epoch_ = int(meta["head"].get("chosen_epoch", head.epochs))
+        head.chosen_epoch_ = meta["head"].get("chosen_epoch", head.epochs)
         return head, meta
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    from tidy_detect.features.store import temporary_path
+
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, "xb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _check_header_size(path: Path) -> None:
+    """Refuse a header over our budget before safetensors reads it (its own limit is 100 MB)."""
+    try:
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the head checkpoint ({exc})") from None
+    if len(prefix) < 8:
+        raise CheckpointError(f"{path}: not a readable safetensors file (it is {len(prefix)} bytes long, "
+                              f"shorter than the 8-byte header length)")
+    (length,) = struct.unpack("<Q", prefix)
+    if length > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{path}: not a readable safetensors file (its header claims {length} bytes, "
+                              f"over the {MAX_HEADER_BYTES // 2**20} MiB limit for a head checkpoint); "
+                              f"the file is damaged or not a head")
+
+
+def _check_layout(path: Path, layout: dict[str, tuple[tuple[int, ...], str]], hidden: int, n_features: int) -> None:
+    """The tensors must be exactly those of ``n_features -> hidden -> 2``."""
+    expected = {"0.weight": (hidden, n_features), "0.bias": (hidden,), "2.weight": (2, hidden), "2.bias": (2,)}
+    extra = sorted(set(layout) - set(expected))
+    missing = sorted(set(expected) - set(layout))
+    if extra or missing:
+        problems = ([f"unexpected {', '.join(extra)}"] if extra else []) + \
+                   ([f"missing {', '.join(missing)}"] if missing else [])
+        raise CheckpointError(f"{path}: a head holds exactly the tensors {', '.join(expected)}; "
+                              f"this file has {'; '.join(problems)}")
+    for name, shape in expected.items():
+        found, dtype = layout[name]
+        if found != shape:
+            raise CheckpointError(
+                f"{path}: tensor {name} must have shape {shape} for metadata head.hidden={hidden} and "
+                f"head.n_features={n_features}, got {found}")
+        if dtype not in WEIGHT_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} must be floating point ({', '.join(WEIGHT_DTYPES)}), "
+                                  f"got {dtype}")
+
+
+# -- metadata validation -----------------------------------------------------------------------
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class _Fields:
+    """Typed reads of one metadata section; every failure names the file, the field, the rule, the value."""
+
+    def __init__(self, path: Path, section: dict[str, Any], prefix: str = "") -> None:
+        self.path, self.section, self.prefix = path, section, prefix
+
+    def fail(self, key: str, rule: str, value: Any) -> NoReturn:
+        raise CheckpointError(f"{self.path}: metadata field {self.prefix}{key} must be {rule}, got {_show(value)}")
+
+    def get(self, key: str, rule: str, ok: Callable[[Any], bool], required: bool) -> Any:
+        if key not in self.section:
+            if required:
+                raise CheckpointError(f"{self.path}: metadata field {self.prefix}{key} is missing; "
+                                      f"it must be {rule}")
+            return None
+        value = self.section[key]
+        if not ok(value):
+            self.fail(key, rule, value)
+        return value
+
+    def integer(self, key: str, low: int, high: int, required: bool = False) -> int | None:
+        return self.get(key, f"an integer in {low}..{high}", lambda v: _is_int(v) and low <= v <= high, required)
+
+    def number(self, key: str, rule: str, ok: Callable[[float], bool], required: bool = False) -> float | None:
+        return self.get(key, rule, lambda v: _is_number(v) and ok(v), required)
+
+    def boolean(self, key: str, required: bool = False) -> bool | None:
+        return self.get(key, "true or false", lambda v: isinstance(v, bool), required)
+
+    def choice(self, key: str, choices: tuple[Any, ...], required: bool = False, nullable: bool = False) -> Any:
+        rule = f"one of {', '.join(map(str, choices))}" + (" or null" if nullable else "")
+        return self.get(key, rule, lambda v: (v is None and nullable) or (isinstance(v, str) and v in choices),
+                        required)
+
+    def string(self, key: str, required: bool = False, nullable: bool = False) -> str | None:
+        rule = "a non-empty string" + (" or null" if nullable else "")
+        return self.get(key, rule, lambda v: (v is None and nullable) or (isinstance(v, str) and v.strip() != ""),
+                        required)
+
+    def text(self, key: str) -> str | None:
+        """Free text that may be empty or null (a prompt, a version)."""
+        return self.get(key, "a string or null", lambda v: v is None or isinstance(v, str), False)
+
+    def strings(self, key: str) -> list[str] | None:
+        return self.get(key, "a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                        False)
+
+    def numbers(self, key: str) -> list[float] | None:
+        return self.get(key, "a list of numbers", lambda v: isinstance(v, list) and all(_is_number(x) for x in v),
+                        False)
+
+    def section_of(self, key: str, required: bool = False) -> "_Fields | None":
+        value = self.get(key, "a JSON object", lambda v: isinstance(v, dict), required)
+        return None if value is None else _Fields(self.path, value, f"{self.prefix}{key}.")
+
+
+def validate_metadata(raw: str, path: str | Path, *, pipeline: bool = True) -> dict[str, Any]:
+    """Parse and check a head's metadata JSON (see :meth:`DiscrepancyHead.load`); returns it as a dict.
+
+    Unknown keys are kept (``save`` takes extra metadata), except in ``representation``, which
+    becomes a :class:`~tidy_detect.config.RepresentationConfig`.
+
+    Raises:
+        CheckpointError: not JSON, not an object, or a field that breaks its rule.
+    """
+    path = Path(path)
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: the tidy-detect metadata is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: the tidy-detect metadata must be a JSON object, got {type(meta).__name__}")
+    top = _Fields(path, meta)
+    top.choice("format", (HEAD_FORMAT,), required=True)
+    version = top.get("format_version", "a positive integer", lambda v: _is_int(v) and v >= 1, True)
+    if version > HEAD_FORMAT_VERSION:
+        raise CheckpointError(f"{path}: head format version {version} is newer than this tidy-detect reads "
+                              f"(up to {HEAD_FORMAT_VERSION}); upgrade tidy-detect to use this head")
+    for key in ("package_version", "created", "fingerprint"):
+        top.text(key)
+
+    head = top.section_of("head", required=True)
+    hidden = head.integer("hidden", 1, MAX_WIDTH, required=True)
+    n_features = head.integer("n_features", 1, MAX_WIDTH, required=True)
+    # The hyperparameters below do not change inference and older heads lack some of them
+    # (precision came later): absent means the default, present must be valid.
+    epochs = head.integer("epochs", 1, MAX_EPOCHS)
+    head.integer("batch_size", 1, MAX_BATCH_SIZE)
+    head.integer("seed", -2**63, 2**64 - 1)  # what torch.manual_seed accepts
+    head.number("lr", "a number > 0", lambda v: v > 0)
+    head.number("weight_decay", "a number >= 0", lambda v: v >= 0)
+    head.choice("select", SELECT_CHOICES)
+    head.boolean("balance")
+    head.choice("precision", PRECISIONS)
+    head.choice("precision_used", ("float32", "bfloat16"), nullable=True)
+    head.integer("chosen_epoch", 1, epochs or MAX_EPOCHS)
+    head.get("classes", "[0, 1]", lambda v: v == [0, 1] and all(_is_int(x) for x in v), False)
+    head.get("proba_columns", '["p_real", "p_fake"]', lambda v: v == ["p_real", "p_fake"], False)
+    dim = top.integer("dim", 1, MAX_WIDTH)
+    if dim is not None and dim != n_features:
+        # every representation has one value per CLIP dimension
+        top.fail("dim", f"equal to head.n_features ({n_features})", dim)
+    top.get("history", "a list of JSON objects", lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v),
+            False)
+    training = top.section_of("training")
+    if training is not None:
+        training.get("data", "a JSON object or null", lambda v: v is None or isinstance(v, dict), False)
+    top.section_of("metrics")
+
+    for key in ("representation", "extraction"):
+        if pipeline and key not in meta:
+            raise CheckpointError(f"{path}: metadata field {key} is missing; detection needs it (heads from "
+                                  f"`tidy-detect train` record it; a bare DiscrepancyHead.save loads with "
+                                  f"DiscrepancyHead.load(path, pipeline=False))")
+    representation = top.section_of("representation")
+    if representation is not None:
+        _check_representation(representation)
+    extraction = top.section_of("extraction")
+    if extraction is not None:
+        _check_extraction(extraction, n_features)
+    return meta
+
+
+def _check_representation(rep: _Fields) -> None:
+    known = ("kind", "w1", "w2", "normalize")
+    unknown = sorted(set(rep.section) - set(known))
+    if unknown:
+        raise CheckpointError(f"{rep.path}: metadata field representation has unknown key {unknown[0]!r}; "
+                              f"known: {', '.join(known)}")
+    rep.get("kind", "a string", lambda v: isinstance(v, str), True)
+    rep.number("w1", "a number >= 0", lambda v: v >= 0, required=True)
+    rep.number("w2", "a number >= 0", lambda v: v >= 0, required=True)
+    rep.boolean("normalize", required=True)
+    try:  # the remaining rules (known kinds, w1 + w2 > 0) live with the config
+        RepresentationConfig(**rep.section)
+    except ConfigError as exc:
+        raise CheckpointError(f"{rep.path}: metadata field representation: {exc}") from None
+
+
+def _check_extraction(extraction: _Fields, n_features: int) -> None:
+    # The rules match ModelConfig and FeatureConfig: any extraction a store can record passes.
+    # clip.source may be absent: the synthetic stores of `tidy-detect bench` record none, and
+    # evaluation does not need it.
+    clip = extraction.section_of("clip", required=True)
+    dim = clip.integer("dim", 1, MAX_WIDTH)
+    if dim is not None and dim != n_features:
+        clip.fail("dim", f"equal to head.n_features ({n_features})", dim)
+    clip.integer("image_size", 1, MAX_WIDTH)
+    clip.choice("global_view", GLOBAL_VIEWS)
+    clip.get("view_size", f"an integer in 8..{MAX_WIDTH} or null",
+             lambda v: v is None or (_is_int(v) and 8 <= v <= MAX_WIDTH), False)
+    clip.numbers("mean")
+    clip.numbers("std")
+    captioner = extraction.section_of("captioner", required=True)
+    captioner.string("name", required=True)
+    captioner.integer("max_tokens", 1, 512)
+    captioner.integer("num_beams", 1, 1024)
+    captioner.text("prompt")
+    grounder = extraction.section_of("grounder", required=True)
+    grounder.string("name", required=True)
+    for key in ("box_threshold", "text_threshold"):
+        grounder.get(key, "a number in [0, 1] or null", lambda v: v is None or (_is_number(v) and 0 <= v <= 1), False)
+    for section in (clip, captioner, grounder):
+        section.string("source", nullable=True)
+        for key in ("model_type", "revision", "weights"):
+            section.text(key)
+    phrases = extraction.section_of("phrases")  # detection falls back to the defaults without it
+    if phrases is not None:
+        phrases.integer("max_objects", 0, 64)
+        phrases.strings("stoplist")
+        phrases.text("spacy_model")
+        phrases.text("spacy_version")
 
 
 def json_safe(value: Any) -> Any:

@@ -1,5 +1,10 @@
 """Loading checkpoints from hub ids or local folders, with one clear error when that fails.
 
+Only safetensors weights are ever loaded: a pickle (``pytorch_model.bin``, ``*.pt``) can run any
+code when it is read, and a model folder is something a user may have got from anywhere. Local
+folders are checked before transformers sees them (config.json, which weights files, their
+headers), and every model load passes ``use_safetensors=True``.
+
 Also: picking the device and dtype, and a cheap fingerprint of a model's weights so a store or a
 head can tell whether it is being used with the same models it was made with, whether those were
 loaded from the hub cache or from a copied folder.
@@ -10,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -20,6 +26,13 @@ from typing import Any, Iterator
 from tidy_detect.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_WEIGHTS_INDEX = "model.safetensors.index.json"
+# Weight files that torch.load would unpickle; named in the error so the user knows what was found.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_ONLY_SAFETENSORS = ("tidy-detect loads only safetensors weights, since unpickling a file (pytorch_model.bin, "
+                     "*.pt) can run any code it holds.")
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -68,6 +81,9 @@ def looks_like_hub_id(value: str) -> bool:
 def load_pretrained(loader: Any, source: str, *, what: str, option: str, **kwargs: Any) -> Any:
     """``loader.from_pretrained(source)`` with a clear error instead of a stack trace.
 
+    Model classes load safetensors weights only (``use_safetensors=True``); a local folder is
+    checked first with :func:`check_model_folder`.
+
     Args:
         loader: a transformers class with ``from_pretrained`` (a model or a processor class).
         source: a hub id or a local folder.
@@ -75,16 +91,24 @@ def load_pretrained(loader: Any, source: str, *, what: str, option: str, **kwarg
         option: the CLI option that takes this model ("--captioner-model").
 
     Raises:
-        ModelLoadError: the checkpoint is missing, unreachable or unreadable.
+        ModelLoadError: the checkpoint is missing, unreachable or unreadable, its config.json is not
+            a JSON object, or its weights are not safetensors.
     """
+    from safetensors import SafetensorError
+
+    weights = _loads_weights(loader)
+    if weights:
+        kwargs = {**kwargs, "use_safetensors": True}
+    failures = (OSError, ValueError, SafetensorError)
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelLoadError(f"{what} {source!r} is a file; pass the folder that holds config.json and the weights")
+        check_model_folder(path, what=what, option=option, weights=weights)
         try:
             with _no_progress_bars():
                 return loader.from_pretrained(str(path), local_files_only=True, **kwargs)
-        except (OSError, ValueError) as exc:
+        except (*failures, RuntimeError) as exc:  # RuntimeError: tensor shapes that disagree with config.json
             raise ModelLoadError(_explain(exc, str(path), what, option)) from None
     if not looks_like_hub_id(source):
         raise ModelLoadError(
@@ -95,13 +119,107 @@ def load_pretrained(loader: Any, source: str, *, what: str, option: str, **kwarg
     try:
         with _no_progress_bars():
             return loader.from_pretrained(source, local_files_only=True, **kwargs)
-    except (OSError, ValueError) as exc:
+    except failures as exc:
         if hub_offline() or not hub_reachable():
             raise ModelLoadError(_explain(exc, source, what, option)) from None
     try:
         return loader.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
+    except failures as exc:
         raise ModelLoadError(_explain(exc, source, what, option)) from None
+
+
+def _loads_weights(loader: Any) -> bool:
+    """Whether ``loader`` is a model class (it reads weights) rather than a processor or tokenizer."""
+    from transformers import PreTrainedModel
+
+    return isinstance(loader, type) and (issubclass(loader, PreTrainedModel)
+                                         or loader.__name__.startswith("AutoModel"))
+
+
+def check_model_folder(path: Path, *, what: str, option: str, weights: bool = True) -> None:
+    """Refuse a local checkpoint folder that transformers could only load by unpickling, or whose
+    files are damaged, before transformers reads any of it.
+
+    Checks that ``config.json`` (when present) is a JSON object and, when ``weights``, that the
+    weights are safetensors (``model.safetensors``, the shards of ``model.safetensors.index.json``,
+    or a safetensors file named by config.json's ``transformers_weights``) with readable headers
+    that cover the file. A folder with no weights at all is left to transformers to report.
+
+    Raises:
+        ModelLoadError: naming the folder, the file and what is wrong with it.
+    """
+    from safetensors import safe_open
+
+    where = f"Cannot load {what} from folder {str(path)!r}"
+    config = _read_json(path / "config.json", where) if (path / "config.json").is_file() else {}
+    if not weights:
+        return
+    explicit = config.get("transformers_weights")
+    if explicit is not None:
+        if not (isinstance(explicit, str) and explicit.endswith((".safetensors", ".safetensors.index.json"))):
+            raise ModelLoadError(f"{where}: config.json's transformers_weights names {explicit!r}; "
+                                 f"{_ONLY_SAFETENSORS} {_convert_hint(option)}")
+        entry = explicit
+    elif (path / SAFE_WEIGHTS).is_file():
+        entry = SAFE_WEIGHTS
+    elif (path / SAFE_WEIGHTS_INDEX).is_file():
+        entry = SAFE_WEIGHTS_INDEX
+    else:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+        if pickles:
+            raise ModelLoadError(f"{where}: it holds only pickle weights ({', '.join(pickles)}) and no "
+                                 f"{SAFE_WEIGHTS}; {_ONLY_SAFETENSORS} {_convert_hint(option)}")
+        return
+    files = [entry]
+    if entry.endswith(".index.json"):
+        index = _read_json(_inside(path, entry, where), where)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"{where}: {entry} has no weight_map of tensor names to shard files")
+        files = sorted(set(map(str, weight_map.values())))
+        bad = [f for f in files if not f.endswith(".safetensors")]
+        if bad:
+            raise ModelLoadError(f"{where}: {entry} names shard {bad[0]!r}; {_ONLY_SAFETENSORS} "
+                                 f"{_convert_hint(option)}")
+    for name in files:
+        file = _inside(path, name, where)
+        if not file.is_file():
+            raise ModelLoadError(f"{where}: {name} is missing (the checkpoint is incomplete; copy or download "
+                                 f"it again)")
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as exc:  # safetensors raises its own error types for bad headers
+            raise ModelLoadError(f"{where}: {name} is not a readable safetensors file ({exc}); it may be "
+                                 f"truncated or damaged: copy or download it again") from None
+
+
+def _convert_hint(option: str) -> str:
+    return (f"Convert the checkpoint once, in an environment you trust with these files: load it with "
+            f"transformers (`XxxModel.from_pretrained(DIR)`) and save it with `model.save_pretrained(DIR)` "
+            f"(transformers 5 always writes model.safetensors; older versions need "
+            f"`save_pretrained(DIR, safe_serialization=True)`), then pass DIR to {option}.")
+
+
+def _inside(folder: Path, name: str, where: str) -> Path:
+    file = (folder / name).resolve()
+    if not file.is_relative_to(folder.resolve()):
+        raise ModelLoadError(f"{where}: weights file {name!r} is outside the folder")
+    return file
+
+
+def _read_json(file: Path, where: str) -> dict[str, Any]:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ModelLoadError(f"{where}: cannot read {file.name} ({exc})") from None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ModelLoadError(f"{where}: {file.name} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{where}: {file.name} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 @contextlib.contextmanager
@@ -138,6 +256,11 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def _explain(exc: Exception, source: str, what: str, option: str) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "cannot be loaded with `safetensors`" in text:  # a hub checkpoint with pickle weights only
+        return (f"Cannot load {what} {source!r}: it has no safetensors weights; {_ONLY_SAFETENSORS} "
+                f"{_convert_hint(option)}")
+    if "ignore_mismatched_sizes" in text:
+        text = "the shapes of its weights do not match its config.json (transformers logged which ones)"
     if Path(source).exists():
         return f"Cannot load {what} from folder {source!r}: {text}"
     cache = os.environ.get("HF_HUB_CACHE") or os.path.join(

@@ -124,9 +124,12 @@ def checkpoint_model_type(source: str, *, kind: str = "model") -> str | None:
     else:
         return None
     try:
-        return json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+        config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{config_file}: cannot read the checkpoint's config ({exc})") from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{config_file}: a checkpoint's config must be a JSON object, got {type(config).__name__}")
+    return config.get("model_type")
 
 
 CAPTIONERS = Registry("captioner")
