@@ -23,7 +23,10 @@ else:  # pragma: no cover - exercised on 3.10 only
 PRESET_DIR = Path(__file__).parent / "presets"
 
 GLOBAL_VIEWS = ("center-crop", "clip")
+# How a grounder scores a caption phrase against a box; see tidy_detect.models.grounders.
+GROUNDING_RULES = ("span-mean", "token-max")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+MODEL_KINDS = ("clip", "captioner", "grounder")  # the models whose precision is chosen one by one
 
 # Chunks that name a part of the picture rather than an object in it ("a close" from "a close up
 # of", "front" from "in front of", "the image"). Compared with the chunk's root lemma, lower case.
@@ -72,12 +75,25 @@ class FeatureConfig:
     global_view: str = "center-crop"
     view_size: int | None = None
     caption_prompt: str | None = None
-    caption_max_tokens: int = 30
+    # BLIP-2's own cap is 30 (LAVIS ``generate(max_length=30)``, its COCO captioning config
+    # ``max_len: 30``) and the paper gives none; but the cap is shared by every captioner, and
+    # LLaVA's one-sentence captions can run past 30 tokens, cut mid-phrase with their last
+    # objects. Decoding is greedy by default, so a caption that ends before 30 tokens is the same
+    # under any higher cap: 60 changes only captions that 30 would cut, and stays below CLIP's
+    # 77-token text limit, past which T0 would be cut anyway.
+    caption_max_tokens: int = 60
     caption_num_beams: int = 1
     max_objects: int = 6
     box_threshold: float | None = None
     text_threshold: float | None = None
     phrase_stoplist: tuple[str, ...] = DEFAULT_PHRASE_STOPLIST
+    grounding_rule: str = "span-mean"
+    # Pixels of the original image, on the box's shorter side. CLIP's preprocessing crops a box
+    # to a square of its shorter side and resizes it to 224 (16x16 patches of 14 px for
+    # ViT-L/14): under 8 source pixels each patch sees less than half a pixel, i.e. interpolated
+    # blur, not the object, and such boxes are where the detector's regression is least
+    # reliable. 8 px still keeps small real objects (3% of a 256-px CNNDetection image).
+    min_box_size: float = 8.0
 
     def __post_init__(self) -> None:
         _check(self.global_view in GLOBAL_VIEWS,
@@ -94,16 +110,32 @@ class FeatureConfig:
             value = getattr(self, name)
             _check(value is None or (isinstance(value, (int, float)) and 0.0 <= value <= 1.0),
                    f"features.{name} must be in [0, 1] or unset, got {value!r}")
+        _check(self.grounding_rule in GROUNDING_RULES,
+               f"features.grounding_rule must be one of {', '.join(GROUNDING_RULES)}, got {self.grounding_rule!r}")
+        _check(isinstance(self.min_box_size, (int, float)) and not isinstance(self.min_box_size, bool)
+               and 0 <= self.min_box_size <= 4096,
+               f"features.min_box_size must be a number of pixels in [0, 4096], got {self.min_box_size!r}")
         if not isinstance(self.phrase_stoplist, tuple):
             object.__setattr__(self, "phrase_stoplist", tuple(self.phrase_stoplist))
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """Where and how fast extraction runs. Does not change the features' meaning."""
+    """Where and how fast extraction runs, and in which precision each model computes.
+
+    ``dtype`` is every model's precision unless its own field says otherwise: ``clip_dtype``
+    defaults to float32 (the features themselves: UniFD and the other peers compute CLIP features
+    in float32, so features comparable with theirs need it), ``captioner_dtype`` and
+    ``grounder_dtype`` follow ``dtype`` (half precision on GPUs changes little of a caption or a
+    box, and halves their cost). The resolved dtypes are recorded with each model in stores and
+    heads, and are part of their compatibility checks.
+    """
 
     device: str = "auto"
     dtype: str = "auto"
+    clip_dtype: str | None = "float32"
+    captioner_dtype: str | None = None
+    grounder_dtype: str | None = None
     batch_size: int = 8
     num_workers: int = 2
     max_pixels: int = 100_000_000
@@ -113,6 +145,10 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         _check(isinstance(self.compile, bool), f"runtime.compile must be true or false, got {self.compile!r}")
         _check(self.dtype in DTYPES, f"runtime.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for kind in MODEL_KINDS:
+            value = getattr(self, f"{kind}_dtype")
+            _check(value is None or value in DTYPES,
+                   f"runtime.{kind}_dtype must be one of {', '.join(DTYPES)} or unset, got {value!r}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith(("cuda", "mps")),
                f"runtime.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
@@ -123,6 +159,10 @@ class RuntimeConfig:
                f"runtime.max_pixels must be >= 1, got {self.max_pixels!r}")
         _check(isinstance(self.max_file_bytes, int) and not isinstance(self.max_file_bytes, bool)
                and self.max_file_bytes >= 1, f"runtime.max_file_bytes must be >= 1, got {self.max_file_bytes!r}")
+
+    def model_dtype(self, kind: str) -> str:
+        """The dtype asked for one model (``clip``, ``captioner``, ``grounder``): its own, else ``dtype``."""
+        return getattr(self, f"{kind}_dtype") or self.dtype
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,8 @@ def train_head(store_paths: Sequence[str | Path], out: str | Path, *,
         representation: which vector the head sees (default: both distances, w1 = w2 = 1).
         val_paths: optional validation stores (same config), scored every epoch.
         head_params: DiscrepancyHead options (hidden, epochs, lr, weight_decay, batch_size, seed,
-            select, balance, device).
+            select, balance, precision, device). ``precision="auto"`` (the default) trains in float32
+            on float32 CLIP features, else as the head's own ``auto``.
 
     Raises:
         StoreError: unreadable stores or mixed configs; ConfigError: bad options or no usable rows.
@@ -118,6 +119,9 @@ def train_head(store_paths: Sequence[str | Path], out: str | Path, *,
             raise StoreError(f"validation store {val_stores[0].path} was made with another extraction config than "
                              f"the training stores: {'; '.join(diffs[:5])}")
         val, val_summary = load_labeled(val_stores, representation)
+    if head_params.get("precision", "auto") == "auto" and (stores[0].extraction.get("clip") or {}).get("dtype") == "float32":
+        # float32 features (the paper's protocol): a head trained in bfloat16 would round them again.
+        head_params["precision"] = "float32"
     head = DiscrepancyHead(**head_params)
     head.fit(train.X, train.label, None if val is None else val.X, None if val is None else val.label,
              on_epoch=on_epoch)

@@ -212,6 +212,7 @@ def make_extractor(dtype: str, optimize: bool, grounder: str | None, batch_size:
     extractor = Extractor(ExtractionConfig(features=_features(),
                                            runtime=RuntimeConfig(dtype=dtype, batch_size=batch_size)))
     extractor.device, extractor.dtype = "cpu", dtype
+    extractor.dtypes = {kind: dtype for kind in ("clip", "captioner", "grounder")}
     extractor.clip = build_adapter("clip", "clip-vit-l-14", dtype, optimize)
     extractor.captioner = build_adapter("captioner", captioner, dtype, optimize)
     extractor.grounder = (build_adapter("grounder", grounder, dtype, optimize) if grounder

@@ -55,7 +55,7 @@ from tidy_detect.features.extractor import (
     rows_for_batch,
     utc_now,
 )
-from tidy_detect.features.store import FeatureStore, config_differences, config_fingerprint
+from tidy_detect.features.store import FeatureStore, extraction_mismatches
 from tidy_detect.images import DEFAULT_MAX_FILE_BYTES, FileStat, LoadedImage
 
 log = logging.getLogger(__name__)
@@ -366,7 +366,7 @@ class ExtractionWorker:
     raising it: Ray would hand the driver only its text, a refusal lets it raise the same error.
     """
 
-    def __init__(self, config: ExtractionConfig, store_path: str) -> None:
+    def __init__(self, config: ExtractionConfig, store_path: str, reference: dict[str, Any] | None = None) -> None:
         import ray
 
         self.worker = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
@@ -379,8 +379,9 @@ class ExtractionWorker:
                                  f"node") from exc
             self.extractor = Extractor(config).load()
             extraction = self.extractor.extraction
-            if config_fingerprint(extraction) != self.store.fingerprint:
-                diffs = config_differences(self.store.extraction, extraction)
+            # Against what the driver's probe found (and the store accepted), else the store's own.
+            diffs = extraction_mismatches(reference or self.store.extraction, extraction)
+            if diffs:
                 raise StoreError(f"its models differ from the store's extraction config "
                                  f"({'; '.join(diffs[:5]) or 'fingerprints differ'}); every node needs the same "
                                  f"model files at the same paths")
@@ -512,7 +513,7 @@ def _run_ray_locked(items: Sequence[ImageItem], store: FeatureStore, config: Ext
         if batches:
             _warn_if_short(ray, options)
             with _quiet_ray_data(ray):
-                dataset = _pipeline(ray, batches, store, config, options)
+                dataset = _pipeline(ray, batches, store, config, options, models.extraction if models else None)
                 iterator = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
                 last_log = time.perf_counter()
                 for statuses in iterator:
@@ -543,7 +544,7 @@ def _run_ray_locked(items: Sequence[ImageItem], store: FeatureStore, config: Ext
 
 
 def _pipeline(ray: Any, batches: list[tuple[int, list[ImageItem]]], store: FeatureStore,
-              config: ExtractionConfig, options: RayOptions) -> Any:
+              config: ExtractionConfig, options: RayOptions, reference: dict[str, Any] | None = None) -> Any:
     """Ray Data: input blocks -> decode tasks -> extraction actors (which write the shards)."""
     blocks = _input_blocks(batches)
     dataset = ray.data.from_arrow(blocks)
@@ -559,7 +560,7 @@ def _pipeline(ray: Any, batches: list[tuple[int, list[ImageItem]]], store: Featu
     pool = ray.data.ActorPoolStrategy(size=min(options.workers, len(blocks)))
     return dataset.map_batches(
         ExtractionWorker, batch_size=1, batch_format="pyarrow", compute=pool, num_cpus=options.cpus_per_worker,
-        fn_constructor_kwargs={"config": config, "store_path": str(store.path)}, **gpu)
+        fn_constructor_kwargs={"config": config, "store_path": str(store.path), "reference": reference}, **gpu)
 
 
 def _account(summary: RayExtractionSummary, statuses: Any, seen: set[str]) -> None:
@@ -591,7 +592,8 @@ def _refusal_error(kind: str, message: str) -> TidyError:
 
 
 def open_store(ray: Any, out: str | Path, config: ExtractionConfig, options: RayOptions,
-               perturbation: Perturbation | None = None, pairing: dict[str, str] | None = None
+               perturbation: Perturbation | None = None, pairing: dict[str, str] | None = None,
+               accept_dtype: bool = False, datasets: dict[str, str] | None = None
                ) -> tuple[FeatureStore, ModelDescription]:
     """Create or reopen the store at ``out`` for these models, described by a cluster worker.
 
@@ -601,7 +603,8 @@ def open_store(ray: Any, out: str | Path, config: ExtractionConfig, options: Ray
     """
     models = probe_models(ray, config, options)
     store = FeatureStore.open_for_writing(Path(out).absolute(), models.extraction, models.dim,
-                                          perturbation.to_dict() if perturbation else None, pairing)
+                                          perturbation.to_dict() if perturbation else None, pairing,
+                                          accept_dtype=accept_dtype, datasets=datasets)
     return store, models
 
 
@@ -609,7 +612,8 @@ def extract_items_ray(items: Sequence[ImageItem], out: str | Path, config: Extra
                       options: RayOptions | None = None, *, progress: ProgressFn | None = None,
                       retry_errors: bool = False, perturbation: Perturbation | None = None,
                       pairing: dict[str, str] | None = None, ignored_files: int = 0,
-                      params: dict[str, Any] | None = None) -> RayExtractionSummary:
+                      params: dict[str, Any] | None = None, accept_dtype: bool = False,
+                      datasets: dict[str, str] | None = None) -> RayExtractionSummary:
     """Extract already listed images into the store at ``out`` on a Ray cluster.
 
     Connects to (or starts) the cluster of ``options`` (see :func:`ray_cluster`), opens the store
@@ -618,7 +622,7 @@ def extract_items_ray(items: Sequence[ImageItem], out: str | Path, config: Extra
     """
     options = options or RayOptions()
     with ray_cluster(options) as ray:
-        store, models = open_store(ray, out, config, options, perturbation, pairing)
+        store, models = open_store(ray, out, config, options, perturbation, pairing, accept_dtype, datasets)
         if params:
             from tidy_detect.data.sampling import save_list
 
@@ -632,7 +636,7 @@ def extract_ray(inputs: Iterable[str | Path], out: str | Path, config: Extractio
                 retry_errors: bool = False, perturbation: Perturbation | None = None, layout: str | None = None,
                 split: str | None = None, exclude: Iterable[str | Path] | None = None,
                 pairing: dict[str, str] | None = None, max_per_class: int | None = None,
-                per_class: int | None = None, seed: int = 0) -> RayExtractionSummary:
+                per_class: int | None = None, seed: int = 0, accept_dtype: bool = False) -> RayExtractionSummary:
     """:func:`tidy_detect.features.extractor.extract` on a Ray cluster: same arguments, same store.
 
     Inputs are listed and sampled on the driver; images and the store must be reachable at the
@@ -650,5 +654,6 @@ def extract_ray(inputs: Iterable[str | Path], out: str | Path, config: Extractio
     items = selection.items
     return extract_items_ray(items, out, config, options, progress=progress, retry_errors=retry_errors,
                              perturbation=perturbation, pairing=selection.pairing,
-                             ignored_files=selection.ignored_files, params=selection.params or None)
+                             ignored_files=selection.ignored_files, params=selection.params or None,
+                             accept_dtype=accept_dtype, datasets=selection.datasets)
 

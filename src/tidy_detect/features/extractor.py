@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from tidy_detect.config import ExtractionConfig
+from tidy_detect.config import MODEL_KINDS, ExtractionConfig
 from tidy_detect.data.inputs import ImageItem
 from tidy_detect.data.perturb import Perturbation
 from tidy_detect.errors import ImageError, InputError, InputsFailedError, NothingProcessedError, TidyError
@@ -149,6 +149,7 @@ class Extractor:
         self.phrases: Any = None
         self.device = ""
         self.dtype = ""
+        self.dtypes: dict[str, str] = {}
         self.stage_seconds = {s: 0.0 for s in STAGES}
 
     @property
@@ -169,14 +170,15 @@ class Extractor:
         models, features, runtime = self.config.models, self.config.features, self.config.runtime
         self.device = resolve_device(runtime.device)
         self.dtype = resolve_dtype(runtime.dtype, self.device)
+        self.dtypes = {kind: resolve_dtype(runtime.model_dtype(kind), self.device) for kind in MODEL_KINDS}
         started = time.perf_counter()
         self.captioner = build_captioner(models.captioner, models.captioner_model, features=features,
-                                         device=self.device, dtype=self.dtype)
+                                         device=self.device, dtype=self.dtypes["captioner"])
         self.grounder = build_grounder(models.grounder, models.grounder_model, features=features,
-                                       device=self.device, dtype=self.dtype)
+                                       device=self.device, dtype=self.dtypes["grounder"])
         self.phrases = PhraseExtractor(features.max_objects, features.phrase_stoplist)
         self.phrases.nlp  # load now so the first batch's timing is honest
-        self.clip = ClipEncoder(resolve_clip(models.clip), device=self.device, dtype=self.dtype,
+        self.clip = ClipEncoder(resolve_clip(models.clip), device=self.device, dtype=self.dtypes["clip"],
                                 global_view=features.global_view, view_size=features.view_size,
                                 compile=runtime.compile)
         log.info("models loaded in %.1f s on %s (%s)", time.perf_counter() - started, self.device, self.dtype)
@@ -190,12 +192,13 @@ class Extractor:
     def extraction(self) -> dict[str, Any]:
         """The resolved extraction config recorded in stores and heads (fingerprinted)."""
         self.load()
-        return {
-            "clip": self.clip.describe(),
-            "captioner": self.captioner.describe(),
-            "grounder": self.grounder.describe(),
-            "phrases": self.phrases.describe(),
-        }
+        described = {"clip": self.clip.describe(), "captioner": self.captioner.describe(),
+                     "grounder": self.grounder.describe()}
+        for kind, description in described.items():
+            # The precision each model computed in; a model-less stage (a provided caption, no
+            # grounder) has none. Part of the fingerprint: see features.store.extraction_mismatches.
+            description["dtype"] = self.dtypes[kind] if description.get("weights") is not None else None
+        return {**described, "phrases": self.phrases.describe()}
 
     def runtime_info(self) -> dict[str, Any]:
         import torch
@@ -203,7 +206,8 @@ class Extractor:
 
         from tidy_detect import __version__
 
-        return {"device": self.device, "dtype": self.dtype, "batch_size": self.config.runtime.batch_size,
+        return {"device": self.device, "dtype": self.dtype, "dtypes": dict(self.dtypes),
+                "batch_size": self.config.runtime.batch_size,
                 "compile": self.config.runtime.compile, "torch_threads": torch.get_num_threads(),
                 "package_version": __version__, "torch_version": torch.__version__,
                 "transformers_version": transformers.__version__, "python": platform.python_version()}
@@ -635,7 +639,7 @@ def extract(inputs: Iterable[str | Path], out: str | Path, config: ExtractionCon
             extractor: Extractor | None = None, perturbation: Perturbation | None = None,
             layout: str | None = None, split: str | None = None, exclude: Iterable[str | Path] | None = None,
             pairing: dict[str, str] | None = None, max_per_class: int | None = None, per_class: int | None = None,
-            seed: int = 0) -> ExtractionSummary:
+            seed: int = 0, accept_dtype: bool = False) -> ExtractionSummary:
     """Extract features of images, folders, CSV manifests or benchmark datasets into a store.
 
     Args:
@@ -651,6 +655,7 @@ def extract(inputs: Iterable[str | Path], out: str | Path, config: ExtractionCon
             :mod:`tidy_detect.data.layouts`); ``group`` becomes the generator.
         max_per_class, per_class, seed: the sampling protocol (see :mod:`tidy_detect.data.selection`);
             the sampled list is saved in the store as ``inputs.csv``.
+        accept_dtype: write into a store made with the same models in another precision.
 
     Returns:
         An :class:`ExtractionSummary`.
@@ -667,7 +672,8 @@ def extract(inputs: Iterable[str | Path], out: str | Path, config: ExtractionCon
     extractor = extractor or Extractor(config)
     extractor.load()
     store = FeatureStore.open_for_writing(out, extractor.extraction, extractor.dim,
-                                          perturbation.to_dict() if perturbation else None, selection.pairing)
+                                          perturbation.to_dict() if perturbation else None, selection.pairing,
+                                          accept_dtype=accept_dtype, datasets=selection.datasets)
     if selection.params:
         save_list(items, store.path / "inputs.csv", selection.params)
     return run_extraction(items, store, extractor, progress=progress, retry_errors=retry_errors,

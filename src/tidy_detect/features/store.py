@@ -126,6 +126,35 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "
     return out
 
 
+def extraction_mismatches(recorded: dict[str, Any], actual: dict[str, Any], *, accept_dtype: bool = False
+                          ) -> list[str]:
+    """The differences between two extraction configs that make their features incompatible.
+
+    A model's ``dtype`` counts like any other value (bfloat16 CLIP features are not the float32
+    ones a head was trained on), unless ``accept_dtype`` says the user knowingly mixes them, or
+    the recorded config predates dtypes being recorded (nothing is known to differ then).
+    """
+    found = []
+    for diff in config_differences(recorded, actual):
+        name = diff.split(":", 1)[0]
+        model = name.split(".", 1)[0]
+        if name.endswith(".dtype") and (accept_dtype or "dtype" not in (recorded.get(model) or {})):
+            continue
+        found.append(diff)
+    return found
+
+
+def compatible(recorded: dict[str, Any], actual: dict[str, Any], *, accept_dtype: bool = False) -> bool:
+    """Whether features made with ``actual`` may be mixed with (or scored by a head trained on)
+    features made with ``recorded``; see :func:`extraction_mismatches`."""
+    return (config_fingerprint(recorded) == config_fingerprint(actual)
+            or not extraction_mismatches(recorded, actual, accept_dtype=accept_dtype))
+
+
+DTYPE_HINT = ("a model's dtype differs: features in another precision are not the same features; "
+              "pass --allow-dtype-mismatch to use them anyway")
+
+
 def _short(value: Any) -> str:
     text = json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -393,7 +422,8 @@ class FeatureStore:
     @classmethod
     def open_for_writing(cls, path: str | Path, extraction: dict[str, Any], dim: int,
                          perturbation: dict[str, Any] | None = None,
-                         pairing: dict[str, str] | None = None) -> "FeatureStore":
+                         pairing: dict[str, str] | None = None, accept_dtype: bool = False,
+                         datasets: dict[str, str] | None = None) -> "FeatureStore":
         """Create a store, or reopen one made with the same extraction config.
 
         ``perturbation`` (robustness sweeps) is recorded apart from the extraction config: a
@@ -401,7 +431,9 @@ class FeatureStore:
         never share a store.
 
         ``pairing`` (generator -> the real folder it is evaluated against, from dataset layouts
-        like UniFD's) is merged into what the store already records.
+        like UniFD's) is merged into what the store already records, and so is ``datasets``
+        (group -> the dataset layout it was read with, e.g. ``{"ADM": "genimage"}``), which lets
+        evaluation tell GenImage's ``adm`` from another dataset's group of that name.
 
         Raises:
             StoreError: the folder holds a store made with another config or perturbation (the
@@ -416,14 +448,21 @@ class FeatureStore:
                 raise StoreError(f"{path} holds images with perturbation {store.config.get('perturbation')}, "
                                  f"not {perturbation}; use another --out folder")
             if store.fingerprint != fingerprint:
-                diffs = config_differences(store.config.get("extraction", {}), extraction)
-                raise StoreError(
-                    f"{path} was made with a different extraction config, so its rows cannot be mixed with "
-                    f"these: {'; '.join(diffs[:5]) or 'fingerprints differ'}. Use another --out folder, or the "
-                    f"same options as the store (see {path / CONFIG_FILE})."
-                )
+                diffs = extraction_mismatches(store.extraction, extraction, accept_dtype=accept_dtype)
+                if diffs:
+                    hint = f" ({DTYPE_HINT})" if any(".dtype:" in d for d in diffs) else ""
+                    raise StoreError(
+                        f"{path} was made with a different extraction config, so its rows cannot be mixed with "
+                        f"these: {'; '.join(diffs[:5]) or 'fingerprints differ'}{hint}. Use another --out folder, "
+                        f"or the same options as the store (see {path / CONFIG_FILE})."
+                    )
+                log.warning("%s: writing with %s into a store made with %s (accepted)", path,
+                            {k: (extraction.get(k) or {}).get("dtype") for k in ("clip", "captioner", "grounder")},
+                            {k: (store.extraction.get(k) or {}).get("dtype") for k in ("clip", "captioner", "grounder")})
             if pairing:
                 store._merge_pairing(pairing)
+            if datasets:
+                store._merge_datasets(datasets)
             return store
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise StoreError(f"{path}: exists and is not an empty folder or a feature store; choose another --out")
@@ -440,6 +479,7 @@ class FeatureStore:
             "extraction": extraction,
             "perturbation": perturbation,
             "pairing": dict(pairing or {}),
+            "datasets": dict(sorted((datasets or {}).items())),
             "runs": [],
         })
         return cls(path)
@@ -471,6 +511,26 @@ class FeatureStore:
         if any(current.get(g) != r for g, r in pairing.items()):
             config = _read_config(self.path / CONFIG_FILE)
             config["pairing"] = {**current, **pairing}
+            write_json_atomic(self.path / CONFIG_FILE, config)
+            self.config = config
+
+    @property
+    def datasets(self) -> dict[str, str]:
+        """Group -> the dataset layout it was read with (empty for stores made without a layout,
+        or before this was recorded)."""
+        return dict(self.config.get("datasets") or {})
+
+    def _merge_datasets(self, datasets: dict[str, str]) -> None:
+        current = self.datasets
+        clashes = [g for g, layout in datasets.items() if current.get(g, layout) != layout]
+        if clashes:
+            g = clashes[0]
+            raise StoreError(f"{self.path}: group {g!r} holds {current[g]} images in this store, not "
+                             f"{datasets[g]} ones; one name for two datasets' generators would mix them: "
+                             f"use another --out folder")
+        if any(g not in current for g in datasets):
+            config = _read_config(self.path / CONFIG_FILE)
+            config["datasets"] = dict(sorted({**current, **datasets}.items()))
             write_json_atomic(self.path / CONFIG_FILE, config)
             self.config = config
 
@@ -824,7 +884,8 @@ def _read_config(config_file: Path) -> dict[str, Any]:
               "dim": (isinstance(config.get("dim"), int) and not isinstance(config.get("dim"), bool)
                       and 1 <= config.get("dim") <= 65536, "an integer in 1..65536"),
               "extraction": (isinstance(config.get("extraction"), dict), "an object"),
-              "pairing": (config.get("pairing") is None or isinstance(config.get("pairing"), dict), "an object")}
+              "pairing": (config.get("pairing") is None or isinstance(config.get("pairing"), dict), "an object"),
+              "datasets": (config.get("datasets") is None or isinstance(config.get("datasets"), dict), "an object")}
     for name, (ok, rule) in checks.items():
         if not ok:
             raise StoreError(f"{config_file}: field {name} must be {rule}, got {config.get(name)!r}")

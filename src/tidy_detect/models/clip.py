@@ -39,6 +39,7 @@ class ClipEncoder:
                  global_view: str = "center-crop", view_size: int | None = None,
                  max_batch: int = 64, cache_size: int = 65536, optimize: bool = True, compile: bool = False,
                  components: tuple[Any, Any] | None = None) -> None:
+        import torch
         from transformers import CLIPModel, CLIPProcessor
 
         self.source = source
@@ -46,7 +47,9 @@ class ClipEncoder:
         self.dtype = dtype
         if components is None:
             self.processor = load_pretrained(CLIPProcessor, source, what="CLIP model", option="--clip")
-            model = load_pretrained(CLIPModel, source, what="CLIP model", option="--clip")
+            # Loaded in float32 whatever dtype runs: QuickGELU folding then rounds the scaled
+            # weights once, in the cast below (CLIP is small enough for the float32 copy).
+            model = load_pretrained(CLIPModel, source, what="CLIP model", option="--clip", dtype=torch.float32)
         else:  # an in-memory model (benchmarks build real-size architectures with random weights)
             model, self.processor = components
         self.fingerprint = weights_fingerprint(model)
@@ -83,6 +86,7 @@ class ClipEncoder:
             "weights": self.fingerprint,
             "dim": self.dim,
             "image_size": self.image_size,
+            "dtype": self.dtype,
             "global_view": self.global_view,
             "view_size": self.view_size,
             "mean": self.mean,

@@ -278,10 +278,15 @@ def prepare_model(model_class: str, source: str, *, what: str, option: str, devi
                   optimize: bool = True, components: tuple[Any, Any] | None = None) -> tuple[Any, Any, str]:
     """Load (or take) a transformers model and its processor, ready for inference.
 
-    Returns ``(model, processor, fingerprint)``: the model on ``device`` in ``dtype``, in eval
-    mode, with the speed-ups of :mod:`tidy_detect.models.optimize` (QuickGELU folding, fused
-    attention and matmul-activation forwards, freed memory kept for reuse) when ``optimize``; the
-    fingerprint is of the weights as loaded.
+    Returns ``(model, processor, fingerprint)``: the model on ``device`` in ``dtype`` (the
+    modules it keeps in float32 aside, see :func:`keep_fp32_modules`), in eval mode, with the
+    speed-ups of :mod:`tidy_detect.models.optimize` (QuickGELU folding, fused attention and
+    matmul-activation forwards, freed memory kept for reuse) when ``optimize``; the fingerprint is
+    of the weights as loaded (rounded to bfloat16, so it does not depend on the dtype).
+
+    QuickGELU folding scales weights already in ``dtype``: in a half precision that rounds them
+    twice (one unit in the last place at most), which is why CLIP, whose weights are the features,
+    runs in float32 unless asked otherwise.
     ``components`` gives an in-memory (model, processor) instead of loading ``source``.
     """
     import transformers
@@ -289,16 +294,21 @@ def prepare_model(model_class: str, source: str, *, what: str, option: str, devi
     from tidy_detect.models.optimize import (fold_quick_gelu, fuse_linear_activations, reuse_freed_memory,
                                              speed_up_attention, speed_up_grounding_dino, speed_up_swin)
 
+    target = torch_dtype(dtype)
     if components is None:
         processor = load_pretrained(transformers.AutoProcessor, source, what=what, option=option)
-        model = load_pretrained(getattr(transformers, model_class), source, what=what, option=option)
+        # Loaded straight in the target dtype through transformers, which keeps the modules a model
+        # names in _keep_in_fp32_modules(_strict) in float32 where it would (float16).
+        model = load_pretrained(getattr(transformers, model_class), source, what=what, option=option, dtype=target)
     else:
         model, processor = components
+        model = model.to(dtype=target)
+    keep_fp32_modules(model)
     fingerprint = weights_fingerprint(model)
     if optimize:
-        fold_quick_gelu(model)  # before the dtype cast, so the scaled weights round once
+        fold_quick_gelu(model)
     model.requires_grad_(False)  # inference only: no parameter ever needs a gradient
-    model = model.to(device=device, dtype=torch_dtype(dtype)).eval()
+    model = model.to(device=device).eval()
     if optimize:
         speed_up_grounding_dino(model)
         speed_up_swin(model)
@@ -306,6 +316,43 @@ def prepare_model(model_class: str, source: str, *, what: str, option: str, devi
         fuse_linear_activations(model)
         reuse_freed_memory()
     return model, processor, fingerprint
+
+
+def keep_fp32_modules(model: Any) -> int:
+    """Put the parameters and buffers of the modules a transformers model names in
+    ``_keep_in_fp32_modules`` and ``_keep_in_fp32_modules_strict`` in float32, whatever the
+    rest's dtype; returns how many tensors were changed.
+
+    transformers does this itself only for float16; its code for these modules (BLIP-2's
+    Q-Former and query tokens, for one) is written for float32, and they are small, so half
+    precision models here keep them in float32 in bfloat16 too. Matching follows transformers: a
+    name matches where one of the listed names is a whole component of its dotted path.
+    """
+    import re
+
+    import torch
+
+    names = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
+        getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if not names:
+        return 0
+    pattern = re.compile(r"(^|\.)(" + "|".join(map(re.escape, sorted(names))) + r")(\.|$)")
+    changed = 0
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.is_floating_point() and tensor.dtype != torch.float32 and pattern.search(name):
+                tensor.data = tensor.data.float()
+                changed += 1
+    return changed
+
+
+def model_dtypes(model: Any) -> dict[str, int]:
+    """How many parameters a model holds in each dtype (``{"bfloat16": n, "float32": m}``)."""
+    counts: dict[str, int] = {}
+    for parameter in model.parameters():
+        key = str(parameter.dtype).removeprefix("torch.")
+        counts[key] = counts.get(key, 0) + parameter.numel()
+    return counts
 
 
 def revision_of(model: Any) -> str | None:

@@ -531,9 +531,14 @@ def _linear_activation_module(linear: Any, activation: str) -> Any:
             self.activation = activation
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            # The oneDNN op has no backward: anything that may need gradients takes the plain path.
-            if x.device.type != "cpu" or torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-                return reference(F.linear(x, self.weight, self.bias))
+            # The oneDNN op has no backward: anything that may need gradients takes the plain path;
+            # so does anything it has no kernel for (another device, float16, an input whose dtype
+            # is not the weights', as in a model with float32 modules beside half-precision ones).
+            weight = self.weight
+            if (x.device.type != "cpu" or weight.device.type != "cpu" or x.dtype != weight.dtype
+                    or weight.dtype not in (torch.float32, torch.bfloat16)
+                    or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+                return reference(F.linear(x, weight, self.bias))
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.activation, [], algorithm)
 
         def extra_repr(self) -> str:
@@ -589,9 +594,7 @@ def fuse_linear_activations(model: Any) -> int:
     wherever a known module does it, on CPU models in float32 or bfloat16; returns how many."""
     import torch
 
-    parameter = next(model.parameters(), None)
-    if (parameter is None or parameter.device.type != "cpu" or parameter.dtype not in (torch.float32, torch.bfloat16)
-            or not fused_linear_available()):
+    if not fused_linear_available():
         return 0
     sites = {name: (linear, act) for name, linear, act in _LINEAR_ACTIVATION_SITES}
     fused = 0
@@ -602,6 +605,9 @@ def fuse_linear_activations(model: Any) -> int:
         linear, activation = getattr(module, site[0], None), getattr(module, site[1], None)
         name = _activation_name(activation)
         if type(linear) is not torch.nn.Linear or name is None:
+            continue
+        # Decided per module: a model may hold float32 modules beside half-precision ones.
+        if linear.weight.device.type != "cpu" or linear.weight.dtype not in (torch.float32, torch.bfloat16):
             continue
         setattr(module, site[0], _linear_activation_module(linear, name))
         setattr(module, site[1], torch.nn.Identity())
