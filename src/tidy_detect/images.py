@@ -200,7 +200,8 @@ def stat_file(path: str | Path) -> FileStat | None:
 
 
 def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-               name: str | None = None, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> LoadedImage:
+               name: str | None = None, max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+               exif_transpose: bool = True) -> LoadedImage:
     """Decode an image from a path, bytes or a PIL image into 8-bit RGB.
 
     Args:
@@ -209,6 +210,9 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
             decoding (decompression bombs), for files from the first bytes before the rest is read.
         name: how to call the image in error messages (defaults to the path).
         max_bytes: files (and bytes) larger than this are refused before they are read.
+        exif_transpose: turn the pixels as the EXIF orientation tag says (what a viewer shows);
+            ``False`` keeps them as stored, as the benchmarks' reference code reads them
+            (``Image.open(path).convert("RGB")``), so that their centre crops are the same.
 
     Returns:
         A :class:`LoadedImage`; ``sha256`` is the hash of the file bytes, so it identifies the
@@ -247,7 +251,7 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                 image = _open(data, label)
                 _check_pixels(image.width, image.height, max_pixels, label)
                 fmt = image.format or "UNKNOWN"
-                rgb = _decode(image, label)
+                rgb = _decode(image, label, exif_transpose)
             except ImageError as exc:
                 exc.sha256 = digest  # error records still identify the file's content
                 raise
@@ -317,13 +321,14 @@ def _check_pixels(width: int, height: int, max_pixels: int, label: str) -> None:
         )
 
 
-def _decode(image: Image.Image, label: str) -> Image.Image:
+def _decode(image: Image.Image, label: str, exif_transpose: bool = True) -> Image.Image:
     try:
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)  # animations: the first frame
         image.load()
-        # In place: without an orientation tag exif_transpose would return a full copy.
-        ImageOps.exif_transpose(image, in_place=True)
+        if exif_transpose:
+            # In place: without an orientation tag exif_transpose would return a full copy.
+            ImageOps.exif_transpose(image, in_place=True)
     except Image.DecompressionBombError as exc:  # pragma: no cover - limit disabled above
         raise ImageTooLargeError(f"{label}: {exc}") from exc
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:

@@ -52,6 +52,7 @@ from tidy_detect.features.extractor import (
     finish_run,
     pending_items,
     prefetch,
+    resolve_exif,
     rows_for_batch,
     utc_now,
 )
@@ -321,7 +322,7 @@ def _status_schema() -> Any:
 
 
 def decode_batches(table: Any, max_pixels: int, perturbation: dict[str, Any] | None,
-                   max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Any:
+                   max_bytes: int = DEFAULT_MAX_FILE_BYTES, exif_transpose: bool = True) -> Any:
     """Decode task: each row's images -> RGB pixels plus what the store records, or the error.
 
     Anything a file can throw at the decoder becomes that image's error record, so one odd file
@@ -337,7 +338,7 @@ def decode_batches(table: Any, max_pixels: int, perturbation: dict[str, Any] | N
             item = ImageItem(**entry)
             started = time.perf_counter()
             try:
-                ((_, loaded, seconds),) = prefetch([item], max_pixels, 0, 1, perturb, max_bytes)
+                ((_, loaded, seconds),) = prefetch([item], max_pixels, 0, 1, perturb, max_bytes, exif_transpose)
             except Exception as exc:  # noqa: BLE001 - see the docstring
                 loaded = ImageError(f"{item.path}: cannot be decoded ({type(exc).__name__}: {exc})")
                 seconds = time.perf_counter() - started
@@ -467,7 +468,7 @@ def _input_blocks(batches: list[tuple[int, list[ImageItem]]]) -> list[Any]:
 def run_extraction_ray(items: Sequence[ImageItem], store: FeatureStore, config: ExtractionConfig,
                        options: RayOptions | None = None, *, progress: ProgressFn | None = None,
                        retry_errors: bool = False, ignored_files: int = 0,
-                       models: ModelDescription | None = None) -> RayExtractionSummary:
+                       models: ModelDescription | None = None, exif: str = "apply") -> RayExtractionSummary:
     """Extract ``items`` into ``store`` on the Ray cluster, skipping what the store already holds.
 
     The Ray counterpart of :func:`tidy_detect.features.extractor.run_extraction`: same rows, same
@@ -482,12 +483,14 @@ def run_extraction_ray(items: Sequence[ImageItem], store: FeatureStore, config: 
         progress: ``progress(done, total, summary)`` at the start and after each finished batch.
         retry_errors: redo images recorded as errors before.
         models: the probe's description, recorded in the run (device, dtype, versions).
+        exif: ``apply`` or ``ignore`` the EXIF orientation (see the local engine's run_extraction).
 
     Raises:
         KeyboardInterrupt, or whatever stops the run (after recording it as interrupted/failed);
         StoreError when a worker's models differ from the store's, or another process writes to it.
     """
     with store.writing():
+        store.record_reading(exif)
         return _run_ray_locked(items, store, config, options, progress, retry_errors, ignored_files, models)
 
 
@@ -499,6 +502,7 @@ def _run_ray_locked(items: Sequence[ImageItem], store: FeatureStore, config: Ext
     summary = RayExtractionSummary(store=str(store.path), total=len(items), ignored_files=ignored_files)
     started = time.perf_counter()
     run_record: dict[str, Any] = {"started": utc_now(), "engine": "ray", **(models.runtime if models else {}),
+                                  "exif_orientation": store.config.get("exif_orientation"),
                                   "batch_size": config.runtime.batch_size, "ray": options.to_dict()}
     # The driver hashes touched files itself (I/O bound, so a few threads regardless of its cores).
     plan = pending_items(items, store, retry_errors, workers=4,
@@ -552,7 +556,8 @@ def _pipeline(ray: Any, batches: list[tuple[int, list[ImageItem]]], store: Featu
     dataset = dataset.map_batches(
         decode_batches, batch_size=1, batch_format="pyarrow", num_cpus=options.decode_cpus,
         fn_kwargs={"max_pixels": config.runtime.max_pixels, "perturbation": store.config.get("perturbation"),
-                   "max_bytes": config.runtime.max_file_bytes})
+                   "max_bytes": config.runtime.max_file_bytes,
+                   "exif_transpose": store.config.get("exif_orientation", "apply") == "apply"})
     gpu = {"num_gpus": options.num_gpus_per_worker} if options.num_gpus_per_worker > 0 else {}
     # Ray Data creates actor-pool actors with max_restarts=-1 and max_task_retries=-1: a killed
     # actor is replaced and its batches rerun on it (passing them ourselves is deprecated).
@@ -628,7 +633,7 @@ def extract_items_ray(items: Sequence[ImageItem], out: str | Path, config: Extra
 
             save_list(items, store.path / "inputs.csv", params)
         return run_extraction_ray(items, store, config, options, progress=progress, retry_errors=retry_errors,
-                                  ignored_files=ignored_files, models=models)
+                                  ignored_files=ignored_files, models=models, exif=exif)
 
 
 def extract_ray(inputs: Iterable[str | Path], out: str | Path, config: ExtractionConfig | None = None,
@@ -636,7 +641,8 @@ def extract_ray(inputs: Iterable[str | Path], out: str | Path, config: Extractio
                 retry_errors: bool = False, perturbation: Perturbation | None = None, layout: str | None = None,
                 split: str | None = None, exclude: Iterable[str | Path] | None = None,
                 pairing: dict[str, str] | None = None, max_per_class: int | None = None,
-                per_class: int | None = None, seed: int = 0, accept_dtype: bool = False) -> RayExtractionSummary:
+                per_class: int | None = None, seed: int = 0, accept_dtype: bool = False,
+                exif: str = "auto") -> RayExtractionSummary:
     """:func:`tidy_detect.features.extractor.extract` on a Ray cluster: same arguments, same store.
 
     Inputs are listed and sampled on the driver; images and the store must be reachable at the

@@ -20,7 +20,7 @@ from tidy_detect.evaluate.evaluation import evaluate, markdown_table
 def run_robustness(head_path: str | Path, items: Sequence[ImageItem], out: str | Path,
                    perturbations: Sequence[Perturbation], *, threshold: float = 0.5, include_clean: bool = True,
                    pairing: dict[str, str] | None = None, detector: Any = None, say: Callable[[str], None] | None = None,
-                   progress: Callable[..., None] | None = None) -> dict[str, Any]:
+                   progress: Callable[..., None] | None = None, exif: str = "apply") -> dict[str, Any]:
     """Extract and evaluate every perturbation level; write robustness.{json,csv,md} and plots.
 
     Args:
@@ -29,6 +29,7 @@ def run_robustness(head_path: str | Path, items: Sequence[ImageItem], out: str |
         pairing: generator -> real folder, for datasets whose reals are shared (UniFD).
         perturbations: levels to sweep, in order of increasing severity per kind.
         detector: a loaded ``Detector`` for this head, to reuse its models.
+        exif: ``apply`` or ``ignore`` the EXIF orientation (benchmark layouts: ``ignore``).
 
     Returns:
         The results dict written to robustness.json.
@@ -52,7 +53,8 @@ def run_robustness(head_path: str | Path, items: Sequence[ImageItem], out: str |
         name = perturbation.name if perturbation else "clean"
         store = out / "stores" / name
         say(f"{name}: extracting {len(items)} images into {store}")
-        extract_items(items, store, detector.extractor, perturbation=perturbation, pairing=pairing, progress=progress)
+        extract_items(items, store, detector.extractor, perturbation=perturbation, pairing=pairing, progress=progress,
+                      exif=exif)
         result = evaluate([head_path], [store], threshold=threshold, max_per_class=None)
         (head_name,) = result.info["head_names"]
         entry = {"store": str(store), **result.means[head_name], "groups": result.groups[head_name]}

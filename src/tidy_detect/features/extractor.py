@@ -27,7 +27,7 @@ import numpy as np
 from tidy_detect.config import MODEL_KINDS, ExtractionConfig
 from tidy_detect.data.inputs import ImageItem
 from tidy_detect.data.perturb import Perturbation
-from tidy_detect.errors import ImageError, InputError, InputsFailedError, NothingProcessedError, TidyError
+from tidy_detect.errors import ConfigError, ImageError, InputError, InputsFailedError, NothingProcessedError, TidyError
 from tidy_detect.features.store import FeatureStore, IndexEntry
 from tidy_detect.features.views import crop_box
 from tidy_detect.images import DEFAULT_MAX_FILE_BYTES, FileStat, LoadedImage, load_image, read_file, sha256_bytes, \
@@ -96,6 +96,24 @@ class ExtractionSummary:
             "images_per_second": round(self.images_per_second, 3),
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
         }
+
+
+EXIF_CHOICES = ("auto", "apply", "ignore")
+
+
+def resolve_exif(choice: str, benchmark: bool) -> str:
+    """``apply`` or ``ignore`` for a run: ``auto`` ignores the EXIF orientation for benchmark
+    layouts (the peers read their pixels as stored, and their centre crops must match) and applies
+    it to everything else (what a viewer shows, which is what a photo's user means).
+
+    Raises:
+        ConfigError: an unknown choice.
+    """
+    if choice not in EXIF_CHOICES:
+        raise ConfigError(f"exif must be one of {', '.join(EXIF_CHOICES)}, got {choice!r}")
+    if choice == "auto":
+        return "ignore" if benchmark else "apply"
+    return choice
 
 
 def check_outcome(summary: ExtractionSummary, fail_on_error: bool = False, what: str = "images") -> None:
@@ -294,10 +312,12 @@ class Extractor:
 # The runner
 
 def _decode(item: ImageItem, max_pixels: int, perturbation: Perturbation | None = None,
-            max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple[LoadedImage | ImageError, float]:
+            max_bytes: int = DEFAULT_MAX_FILE_BYTES, exif_transpose: bool = True
+            ) -> tuple[LoadedImage | ImageError, float]:
     started = time.perf_counter()
     try:
-        result: LoadedImage | ImageError = load_image(item.path, max_pixels=max_pixels, max_bytes=max_bytes)
+        result: LoadedImage | ImageError = load_image(item.path, max_pixels=max_pixels, max_bytes=max_bytes,
+                                                      exif_transpose=exif_transpose)
         if perturbation is not None:
             image = perturbation.apply(result.image, result.sha256)
             result = dataclasses.replace(result, image=image, width=image.width, height=image.height)
@@ -307,19 +327,20 @@ def _decode(item: ImageItem, max_pixels: int, perturbation: Perturbation | None 
 
 
 def prefetch(items: Iterable[ImageItem], max_pixels: int, workers: int, window: int,
-             perturbation: Perturbation | None = None, max_bytes: int = DEFAULT_MAX_FILE_BYTES
-             ) -> Iterator[tuple[ImageItem, LoadedImage | ImageError, float]]:
+             perturbation: Perturbation | None = None, max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+             exif_transpose: bool = True) -> Iterator[tuple[ImageItem, LoadedImage | ImageError, float]]:
     """Decode (and perturb) images in worker threads, at most ``window`` ahead of the consumer, in order."""
     items = iter(items)
     if workers == 0:
         for item in items:
-            yield (item, *_decode(item, max_pixels, perturbation, max_bytes))
+            yield (item, *_decode(item, max_pixels, perturbation, max_bytes, exif_transpose))
         return
     pending: collections.deque[tuple[ImageItem, Future]] = collections.deque()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tidy-decode") as pool:
         try:
             for item in items:
-                pending.append((item, pool.submit(_decode, item, max_pixels, perturbation, max_bytes)))
+                pending.append((item, pool.submit(_decode, item, max_pixels, perturbation, max_bytes,
+                                                  exif_transpose)))
                 if len(pending) >= window:
                     head, future = pending.popleft()
                     yield (head, *future.result())
@@ -347,26 +368,31 @@ ProgressFn = Callable[[int, int, ExtractionSummary], None]
 
 def run_extraction(items: Sequence[ImageItem], store: FeatureStore, extractor: Extractor, *,
                    progress: ProgressFn | None = None, retry_errors: bool = False,
-                   engine: str = "local", ignored_files: int = 0) -> ExtractionSummary:
+                   engine: str = "local", ignored_files: int = 0, exif: str = "apply") -> ExtractionSummary:
     """Extract ``items`` into ``store``, skipping what it already holds (see :func:`pending_items`).
 
     Images whose content (sha256) is already in the store get the stored features, not a second
     model run. Holds the store's writer lock for the whole run.
 
+    ``exif`` is ``apply`` (turn pixels by the EXIF orientation tag) or ``ignore`` (keep them as
+    stored, as the benchmarks' reference code does); see :func:`resolve_exif`. A store is read one
+    way only.
+
     Returns the run's summary (also appended to the store's config.json).
 
     Raises:
-        StoreError: another process is writing to the store.
+        StoreError: another process is writing to the store, or it was read the other way.
     """
     with store.writing():
-        return _run_locked(items, store, extractor, progress, retry_errors, engine, ignored_files)
+        store.record_reading(exif)
+        return _run_locked(items, store, extractor, progress, retry_errors, engine, ignored_files, exif)
 
 
 def _run_locked(items: Sequence[ImageItem], store: FeatureStore, extractor: Extractor, progress: ProgressFn | None,
-                retry_errors: bool, engine: str, ignored_files: int) -> ExtractionSummary:
+                retry_errors: bool, engine: str, ignored_files: int, exif: str) -> ExtractionSummary:
     summary = ExtractionSummary(store=str(store.path), total=len(items), ignored_files=ignored_files)
     started = time.perf_counter()
-    run_record = {"started": utc_now(), "engine": engine, **extractor.runtime_info()}
+    run_record = {"started": utc_now(), "engine": engine, **extractor.runtime_info(), "exif_orientation": exif}
     plan = pending_items(items, store, retry_errors, workers=extractor.config.runtime.num_workers,
                          max_bytes=extractor.config.runtime.max_file_bytes, summary=summary)
     todo, known_content = plan.todo, plan.known_content
@@ -380,7 +406,7 @@ def _run_locked(items: Sequence[ImageItem], store: FeatureStore, extractor: Extr
     try:
         perturbation = store.config.get("perturbation")
         perturbation = Perturbation.from_dict(perturbation) if perturbation else None
-        for batch in iter_decoded(todo, extractor, perturbation):
+        for batch in iter_decoded(todo, extractor, perturbation, exif_transpose=exif == "apply"):
             rows = rows_for_batch(extractor, batch, summary, known_content, deferred)
             labels.check(rows, summary)
             t0 = time.perf_counter()
@@ -463,12 +489,13 @@ def rows_for_batch(extractor: Extractor, batch: Sequence[tuple[ImageItem, Loaded
     return [row for row in rows if row is not None]
 
 
-def iter_decoded(items: Sequence[ImageItem], extractor: Extractor, perturbation: Perturbation | None = None
-                 ) -> Iterator[list[tuple[ImageItem, LoadedImage | ImageError, float]]]:
+def iter_decoded(items: Sequence[ImageItem], extractor: Extractor, perturbation: Perturbation | None = None,
+                 exif_transpose: bool = True) -> Iterator[list[tuple[ImageItem, LoadedImage | ImageError, float]]]:
     """Decoded batches of ``items`` (decoding runs ahead in worker threads), in input order."""
     runtime = extractor.config.runtime
     window = max(2 * runtime.batch_size, 4)
-    decoded = prefetch(items, runtime.max_pixels, runtime.num_workers, window, perturbation, runtime.max_file_bytes)
+    decoded = prefetch(items, runtime.max_pixels, runtime.num_workers, window, perturbation, runtime.max_file_bytes,
+                       exif_transpose)
     yield from _chunks(decoded, runtime.batch_size)
 
 
@@ -639,7 +666,7 @@ def extract(inputs: Iterable[str | Path], out: str | Path, config: ExtractionCon
             extractor: Extractor | None = None, perturbation: Perturbation | None = None,
             layout: str | None = None, split: str | None = None, exclude: Iterable[str | Path] | None = None,
             pairing: dict[str, str] | None = None, max_per_class: int | None = None, per_class: int | None = None,
-            seed: int = 0, accept_dtype: bool = False) -> ExtractionSummary:
+            seed: int = 0, accept_dtype: bool = False, exif: str = "auto") -> ExtractionSummary:
     """Extract features of images, folders, CSV manifests or benchmark datasets into a store.
 
     Args:
@@ -656,6 +683,8 @@ def extract(inputs: Iterable[str | Path], out: str | Path, config: ExtractionCon
         max_per_class, per_class, seed: the sampling protocol (see :mod:`tidy_detect.data.selection`);
             the sampled list is saved in the store as ``inputs.csv``.
         accept_dtype: write into a store made with the same models in another precision.
+        exif: ``auto`` (ignore the EXIF orientation for benchmark layouts, apply it otherwise),
+            ``apply`` or ``ignore``; see :func:`resolve_exif`.
 
     Returns:
         An :class:`ExtractionSummary`.
@@ -677,15 +706,17 @@ def extract(inputs: Iterable[str | Path], out: str | Path, config: ExtractionCon
     if selection.params:
         save_list(items, store.path / "inputs.csv", selection.params)
     return run_extraction(items, store, extractor, progress=progress, retry_errors=retry_errors,
-                          ignored_files=selection.ignored_files)
+                          ignored_files=selection.ignored_files,
+                          exif=resolve_exif(exif, bool(getattr(selection, "datasets", None))))
 
 
 def extract_items(items: Sequence[ImageItem], out: str | Path, extractor: Extractor, *,
                   progress: ProgressFn | None = None, retry_errors: bool = False,
-                  perturbation: Perturbation | None = None, pairing: dict[str, str] | None = None
-                  ) -> ExtractionSummary:
-    """Extract already listed image items (e.g. a sampled dataset) into the store at ``out``."""
+                  perturbation: Perturbation | None = None, pairing: dict[str, str] | None = None,
+                  exif: str = "apply") -> ExtractionSummary:
+    """Extract already listed image items (e.g. a sampled dataset) into the store at ``out``;
+    ``exif`` is ``apply`` or ``ignore`` (see :func:`run_extraction`)."""
     extractor.load()
     store = FeatureStore.open_for_writing(out, extractor.extraction, extractor.dim,
                                           perturbation.to_dict() if perturbation else None, pairing)
-    return run_extraction(items, store, extractor, progress=progress, retry_errors=retry_errors)
+    return run_extraction(items, store, extractor, progress=progress, retry_errors=retry_errors, exif=exif)

@@ -534,6 +534,26 @@ class FeatureStore:
             write_json_atomic(self.path / CONFIG_FILE, config)
             self.config = config
 
+    def record_reading(self, exif: str) -> None:
+        """Record how this store's images are read (``exif_orientation``: ``apply`` or ``ignore``),
+        or refuse a run that would read them the other way (an EXIF-tagged image would get other
+        pixels, so other features, than its rows have).
+
+        Raises:
+            StoreError: the store was read the other way.
+        """
+        known = self.config.get("exif_orientation")
+        if known == exif:
+            return
+        if known is not None:
+            done = {"apply": "applied", "ignore": "ignored (pixels as stored, the benchmark protocol)"}
+            raise StoreError(f"{self.path}: its images were read with the EXIF orientation {done.get(known, known)}, "
+                             f"and this run would {exif} it; use --exif {known}, or another --out folder")
+        config = _read_config(self.path / CONFIG_FILE)
+        config["exif_orientation"] = exif
+        write_json_atomic(self.path / CONFIG_FILE, config)
+        self.config = config
+
     def record_run(self, run: dict[str, Any]) -> None:
         """Append a run's summary (device, dtype, counts, timings) to config.json."""
         config = _read_config(self.path / CONFIG_FILE)
