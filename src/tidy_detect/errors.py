@@ -92,6 +92,12 @@ class InputsFailedError(TidyError):
     exit_code = 9
 
 
+class VerificationFailedError(TidyError):
+    """`models verify`: a check that the models' weights can pass did not pass."""
+
+    exit_code = 10
+
+
 # Exit codes of the command line, for `tidy-detect --help` and the README (one source of truth).
 EXIT_CODES = (
     (0, "success"),
@@ -104,6 +110,7 @@ EXIT_CODES = (
     (7, "a head checkpoint is unreadable or does not fit"),
     (8, "nothing could be processed (no images found, or every one failed)"),
     (9, "some inputs failed and --fail-on-error was given"),
+    (10, "models verify: a check failed (the table says which)"),
     (70, "internal error (a bug: rerun with --traceback and report it)"),
     (130, "interrupted (finished work is kept)"),
 )
