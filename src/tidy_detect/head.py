@@ -585,6 +585,14 @@ def _check_extraction(extraction: _Fields, n_features: int) -> None:
     grounder.string("name", required=True)
     for key in ("box_threshold", "text_threshold"):
         grounder.get(key, "a number in [0, 1] or null", lambda v: v is None or (_is_number(v) and 0 <= v <= 1), False)
+    from tidy_detect.config import GROUNDING_RULES
+
+    grounder.get("grounding_rule", f"one of {', '.join(GROUNDING_RULES)} or null",
+                 lambda v: v is None or v in GROUNDING_RULES, False)
+    grounder.get("min_box_size", "a number >= 0 or null", lambda v: v is None or (_is_number(v) and v >= 0), False)
+    for section in (clip, captioner, grounder):
+        section.get("dtype", "float32, bfloat16, float16 or null",
+                    lambda v: v is None or v in ("float32", "bfloat16", "float16"), False)
     for section in (clip, captioner, grounder):
         section.string("source", nullable=True)
         for key in ("model_type", "revision", "weights"):

@@ -16,7 +16,8 @@ from tidy_detect.models.registry import CAPTIONERS, GROUNDERS, ensure_registered
 
 from tests.conftest import random_image
 
-FEATURES = FeatureConfig(caption_max_tokens=8, box_threshold=0.0, text_threshold=0.0)
+# The tiny grounders' random boxes are a few pixels wide: no minimum size, so every phrase gets one.
+FEATURES = FeatureConfig(caption_max_tokens=8, box_threshold=0.0, text_threshold=0.0, min_box_size=0)
 
 
 @pytest.fixture(scope="module")

@@ -97,7 +97,7 @@ def test_toml_is_a_preset_pointing_at_the_bundle(bundle: Path):
         "clip": "./clip", "captioner": "blip2", "captioner_model": "./blip2",
         "grounder": "grounding-dino", "grounder_model": "./grounding-dino",
     }
-    assert data["features"] == {"caption_max_tokens": 12, "box_threshold": 0.0, "text_threshold": 0.0}
+    assert data["features"] == {"caption_max_tokens": 12, "box_threshold": 0.0, "text_threshold": 0.0, "min_box_size": 0}
     for key in ("clip", "captioner_model", "grounder_model"):
         assert (bundle / data["models"][key]).resolve().is_dir()
 

@@ -25,6 +25,7 @@ class Selection:
     pairing: dict[str, str] = field(default_factory=dict)  # generator -> real folder it pairs with
     params: dict[str, Any] = field(default_factory=dict)  # how the list was sampled (empty: not sampled)
     ignored_files: int = 0
+    datasets: dict[str, str] = field(default_factory=dict)  # group -> the layout it was read with
 
 
 def select_inputs(inputs: Iterable[str | Path], *, layout: str | None = None, split: str | None = None,
@@ -53,6 +54,7 @@ def select_inputs(inputs: Iterable[str | Path], *, layout: str | None = None, sp
         raise ConfigError("give either --max-per-class (evaluation sampling) or --per-class (training subsets), not both")
     summary = InputSummary()
     found_pairing: dict[str, str] = {}
+    found_datasets: dict[str, str] = {}
     if layout is None:
         items = items_for_inputs(inputs, None, split=split, exclude=exclude, pairing=pairing, summary=summary)
     else:
@@ -60,6 +62,13 @@ def select_inputs(inputs: Iterable[str | Path], *, layout: str | None = None, sp
         items = items_for_datasets(datasets, summary)
         for dataset in datasets:
             found_pairing.update({g: r for g, r in dataset.pairing.items() if g != r})
+            if dataset.layout in ("generic", "manifest"):
+                continue  # how the files were listed, not which benchmark they come from
+            for group in sorted({str(item.group) for item in dataset.extraction_items()}):
+                if found_datasets.setdefault(group, dataset.layout) != dataset.layout:
+                    raise InputError(f"group {group!r} is read both as {found_datasets[group]} and as "
+                                     f"{dataset.layout} ({dataset.root}); one name for two datasets' "
+                                     f"generators would mix them: extract them into separate stores")
     params: dict[str, Any] = {}
     if per_class is not None:
         items = stratified_per_class(items, per_class, seed=seed)
@@ -75,4 +84,4 @@ def select_inputs(inputs: Iterable[str | Path], *, layout: str | None = None, sp
     if params:
         params["layout"] = layout
         params["inputs"] = [str(Path(p).absolute()) for p in inputs]
-    return Selection(items, found_pairing, params, summary.ignored_files)
+    return Selection(items, found_pairing, params, summary.ignored_files, datasets=found_datasets)

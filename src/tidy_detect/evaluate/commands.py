@@ -23,6 +23,20 @@ def _parse_named(values: Optional[List[str]], option: str) -> dict[str, Path]:
     return named
 
 
+def parse_columns(values: Optional[List[str]]) -> dict[str, str]:
+    """``LABEL=[LAYOUT:]GROUP`` values of ``--column`` -> ``{label: source}``."""
+    from tidy_detect.errors import ConfigError
+
+    chosen = {}
+    for value in values or []:
+        label, sep, source = value.partition("=")
+        if not sep or not label.strip() or not source.strip():
+            raise ConfigError(f"--column takes LABEL=GROUP or LABEL=LAYOUT:GROUP (e.g. Deepfakes=whichfaceisreal), "
+                              f"got {value!r}")
+        chosen[label.strip()] = source.strip()
+    return chosen
+
+
 def parse_seeds(text: Optional[str]) -> list[int]:
     from tidy_detect.errors import ConfigError
 
@@ -45,6 +59,7 @@ def register(app: typer.Typer) -> None:
                                                            "or use {seed} with --seeds."),
         out_dir: Path = typer.Option(Path("results/eval"), "--out", "-o", help="Results folder."),
         suite: Optional[str] = typer.Option(None, "--suite", help="table1, table2, table3 or a suite TOML file."),
+        column: Optional[List[str]] = typer.Option(None, "--column", help="LABEL=[LAYOUT:]GROUP: fill a suite column from another group, e.g. Deepfakes=whichfaceisreal (the paper's footnote) instead of CNNDetection's deepfake; repeatable."),
         threshold: float = typer.Option(0.5, "--threshold", help="ACC threshold on p_fake."),
         calibrate_on: Optional[List[Path]] = typer.Option(None, "--calibrate-on", help="Validation store(s) for a calibrated threshold (reported in its own columns)."),
         bootstrap: int = typer.Option(0, "--bootstrap", min=0, help="Bootstrap resamples for 95% intervals (e.g. 1000)."),
@@ -69,7 +84,8 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"--band takes LOW,HIGH, got {band!r}") from None
         result = evaluate(heads, stores, threshold=threshold, calibrate_on=calibrate_on or (), bootstrap=bootstrap,
                           max_per_class=None if all_rows else max_per_class, seed=seed, suite=suite,
-                          imports=_parse_named(imports, "--import"), cascade_head=cascade_head, band=(low, high))
+                          imports=_parse_named(imports, "--import"), cascade_head=cascade_head, band=(low, high),
+                          columns=parse_columns(column))
         files = write_results(result, out_dir)
         if plots:
             files.update(write_plots(result, out_dir, seed=seed))
@@ -101,6 +117,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device"),
         dtype: str = typer.Option("auto", "--dtype"),
         batch_size: int = typer.Option(8, "--batch-size", min=1),
+        exif: str = typer.Option("auto", "--exif", help="EXIF orientation: auto (ignored for benchmark layouts, as the peers read pixels; applied otherwise), apply or ignore."),
     ) -> None:
         """Perturb test images (noise, blur, JPEG, ...), extract, evaluate and plot AP/ACC against severity."""
         from tidy_detect.data.layouts import parse_pairing
@@ -120,8 +137,11 @@ def register(app: typer.Typer) -> None:
         selection = select_inputs(inputs, layout=layout, split=split, exclude=exclude,
                                   pairing=parse_pairing(pairing or []) or None, max_per_class=max_per_class, seed=seed)
         detector = Detector.load(head, device=device, dtype=dtype, batch_size=batch_size)
+        from tidy_detect.features.extractor import resolve_exif
+
         result = run_robustness(head, selection.items, out_dir, perturbations, threshold=threshold,
                                 include_clean=clean, pairing=selection.pairing, detector=detector,
+                                exif=resolve_exif(exif, bool(getattr(selection, "datasets", None))),
                                 say=lambda m: err.print(f"• {m}", highlight=False))
         out.print((out_dir / "robustness.md").read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
         err.print(f"results in {out_dir}; {len(result['stores'])} stores in {out_dir / 'stores'}")

@@ -10,12 +10,13 @@ reported in its own columns, never tuned on the test data. Everything evaluated 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -43,51 +44,167 @@ MEAN_METRICS = ("acc", "real_acc", "fake_acc", "ap", "auc", "ece", "acc_cal", "r
 # ---------------------------------------------------------------------------------------------
 # Suites: the paper's tables as data
 
+# Layouts that say how files were listed, not which benchmark they come from.
+_NOT_A_DATASET = ("generic", "manifest")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A group of one dataset: ``group`` as the store names it, ``layout`` the dataset layout it
+    must come from (None: any)."""
+
+    group: str
+    layout: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.layout}:{self.group}" if self.layout else self.group
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> "Source":
+        """``GROUP`` or ``LAYOUT:GROUP`` (``genimage:adm``, ``diffusionforensics:lsun_bedroom/adm``)."""
+        layout, sep, group = str(text).strip().rpartition(":")
+        if not group.strip() or (sep and not layout.strip()):
+            raise ConfigError(f"{where} must be GROUP or LAYOUT:GROUP, got {text!r}")
+        return cls(group.strip(), layout.strip() or None)
+
+
+class Column(NamedTuple):
+    label: str
+    sources: tuple[Source, ...]  # in order of preference
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ColumnMatch:
+    """Which evaluated group fills a column, and what is known of its dataset."""
+
+    label: str
+    group: str | None
+    source: Source | None  # the suite's source that matched
+    layouts: tuple[str, ...] = ()  # the datasets the stores record for the group (empty: not recorded)
+
+    def describe(self) -> str:
+        if self.group is None or self.source is None:
+            return f"{self.label} = missing"
+        if self.layouts:
+            dataset = ", ".join(self.layouts)
+        elif self.source.layout:
+            dataset = f"{self.source.layout} by the suite; the store does not record its dataset"
+        else:
+            dataset = "dataset not recorded"
+        return f"{self.label} = {self.group} ({dataset})"
+
+
 @dataclass(frozen=True)
 class Suite:
     name: str
     description: str
     metrics: tuple[str, ...]
-    columns: tuple[tuple[str, tuple[str, ...]], ...]  # (label, group aliases in order of preference)
+    columns: tuple[Column, ...]
 
-    def match(self, groups: Iterable[str]) -> list[tuple[str, str | None]]:
-        """For each column, the first alias present among ``groups`` (None when missing).
+    def resolve(self, groups: Iterable[str], layouts: Mapping[str, Iterable[str]] | None = None
+                ) -> list[ColumnMatch]:
+        """For each column, the first of its sources among the evaluated ``groups``.
 
-        An alias matches a group name, or the last part of a group like ``lsun_bedroom/adm``.
+        A source matches a group of the same name (case aside) whose dataset, where the stores
+        record one (``layouts``: group -> layouts), is the source's layout. Names are compared
+        whole: "adm" is GenImage's ADM and never DiffusionForensics' ``lsun_bedroom/adm``.
         """
+        recorded = {str(g).lower(): tuple(sorted(set(v) - set(_NOT_A_DATASET))) for g, v in (layouts or {}).items()}
         available = {str(g).lower(): str(g) for g in groups}
-        tails = {}
-        for g in groups:
-            tails.setdefault(str(g).lower().rsplit("/", 1)[-1], str(g))
         found = []
-        for label, aliases in self.columns:
-            hit = next((available[a.lower()] for a in aliases if a.lower() in available), None)
-            if hit is None:
-                hit = next((tails[a.lower()] for a in aliases if a.lower() in tails), None)
-            found.append((label, hit))
+        for column in self.columns:
+            match = ColumnMatch(column.label, None, None)
+            for source in column.sources:
+                key = source.group.lower()
+                known = recorded.get(key, ())
+                if key in available and (source.layout is None or not known or source.layout in known):
+                    match = ColumnMatch(column.label, available[key], source, known)
+                    break
+            found.append(match)
         return found
+
+    def match(self, groups: Iterable[str], layouts: Mapping[str, Iterable[str]] | None = None
+              ) -> list[tuple[str, str | None]]:
+        """``(label, group or None)`` per column; see :meth:`resolve`."""
+        return [(m.label, m.group) for m in self.resolve(groups, layouts)]
+
+    def with_columns(self, choices: Mapping[str, str]) -> "Suite":
+        """A copy in which the columns named in ``choices`` take the one source given
+        (``{"Deepfakes": "whichfaceisreal"}``, ``{"ADM": "diffusionforensics:lsun_bedroom/adm"}``).
+
+        Raises:
+            ConfigError: a label the suite has no column for, or a malformed source.
+        """
+        labels = {c.label.lower(): c.label for c in self.columns}
+        chosen = {}
+        for label, value in choices.items():
+            if label.lower() not in labels:
+                raise ConfigError(f"suite {self.name} has no column {label!r}; its columns: "
+                                  f"{', '.join(c.label for c in self.columns)}")
+            chosen[labels[label.lower()]] = Source.parse(value, f"the source of column {label!r}")
+        columns = tuple(c._replace(sources=(chosen[c.label],), note=f"chosen: {chosen[c.label]}")
+                        if c.label in chosen else c for c in self.columns)
+        return dataclasses.replace(self, columns=columns)
 
 
 def builtin_suites() -> dict[str, Path]:
     return {p.stem: p for p in sorted(SUITE_DIR.glob("*.toml"))}
 
 
-def load_suite(name_or_path: str | Path) -> Suite:
-    """A built-in suite (table1, table2, table3) or a TOML file with the same shape."""
+def _column(data: Any, where: str) -> Column:
+    """One [[columns]] table: ``label`` and ``sources`` (tables with ``group`` and ``layout``), or
+    the older ``groups`` (names, any dataset)."""
+    if not isinstance(data, Mapping) or not isinstance(data.get("label"), str):
+        raise ConfigError(f"{where}: every [[columns]] needs a label")
+    label = data["label"]
+    if "sources" in data:
+        sources = []
+        for entry in data["sources"]:
+            if not isinstance(entry, Mapping) or not isinstance(entry.get("group"), str) \
+                    or not isinstance(entry.get("layout", ""), str):
+                raise ConfigError(f"{where}: column {label!r}: each source must be "
+                                  f"{{layout = \"...\", group = \"...\"}}, got {entry!r}")
+            sources.append(Source(entry["group"], entry.get("layout") or None))
+    elif "groups" in data:
+        sources = [Source(str(g)) for g in data["groups"]]
+    else:
+        raise ConfigError(f"{where}: column {label!r} needs sources = [{{layout = ..., group = ...}}, ...]")
+    if not sources:
+        raise ConfigError(f"{where}: column {label!r} has no source")
+    return Column(label, tuple(sources), str(data.get("note", "")))
+
+
+def load_suite(name_or_path: str | Path, columns: Mapping[str, str] | None = None) -> Suite:
+    """A built-in suite (table1, table2, table3) or a TOML file with the same shape.
+
+    ``columns`` chooses other sources for some columns (see :meth:`Suite.with_columns`).
+    """
     suites = builtin_suites()
     path = suites.get(str(name_or_path), Path(name_or_path))
     if not path.is_file():
         raise UnknownNameError(f"Unknown suite {str(name_or_path)!r}. Known: {', '.join(suites)}; "
-                               f"or the path of a TOML file with 'metrics' and [[columns]] label/groups")
+                               f"or the path of a TOML file with 'metrics' and [[columns]] label/sources")
     text = path.read_text(encoding="utf-8")
     try:
         data = tomllib.loads(text)
-        columns = tuple((c["label"], tuple(c["groups"])) for c in data["columns"])
+        parsed = tuple(_column(c, f"suite {path}") for c in data["columns"])
         metrics = tuple(data.get("metrics", ["acc", "ap"]))
     except (tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
-        raise ConfigError(f"suite {path}: expected 'metrics' and [[columns]] with label and groups ({exc})") from exc
+        raise ConfigError(f"suite {path}: expected 'metrics' and [[columns]] with label and sources ({exc})") from exc
     description = next((line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")), "")
-    return Suite(path.stem, description, metrics, columns)
+    suite = Suite(path.stem, description, metrics, parsed)
+    return suite.with_columns(columns) if columns else suite
+
+
+def recorded_layouts(stores: Iterable[FeatureStore]) -> dict[str, list[str]]:
+    """Group -> the dataset layouts the stores record it was read with (``config["datasets"]``);
+    groups of stores that record none are absent."""
+    found: dict[str, set[str]] = {}
+    for store in stores:
+        for group, layout in (store.config.get("datasets") or {}).items():
+            found.setdefault(str(group), set()).add(str(layout))
+    return {g: sorted(v) for g, v in sorted(found.items())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +383,8 @@ class EvalResult:
 def evaluate(head_paths: Sequence[str | Path], store_paths: Sequence[str | Path], *, threshold: float = 0.5,
              calibrate_on: Sequence[str | Path] = (), bootstrap: int = 0, max_per_class: int | None = 1000,
              seed: int = 0, suite: str | None = None, imports: dict[str, Path] | None = None,
-             cascade_head: str | Path | None = None, band: tuple[float, float] = (0.2, 0.8)) -> EvalResult:
+             cascade_head: str | Path | None = None, band: tuple[float, float] = (0.2, 0.8),
+             columns: Mapping[str, str] | None = None) -> EvalResult:
     """Score stores with one or more heads and compute per-group metrics.
 
     Args:
@@ -277,6 +395,8 @@ def evaluate(head_paths: Sequence[str | Path], store_paths: Sequence[str | Path]
         bootstrap: number of bootstrap resamples for 95% intervals (0: none).
         max_per_class: at most this many real and fake images per group and store (None: all).
         suite: ``table1``/``table2``/``table3`` or a suite file, for paper-style tables.
+        columns: other sources for some of the suite's columns, label -> ``[LAYOUT:]GROUP``
+            (``{"Deepfakes": "whichfaceisreal"}``).
         imports: other detectors' per-image scores, name -> CSV (path, score).
         cascade_head: a global-only head; adds, for every head, the cascade "HEAD+cascade" that
             keeps the global head's score outside ``band`` and the full head's inside it (the fast
@@ -298,7 +418,9 @@ def evaluate(head_paths: Sequence[str | Path], store_paths: Sequence[str | Path]
     if not stores:
         raise InputError("no test store given")
     selections = {str(s.path): sample_rows(s, max_per_class, seed) for s in stores}
-    suite_obj = load_suite(suite) if suite else None
+    if columns and not suite:
+        raise ConfigError(f"columns {', '.join(columns)} were chosen, but no suite has them; give a suite too")
+    suite_obj = load_suite(suite, columns) if suite else None
     result = EvalResult([], {}, {}, threshold, suite=suite_obj)
     names = _unique_names(head_paths)
     calibrated_by_head = {}
@@ -352,7 +474,14 @@ def evaluate(head_paths: Sequence[str | Path], store_paths: Sequence[str | Path]
         "perturbations": {str(s.path): s.config.get("perturbation") for s in stores},
         "imports": {k: str(v) for k, v in (imports or {}).items()}, "imports_missing_rows": missing_imports,
         "suite": suite_obj.name if suite_obj else None, "cascade": cascades,
+        "datasets": recorded_layouts(stores),
     }
+    if suite_obj is not None:
+        all_groups = sorted({g for table in result.groups.values() for g in table})
+        result.info["suite_columns"] = {
+            m.label: {"group": m.group, "source": str(m.source) if m.source else None, "datasets": list(m.layouts)}
+            for m in suite_obj.resolve(all_groups, result.info["datasets"])}
+        result.info["suite_choices"] = dict(columns or {})
     return result
 
 
@@ -402,15 +531,23 @@ def paper_table(result: EvalResult, metric: str) -> tuple[list[str], list[list[s
     """
     all_groups = sorted({g for table in result.groups.values() for g in table})
     if result.suite is not None:
-        columns = result.suite.match(all_groups)
+        matches = result.suite.resolve(all_groups, result.info.get("datasets"))
+        columns = [(m.label, m.group) for m in matches]
     else:
         columns = [(g, g) for g in all_groups]
     header = ["detector", *[label for label, _ in columns], "Avg."]
     notes = []
     if result.suite is not None:
-        used = [f"{label} = {group}" for label, group in columns if group is not None and group.lower() != label.lower()]
-        if used:
-            notes.append("groups used: " + "; ".join(used))
+        # Every column names the group and dataset behind it: a column filled from another
+        # dataset than the paper's would otherwise look like the paper's number.
+        notes.append("columns from: " + "; ".join(m.describe() for m in matches if m.group is not None))
+        chosen = [f"{c.label} ({c.note})" for c in result.suite.columns if c.note.startswith("chosen:")]
+        if chosen:
+            notes.append("columns given another source than the suite's: " + "; ".join(chosen))
+        mixed = [f"{m.group} ({', '.join(m.layouts)})" for m in matches if len(m.layouts) > 1]
+        if mixed:
+            notes.append("groups holding images of several datasets under one name (evaluate them apart): "
+                         + "; ".join(mixed))
         extra = sorted(set(all_groups) - {g for _, g in columns if g})
         if extra:
             notes.append("groups evaluated but not in this suite: " + ", ".join(extra))

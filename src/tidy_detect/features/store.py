@@ -126,6 +126,23 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "
     return out
 
 
+# Grounder settings recorded since they became choices, and the value every store or head made
+# before had: a recorded config without the key was made with that value.
+_RECORDED_SINCE = {"grounding_rule": "token-max", "min_box_size": 0}
+
+
+def _same_grounding(name: str, recorded: dict[str, Any], actual: dict[str, Any]) -> bool:
+    """A grounder difference that is none: a key recorded before it existed, now at the value it
+    had then, or a text threshold the grounder does not use (it records none then)."""
+    section, _, key = name.partition(".")
+    if section != "grounder":
+        return False
+    old, new = recorded.get("grounder") or {}, actual.get("grounder") or {}
+    if key in _RECORDED_SINCE:
+        return key not in old and new.get(key) == _RECORDED_SINCE[key]
+    return key == "text_threshold" and key not in new
+
+
 def extraction_mismatches(recorded: dict[str, Any], actual: dict[str, Any], *, accept_dtype: bool = False
                           ) -> list[str]:
     """The differences between two extraction configs that make their features incompatible.
@@ -139,6 +156,8 @@ def extraction_mismatches(recorded: dict[str, Any], actual: dict[str, Any], *, a
         name = diff.split(":", 1)[0]
         model = name.split(".", 1)[0]
         if name.endswith(".dtype") and (accept_dtype or "dtype" not in (recorded.get(model) or {})):
+            continue
+        if _same_grounding(name, recorded, actual):
             continue
         found.append(diff)
     return found

@@ -4,6 +4,27 @@
 returns, per image, one :class:`Detection` for every phrase that was found (in phrase order);
 phrases without a box above the threshold are left out.
 
+How a phrase is scored against a box is a named rule (``FeatureConfig.grounding_rule``), recorded
+in ``describe()``:
+
+``span-mean`` (default)
+    The phrase's score is the mean of its tokens' probabilities: the box's token probabilities
+    dotted with the span-normalised positive map, as Grounding DINO's phrase-grounding mode
+    (``create_positive_map_from_span``, ``positive_maps @ logits.T`` in
+    ``demo/inference_on_a_image.py``) and GLIP (``create_positive_map`` and the ``MEAN`` score
+    aggregation of ``convert_grounding_to_od_logits``) score the phrases of a caption. A box is kept
+    when that score is above ``box_threshold``; there is no text threshold.
+``token-max``
+    The rule of transformers' ``post_process_grounded_object_detection`` (open-set detection, not
+    phrase grounding), and the rule of every store that records none: a box qualifies when its best token
+    probability over the whole prompt is above ``box_threshold``, and the phrase's score is its
+    best token probability, which must be above ``text_threshold``. One confident token ("man"
+    in "man's hat") is enough, so it grounds more phrases, more loosely.
+
+Every comparison is strict (``>``), as in the original code and transformers. Boxes whose shorter
+side is under ``FeatureConfig.min_box_size`` pixels of the original image are not candidates
+(also recorded), so a phrase takes its best box among the others.
+
 The paper uses GLIP-L, whose released code needs custom CUDA operators built against an old
 PyTorch; tidy-detect uses Grounding DINO (same task: open-vocabulary grounding of caption phrases)
 through transformers by default, and OWLv2 as an alternative.
@@ -17,7 +38,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from tidy_detect.config import FeatureConfig
+from tidy_detect.config import GROUNDING_RULES, FeatureConfig
+from tidy_detect.errors import ConfigError
 from tidy_detect.models.loading import prepare_model, revision_of, torch_dtype
 from tidy_detect.models.registry import GROUNDERS
 
@@ -39,9 +61,69 @@ def cxcywh_to_xyxy(boxes: np.ndarray, width: float, height: float) -> np.ndarray
     return xyxy
 
 
+def positive_map(token_sets: Sequence[Sequence[int]], num_tokens: int) -> np.ndarray:
+    """(num_phrases, num_tokens): each phrase's tokens, the row normalised to sum 1.
+
+    The ``+ 1e-6`` is the original's (GroundingDINO ``create_positive_map_from_span``, GLIP
+    ``create_positive_map``), kept so scores match it exactly; a phrase with no token (cut off by
+    the text length) has an all-zero row, so a score of 0.
+    """
+    pmap = np.zeros((len(token_sets), num_tokens), dtype=np.float64)
+    for j, tokens in enumerate(token_sets):
+        pmap[j, [t for t in tokens if t < num_tokens]] = 1.0
+    return pmap / (pmap.sum(axis=1, keepdims=True) + 1e-6)
+
+
+def phrase_scores(probs: np.ndarray, token_sets: Sequence[Sequence[int]], rule: str, box_threshold: float,
+                  text_threshold: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """Score every phrase against every box under a grounding rule (see the module docstring).
+
+    Args:
+        probs: (num_boxes, num_tokens) token probabilities (sigmoid of the logits).
+        token_sets: the prompt tokens of each phrase.
+
+    Returns:
+        ``(scores, eligible, threshold)``: (num_boxes, num_phrases) scores, the (num_boxes,) mask
+        of boxes the rule allows at all, and the threshold a phrase's score must exceed.
+
+    Raises:
+        ConfigError: an unknown rule.
+    """
+    if rule not in _RULES:
+        raise ConfigError(f"grounding rule must be one of {', '.join(_RULES)}, got {rule!r}")
+    probs = np.asarray(probs, dtype=np.float64).reshape(-1, np.shape(probs)[-1])
+    return _RULES[rule](probs, token_sets, box_threshold, text_threshold)
+
+
+def _span_mean(probs: np.ndarray, token_sets: Sequence[Sequence[int]], box_threshold: float,
+               text_threshold: float) -> tuple[np.ndarray, np.ndarray, float]:
+    scores = probs @ positive_map(token_sets, probs.shape[1]).T
+    return scores, np.ones(probs.shape[0], dtype=bool), box_threshold
+
+
+def _token_max(probs: np.ndarray, token_sets: Sequence[Sequence[int]], box_threshold: float,
+               text_threshold: float) -> tuple[np.ndarray, np.ndarray, float]:
+    columns = [probs[:, [t for t in tokens if t < probs.shape[1]]].max(axis=1, initial=0.0)
+               for tokens in token_sets]
+    scores = np.stack(columns, axis=1) if columns else np.zeros((probs.shape[0], 0))
+    return scores, probs.max(axis=1, initial=0.0) > box_threshold, text_threshold
+
+
+_RULES = {"span-mean": _span_mean, "token-max": _token_max}
+assert tuple(_RULES) == GROUNDING_RULES, "config.GROUNDING_RULES names the rules FeatureConfig accepts"
+
+
+def large_enough(boxes_xyxy: np.ndarray, min_size: float) -> np.ndarray:
+    """(num_boxes,) mask of boxes whose shorter side is at least ``min_size`` pixels."""
+    boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+    sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    return sides >= min_size
+
+
 def best_boxes(scores: np.ndarray, boxes_xyxy: np.ndarray, phrases: Sequence[str], threshold: float,
                eligible: np.ndarray | None = None) -> list[Detection]:
-    """For each phrase (column of ``scores``), the highest-scoring box if its score >= threshold.
+    """For each phrase (column of ``scores``), the highest-scoring eligible box if its score is
+    strictly above ``threshold`` (``>``, as transformers' post-processing and the original code).
 
     Args:
         scores: (num_boxes, num_phrases) phrase scores in [0, 1].
@@ -56,7 +138,7 @@ def best_boxes(scores: np.ndarray, boxes_xyxy: np.ndarray, phrases: Sequence[str
         if scores.shape[0] == 0:
             break
         q = int(np.argmax(scores[:, j]))
-        if scores[q, j] >= threshold:
+        if scores[q, j] > threshold:
             found.append(Detection(phrase, tuple(float(v) for v in boxes_xyxy[q]), float(scores[q, j])))
     return found
 
@@ -65,6 +147,8 @@ class _HFGrounder:
     model_class = ""
     default_box_threshold = 0.35
     default_text_threshold = 0.25
+    # Whether the grounder has a text threshold at all (OWLv2 has one score per phrase query).
+    uses_text_threshold = True
 
     def __init__(self, name: str, source: str, *, features: FeatureConfig, device: str, dtype: str,
                  optimize: bool = True, components: tuple[Any, Any] | None = None) -> None:
@@ -76,14 +160,22 @@ class _HFGrounder:
                               else self.default_box_threshold)
         self.text_threshold = (features.text_threshold if features.text_threshold is not None
                                else self.default_text_threshold)
+        self.grounding_rule = features.grounding_rule
+        self.min_box_size = features.min_box_size
         self.model, self.processor, self.fingerprint = prepare_model(
             self.model_class, source, what="grounder model", option="--grounder-model", device=device, dtype=dtype,
             optimize=optimize, components=components)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "source": self.source, "model_type": self.model.config.model_type,
-                "revision": revision_of(self.model), "weights": self.fingerprint,
-                "box_threshold": self.box_threshold, "text_threshold": self.text_threshold}
+        described = {"name": self.name, "source": self.source, "model_type": self.model.config.model_type,
+                     "revision": revision_of(self.model), "weights": self.fingerprint,
+                     "grounding_rule": self.grounding_rule, "box_threshold": self.box_threshold,
+                     "min_box_size": self.min_box_size}
+        # A threshold that changes nothing is not recorded: it would make stores that hold the
+        # same features look incompatible.
+        if self.uses_text_threshold and self.grounding_rule == "token-max":
+            described["text_threshold"] = self.text_threshold
+        return described
 
     def _to_device(self, inputs: Any) -> dict[str, Any]:
         return {k: (v.to(self.device, dtype=torch_dtype(self.dtype)) if v.is_floating_point() else v.to(self.device))
@@ -105,9 +197,9 @@ class _HFGrounder:
 @GROUNDERS.register("grounding-dino", default_model="IDEA-Research/grounding-dino-base",
                     model_types=("grounding-dino",), description="Grounding DINO (default; GLIP's role in the paper)")
 class GroundingDinoGrounder(_HFGrounder):
-    """All phrases of an image in one prompt "p1. p2. p3."; a phrase's score for a box is the
-    highest token probability inside the phrase's span. A box qualifies when its best token
-    probability reaches ``box_threshold`` and the phrase's reaches ``text_threshold``."""
+    """All phrases of an image in one prompt "p1. p2. p3."; each phrase is scored against each box
+    by the grounding rule over the tokens of its span (see the module docstring), and boxes whose
+    shorter side is under ``min_box_size`` pixels are not candidates."""
 
     model_class = "GroundingDinoForObjectDetection"
 
@@ -137,13 +229,13 @@ class GroundingDinoGrounder(_HFGrounder):
             for j, k in enumerate(members):
                 image = images[k]
                 token_of = _span_tokens(offsets[j], spans[k], probs.shape[-1])
-                phrase_scores = np.stack([probs[j][:, toks].max(axis=1) if len(toks) else np.zeros(probs.shape[1])
-                                          for toks in token_of], axis=1)
-                eligible = probs[j].max(axis=1) >= self.box_threshold
+                scores, eligible, threshold = phrase_scores(probs[j], token_of, self.grounding_rule,
+                                                            self.box_threshold, self.text_threshold)
                 xyxy = cxcywh_to_xyxy(boxes[j], padded[k].width, padded[k].height)
                 xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, image.width)
                 xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, image.height)
-                results[k] = best_boxes(phrase_scores, xyxy, phrases[k], self.text_threshold, eligible)
+                eligible &= large_enough(xyxy, self.min_box_size)
+                results[k] = best_boxes(scores, xyxy, phrases[k], threshold, eligible)
         return results
 
     def _pad_to_ratio(self, image: Image.Image) -> Image.Image:
@@ -188,11 +280,16 @@ def _span_tokens(offsets: np.ndarray, spans: Sequence[tuple[int, int]], limit: i
                     description="OWLv2 open-vocabulary detector")
 class Owlv2Grounder(_HFGrounder):
     """Each phrase is a text query; OWLv2 pads every image to a square (bottom/right), so its
-    normalised boxes are relative to the padded side max(width, height)."""
+    normalised boxes are relative to the padded side max(width, height).
+
+    A query has one score per box, so both grounding rules give that score and keep a box above
+    ``box_threshold`` (transformers' ``post_process_object_detection`` has this one threshold);
+    the rule is still recorded, as asked for. There is no text threshold: it is not recorded,
+    and ``--text-threshold`` changes nothing for OWLv2."""
 
     model_class = "Owlv2ForObjectDetection"
     default_box_threshold = 0.1
-    default_text_threshold = 0.1
+    uses_text_threshold = False
 
     def _ground(self, images: list[Image.Image], phrases: list[list[str]]) -> list[list[Detection]]:
         import torch
@@ -212,7 +309,8 @@ class Owlv2Grounder(_HFGrounder):
             xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, image.width)
             xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, image.height)
             scores = probs[k][:, :len(phrases[k])]
-            results.append(best_boxes(scores, xyxy, phrases[k], self.box_threshold))
+            results.append(best_boxes(scores, xyxy, phrases[k], self.box_threshold,
+                                      large_enough(xyxy, self.min_box_size)))
         return results
 
 

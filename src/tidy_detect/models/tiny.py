@@ -44,6 +44,8 @@ grounder_model = "./grounding-dino"
 caption_max_tokens = 12
 box_threshold = 0.0
 text_threshold = 0.0
+# The tiny grounders' random boxes are a few pixels wide; keep them, so local features exist.
+min_box_size = 0
 """
 
 # Characters that must be tokens of their own in every vocabulary, so that any English text
