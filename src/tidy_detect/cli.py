@@ -99,8 +99,12 @@ def build_extraction_config(preset: Optional[str], clip: Optional[str], captione
                             captioner_model: Optional[str], grounder: Optional[str], grounder_model: Optional[str],
                             device: Optional[str], dtype: Optional[str], batch_size: Optional[int],
                             workers: Optional[int], compile_: Optional[bool] = None,
-                            max_file_bytes: Optional[int] = None, **features: Any):
-    """Preset (or the defaults) with the options given on the command line on top."""
+                            max_file_bytes: Optional[int] = None, model_dtypes: Optional[dict] = None,
+                            **features: Any):
+    """Preset (or the defaults) with the options given on the command line on top.
+
+    ``--dtype`` sets every model's precision (the preset's per-model choices included);
+    ``model_dtypes`` (``--clip-dtype`` and the like) then set single models."""
     from tidy_detect.config import ExtractionConfig, load_preset
 
     config = load_preset(preset) if preset else ExtractionConfig()
@@ -114,7 +118,8 @@ def build_extraction_config(preset: Optional[str], clip: Optional[str], captione
                 "grounder_model": grounder_model},
         features=features,
         runtime={"device": device, "dtype": dtype, "batch_size": batch_size, "num_workers": workers,
-                 "compile": compile_, "max_file_bytes": max_file_bytes},
+                 "compile": compile_, "max_file_bytes": max_file_bytes,
+                 **{f"{kind}_dtype": (model_dtypes or {}).get(kind) or dtype for kind in ("clip", "captioner", "grounder")}},
     )
 
 
@@ -131,7 +136,12 @@ CaptionerModelOpt = typer.Option(None, "--captioner-model", help="Captioner chec
 GrounderOpt = typer.Option(None, "--grounder", help="Grounder: grounding-dino, owlv2, none; or a hub id / folder.")
 GrounderModelOpt = typer.Option(None, "--grounder-model", help="Grounder checkpoint: hub id or local folder.")
 DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N.")
-DtypeOpt = typer.Option(None, "--dtype", help="auto, float32, bfloat16 or float16.")
+DtypeOpt = typer.Option(None, "--dtype", help="Every model's precision: auto, float32, bfloat16 or float16 (default: CLIP float32, the others auto).")
+ClipDtypeOpt = typer.Option(None, "--clip-dtype", help="CLIP's precision (default float32: the features the peers compute).")
+CaptionerDtypeOpt = typer.Option(None, "--captioner-dtype", help="The captioner's precision (default: --dtype).")
+GrounderDtypeOpt = typer.Option(None, "--grounder-dtype", help="The grounder's precision (default: --dtype).")
+AllowDtypeOpt = typer.Option(False, "--allow-dtype-mismatch",
+                             help="Use a store or head whose features were made in another precision (refused otherwise).")
 BatchOpt = typer.Option(None, "--batch-size", min=1, help="Images per model batch (default 8).")
 WorkersOpt = typer.Option(None, "--workers", min=0, help="Image decoding threads (default 2).")
 FailOnErrorOpt = typer.Option(False, "--fail-on-error",
@@ -156,6 +166,10 @@ def extract_cmd(
     grounder_model: Optional[str] = GrounderModelOpt,
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
+    clip_dtype: Optional[str] = ClipDtypeOpt,
+    captioner_dtype: Optional[str] = CaptionerDtypeOpt,
+    grounder_dtype: Optional[str] = GrounderDtypeOpt,
+    allow_dtype_mismatch: bool = AllowDtypeOpt,
     batch_size: Optional[int] = BatchOpt,
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Local engine: image decoding threads (default 2). Ray engine: extraction workers, each with its own copy of the models (default 2)."),
     engine: str = typer.Option("local", "--engine", help="Where extraction runs: local (this process) or ray (a Ray cluster; needs the distributed extra, see docs/distributed.md)."),
@@ -165,7 +179,9 @@ def extract_cmd(
     limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Process at most N images."),
     max_objects: Optional[int] = typer.Option(None, "--max-objects", help="Objects per image (default 6)."),
     box_threshold: Optional[float] = typer.Option(None, "--box-threshold", help="Grounder box threshold."),
-    text_threshold: Optional[float] = typer.Option(None, "--text-threshold", help="Grounder phrase threshold."),
+    text_threshold: Optional[float] = typer.Option(None, "--text-threshold", help="Grounder phrase threshold (token-max rule only)."),
+    grounding_rule: Optional[str] = typer.Option(None, "--grounding-rule", help="How a phrase is scored against a box: span-mean (mean token probability over the phrase, compared with the box threshold: Grounding DINO's phrase grounding and GLIP; default) or token-max (best token probability, with the text threshold)."),
+    min_box_size: Optional[float] = typer.Option(None, "--min-box-size", help="Drop boxes whose shorter side is under this many pixels of the original image (default 8; 0 keeps all)."),
     caption_max_tokens: Optional[int] = typer.Option(None, "--caption-max-tokens", help="Longest caption, in tokens."),
     caption_prompt: Optional[str] = typer.Option(None, "--caption-prompt", help="Prompt for the captioner."),
     global_view: Optional[str] = typer.Option(None, "--global-view", help="center-crop (benchmark protocol) or clip."),
@@ -180,6 +196,7 @@ def extract_cmd(
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     fail_on_error: bool = FailOnErrorOpt,
     max_file_mb: Optional[float] = MaxFileMbOpt,
+    exif: str = typer.Option("auto", "--exif", help="EXIF orientation: auto (ignored for benchmark layouts, as the peers read pixels; applied otherwise), apply or ignore."),
 ) -> None:
     """Extract captions, objects and CLIP embeddings of images into a feature store.
 
@@ -196,15 +213,18 @@ def extract_cmd(
     decode_threads = workers if ray_options is None else None  # with Ray, --workers counts extraction workers
     config = build_extraction_config(preset, clip, captioner, captioner_model, grounder, grounder_model, device,
                                      dtype, batch_size, decode_threads, compile_ or None, _mib(max_file_mb),
+                                     {"clip": clip_dtype, "captioner": captioner_dtype, "grounder": grounder_dtype},
                                      max_objects=max_objects,
                                      box_threshold=box_threshold, text_threshold=text_threshold,
+                                     grounding_rule=grounding_rule, min_box_size=min_box_size,
                                      caption_max_tokens=caption_max_tokens, caption_prompt=caption_prompt,
                                      global_view=global_view)
     with extraction_progress("extracting") as progress:
         summary = extract_with_engine(engine, inputs, out_dir, config, ray_options=ray_options, limit=limit,
                                       progress=progress, retry_errors=retry_errors, layout=layout, split=split,
                                       exclude=exclude or None, pairing=parse_pairing(pairing or []) or None,
-                                      max_per_class=max_per_class, per_class=per_class, seed=seed)
+                                      max_per_class=max_per_class, per_class=per_class, seed=seed,
+                                      accept_dtype=allow_dtype_mismatch, exif=exif)
     print_extraction_summary(summary)
     check_outcome(summary, fail_on_error)
 
@@ -302,6 +322,7 @@ def train_cmd(
     val: Optional[List[Path]] = typer.Option(None, "--val", help="Validation store(s), scored every epoch."),
     select: str = typer.Option("last", "--select", help="last (paper) or best-val (best validation AP)."),
     balance: bool = typer.Option(False, "--balance", help="Weight the loss by inverse class frequency."),
+    precision: str = typer.Option("auto", "--precision", help="Training matmuls: float32, bfloat16, or auto (float32 for float32 CLIP features, the paper's protocol; else bfloat16 where it is fast)."),
 ) -> None:
     """Train the MLP head on feature stores."""
     from tidy_detect.config import RepresentationConfig
@@ -311,7 +332,8 @@ def train_cmd(
     rep = RepresentationConfig(representation, w1, w2, normalize)
     runs = [(s, out_path.with_name(f"{out_path.with_suffix('').name}-seed{s}.safetensors")) for s in parse_seeds(seeds)]
     for run_seed, run_out in runs or [(seed, out_path)]:
-        _train_one(stores, run_out, rep, val, epochs, lr, weight_decay, hidden, batch_size, run_seed, select, balance)
+        _train_one(stores, run_out, rep, val, epochs, lr, weight_decay, hidden, batch_size, run_seed, select, balance,
+                   precision)
     if runs:
         out.print(f"{len(runs)} heads; evaluate them together with "
                   f"`tidy-detect eval --head {out_path.with_suffix('')}-seed{{seed}}.safetensors --seeds {seeds} STORE...`",
@@ -319,7 +341,8 @@ def train_cmd(
 
 
 def _train_one(stores: List[Path], out_path: Path, rep: Any, val: Optional[List[Path]], epochs: int, lr: float,
-               weight_decay: float, hidden: int, batch_size: int, seed: int, select: str, balance: bool) -> None:
+               weight_decay: float, hidden: int, batch_size: int, seed: int, select: str, balance: bool,
+               precision: str = "auto") -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tidy_detect.training import train_head
@@ -337,7 +360,7 @@ def _train_one(stores: List[Path], out_path: Path, rep: Any, val: Optional[List[
 
         result = train_head(stores, out_path, representation=rep, val_paths=val or (), on_epoch=on_epoch,
                             hidden=hidden, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-                            seed=seed, select=select, balance=balance)
+                            seed=seed, select=select, balance=balance, precision=precision)
     print_train_summary(result)
 
 
@@ -379,7 +402,8 @@ def detect_cmd(
     captioner_model: Optional[str] = typer.Option(None, "--captioner-model", help="Load the head's captioner from here."),
     grounder_model: Optional[str] = typer.Option(None, "--grounder-model", help="Load the head's grounder from here."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (each model in the precision the head's features were made in), float32, bfloat16 or float16."),
+    allow_dtype_mismatch: bool = AllowDtypeOpt,
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per model batch."),
     workers: int = typer.Option(2, "--workers", min=0, help="Image decoding threads."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile CLIP's vision tower (pays off on large runs)."),
@@ -414,7 +438,8 @@ def detect_cmd(
 
         raise NothingProcessedError(f"no images found in {', '.join(inputs)} (folders are searched for image "
                                     f"suffixes such as .jpg, .png, .webp)")
-    detector = Detector.load(head, device=device, dtype=dtype, batch_size=batch_size, num_workers=workers,
+    detector = Detector.load(head, device=device, dtype=dtype, accept_dtype=allow_dtype_mismatch,
+                             batch_size=batch_size, num_workers=workers,
                              threshold=threshold, compile=compile_, cascade_head=cascade_head, band=(low, high),
                              clip=clip, captioner_model=captioner_model, grounder_model=grounder_model)
     records = []
@@ -423,7 +448,8 @@ def detect_cmd(
             from tidy_detect.features.extractor import run_extraction
             from tidy_detect.features.store import FeatureStore
 
-            store = FeatureStore.open_for_writing(save_store, detector.extractor.extraction, detector.extractor.dim)
+            store = FeatureStore.open_for_writing(save_store, detector.extractor.extraction, detector.extractor.dim,
+                                                  accept_dtype=allow_dtype_mismatch)
             run_extraction(items, store, detector.extractor, progress=progress)
             rows = store.rows_for_paths(item.path for item in items)
             records = detector.score_rows([rows[item.path] for item in items])
@@ -626,6 +652,63 @@ def models_make_tiny(
 
     preset = make_tiny_bundle(directory, seed=seed, overwrite=force)
     out.print(f"tiny bundle ready: {directory}\npreset: {preset}  (use --preset {preset})")
+
+
+@command(models_app, "verify")
+def models_verify(
+    preset: Optional[str] = PresetOpt,
+    clip: Optional[str] = ClipOpt,
+    captioner: Optional[str] = CaptionerOpt,
+    captioner_model: Optional[str] = CaptionerModelOpt,
+    grounder: Optional[str] = GrounderOpt,
+    grounder_model: Optional[str] = GrounderModelOpt,
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+    fmt: str = typer.Option("table", "--format", "-f", help="table or json."),
+) -> None:
+    """Self-check the configured models on a few annotated public-domain photos (run once after
+    downloading the weights): captions name the objects, CLIP ranks the true captions first, the
+    grounder's boxes overlap the annotations (IoU >= 0.5), and half precision agrees with float32
+    (cosine >= 0.99). Exits 10 when a check fails. On random-weight models (the tiny bundle) the
+    semantic checks are reported as "cannot pass: random weights" and only the others decide.
+    """
+    from tidy_detect.errors import ConfigError, VerificationFailedError
+    from tidy_detect.models.verify import run_verification
+
+    if fmt not in ("table", "json"):
+        raise ConfigError(f"--format must be table or json, got {fmt!r}")
+    config = build_extraction_config(preset, clip, captioner, captioner_model, grounder, grounder_model, device,
+                                     dtype, None, None)
+    report = run_verification(config, say=lambda m: err.print(f"• {m}", highlight=False))
+    if fmt == "json":
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+    else:
+        print_verify_report(report)
+    if not report.passed:
+        raise VerificationFailedError(report.summary())
+
+
+def print_verify_report(report: Any) -> None:
+    from tidy_detect.models.verify import FAIL, PASS, RANDOM
+
+    style = {PASS: "green", FAIL: "bold red", RANDOM: "yellow"}
+    precisions = ", ".join(f"{role} {dtype}" for role, dtype in report.dtypes.items()) or report.dtype
+    table = Table(title=f"models verify on {report.device} ({precisions})", title_justify="left")
+    for col in ("check", "photo / model", "measured", "rule", "result"):
+        table.add_column(col, overflow="fold")
+    for c in report.checks:
+        table.add_row(c.check, c.subject, escape(c.measured), escape(c.rule),
+                      f"[{style.get(c.status, 'dim')}]{escape(c.status)}[/]")
+    out.print(table)
+    if report.random_weights:
+        by_reason: dict = {}
+        for role, reason in report.random_weights.items():
+            by_reason.setdefault(reason, []).append(role)
+        reasons = "; ".join(f"{', '.join(roles)}: {reason}" for reason, roles in by_reason.items())
+        out.print(f"[yellow]random weights[/] ({escape(reasons)}): their semantic checks (caption, clip-rank, "
+                  f"grounding) cannot pass and do not count", highlight=False, soft_wrap=True)
+    out.print(("[green]" if report.passed else "[bold red]") + escape(report.summary()) + "[/]", highlight=False,
+              soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------

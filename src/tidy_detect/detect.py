@@ -27,14 +27,15 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from tidy_detect.config import ExtractionConfig, FeatureConfig, ModelConfig, RepresentationConfig, RuntimeConfig
+from tidy_detect.config import (MODEL_KINDS, ExtractionConfig, FeatureConfig, ModelConfig, RepresentationConfig,
+                                RuntimeConfig)
 from tidy_detect.data.inputs import ImageItem
 from tidy_detect.errors import CheckpointError, ConfigError, ImageError
 from tidy_detect.features import discrepancy
 from tidy_detect.features.extractor import ExtractionSummary, Extractor, iter_decoded, rows_for_batch
-from tidy_detect.features.store import config_differences, config_fingerprint
+from tidy_detect.features.store import DTYPE_HINT, extraction_mismatches
 from tidy_detect.head import DiscrepancyHead
-from tidy_detect.images import load_image
+from tidy_detect.images import LoadedImage, load_image
 
 MODEL_OVERRIDES = ("clip", "captioner", "captioner_model", "grounder", "grounder_model")
 
@@ -59,17 +60,33 @@ def config_from_extraction(extraction: dict[str, Any], runtime: RuntimeConfig | 
         max_objects=phr.get("max_objects", defaults.max_objects),
         box_threshold=grd.get("box_threshold"), text_threshold=grd.get("text_threshold"),
         phrase_stoplist=tuple(phr.get("stoplist", defaults.phrase_stoplist)),
+        # A grounder recorded without these grounded by the rule of that time: best token
+        # probability, no minimum box size.
+        grounding_rule=grd.get("grounding_rule", "token-max"), min_box_size=grd.get("min_box_size", 0),
     )
     return ExtractionConfig(models, features, runtime or RuntimeConfig())
 
 
-def check_compatible(expected: dict[str, Any], actual: dict[str, Any], what: str) -> None:
-    """Raise CheckpointError when two extraction configs would give different features."""
-    if config_fingerprint(expected) != config_fingerprint(actual):
-        diffs = config_differences(expected, actual)
+def recorded_dtypes(extraction: dict[str, Any], dtype: str = "auto") -> dict[str, str | None]:
+    """Per-model dtype fields of a RuntimeConfig that reproduce a recorded extraction's precision.
+
+    With ``dtype="auto"`` each model runs in the dtype recorded for it (unrecorded: the automatic
+    choice); an explicit ``dtype`` applies to every model.
+    """
+    if dtype != "auto":
+        return {f"{kind}_dtype": None for kind in MODEL_KINDS}
+    return {f"{kind}_dtype": (extraction.get(kind) or {}).get("dtype") or "auto" for kind in MODEL_KINDS}
+
+
+def check_compatible(expected: dict[str, Any], actual: dict[str, Any], what: str, accept_dtype: bool = False) -> None:
+    """Raise CheckpointError when two extraction configs would give different features (a model's
+    dtype included, unless ``accept_dtype``; see :func:`tidy_detect.features.store.extraction_mismatches`)."""
+    diffs = extraction_mismatches(expected, actual, accept_dtype=accept_dtype)
+    if diffs:
+        hint = f" ({DTYPE_HINT})" if any(".dtype:" in d for d in diffs) else ""
         raise CheckpointError(
             f"{what} was trained on features from other models or settings than these: "
-            f"{'; '.join(d.replace('store has', 'head has') for d in diffs[:5])}. "
+            f"{'; '.join(d.replace('store has', 'head has') for d in diffs[:5])}{hint}. "
             f"Override a model only with a copy of the same checkpoint (e.g. a local folder)."
         )
 
@@ -140,12 +157,15 @@ class Detector:
     def load(cls, head_path: str | Path, *, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
              num_workers: int = 2, threshold: float = 0.5, compile: bool = False,
              cascade_head: str | Path | None = None, band: tuple[float, float] = (0.2, 0.8),
-             **model_overrides: str | None) -> "Detector":
+             accept_dtype: bool = False, **model_overrides: str | None) -> "Detector":
         """Load a head and the models it was trained with.
 
         Args:
             head_path: the ``.safetensors`` checkpoint written by ``tidy-detect train``.
-            device, dtype, batch_size, num_workers, compile: runtime choices (any value is compatible).
+            device, batch_size, num_workers, compile: runtime choices (any value is compatible).
+            dtype: ``auto`` runs each model in the precision the head's features were made in (as
+                recorded in the head); any other value runs every model in it, which gives other
+                features than the head knows unless they were made so: refused unless ``accept_dtype``.
             cascade_head: a global-only head (same stores' config) for the cascade fast path;
                 images it scores outside ``band`` skip grounding and the full head.
             model_overrides: ``clip``, ``captioner``, ``captioner_model``, ``grounder``, ``grounder_model``
@@ -158,10 +178,10 @@ class Detector:
         head, metadata = DiscrepancyHead.load(head_path)
         cascade = Cascade(*DiscrepancyHead.load(cascade_head), band=band) if cascade_head else None
         runtime = RuntimeConfig(device=device, dtype=dtype, batch_size=batch_size, num_workers=num_workers,
-                                compile=compile)
+                                compile=compile, **recorded_dtypes(metadata["extraction"], dtype))
         config = config_from_extraction(metadata["extraction"], runtime, **model_overrides)
         extractor = Extractor(config).load()
-        check_compatible(metadata["extraction"], extractor.extraction, f"head {head_path}")
+        check_compatible(metadata["extraction"], extractor.extraction, f"head {head_path}", accept_dtype)
         return cls(head, metadata, extractor, threshold, cascade)
 
     def info(self) -> dict[str, Any]:
@@ -264,18 +284,35 @@ class Detector:
         captions = list(captions) if captions is not None else [None] * len(images)
         if len(captions) != len(images):
             raise ConfigError(f"got {len(captions)} captions for {len(images)} images")
-        decoded = []
+        entries: list[tuple[str, LoadedImage | ImageError]] = []
         max_pixels = self.extractor.config.runtime.max_pixels
-        for k, (source, caption) in enumerate(zip(images, captions)):
+        for k, source in enumerate(images):
             if isinstance(source, (str, Path)):
                 name = str(Path(source).absolute())
             else:
                 name = names[k] if names is not None else f"<image {k}>"
             try:
-                loaded = load_image(source, max_pixels=max_pixels, name=name)
+                loaded: LoadedImage | ImageError = load_image(source, max_pixels=max_pixels, name=name)
             except ImageError as exc:
                 loaded = exc
-            decoded.append((ImageItem(name, caption=caption), loaded, 0.0))
+            entries.append((name, loaded))
+        return self.predict_loaded(entries, captions)
+
+    def predict_loaded(self, entries: Sequence[tuple[str, LoadedImage | ImageError]],
+                       captions: Sequence[str | None] | None = None) -> list[dict[str, Any]]:
+        """Detection records for images already decoded (by :func:`tidy_detect.images.load_image`), in order.
+
+        Args:
+            entries: ``(name, image)`` pairs; ``image`` is a :class:`LoadedImage` (possibly reduced
+                by :func:`tidy_detect.images.reduce_for_models`) or the ``ImageError`` its decoding
+                raised, which becomes a record with ``error`` set.
+            captions: captions to use with the ``provided`` captioner (one per entry).
+        """
+        captions = list(captions) if captions is not None else [None] * len(entries)
+        if len(captions) != len(entries):
+            raise ConfigError(f"got {len(captions)} captions for {len(entries)} images")
+        decoded = [(ImageItem(name, caption=caption), loaded, 0.0)
+                   for (name, loaded), caption in zip(entries, captions)]
         records = []
         summary = ExtractionSummary(total=len(decoded))
         batch_size = self.extractor.config.runtime.batch_size
