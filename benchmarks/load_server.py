@@ -33,7 +33,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import httpx
 
@@ -138,14 +138,15 @@ def proc_memory(pid: int) -> dict[str, int]:
 class ServerProcess:
     """``tidy-detect serve`` in a child process on a free loopback port."""
 
-    def __init__(self, head: Path, log_path: Path, *, max_batch: int, max_wait_ms: float, device: str) -> None:
+    def __init__(self, head: Path, log_path: Path, *, max_batch: int, max_wait_ms: float, device: str,
+                 extra_args: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         # max-pending is raised so that overload shows as latency, not as 503s
         command = [sys.executable, "-m", "tidy_detect.serve_cli", "serve", "--head", str(head), "--host", "127.0.0.1",
                    "--port", str(self.port), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms),
-                   "--device", device, "--max-pending", "4096", "--log-level", "warning"]
+                   "--device", device, "--max-pending", "4096", "--log-level", "warning", *extra_args]
         env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
         env.pop("TIDY_DETECT_API_KEY", None)
         self._log = log_path.open("w")

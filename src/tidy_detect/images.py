@@ -232,7 +232,7 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
         return LoadedImage(rgb, digest, rgb.width, rgb.height, source.format or "RAW", 0)
 
     file_stat: FileStat | None = None
-    with _pixel_limit_lifted():
+    with pixel_limit_lifted():
         if isinstance(source, (bytes, bytearray, memoryview)):
             data, label = read_source(source, name=name, max_bytes=max_bytes)
         else:
@@ -261,7 +261,7 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     return LoadedImage(rgb, digest, rgb.width, rgb.height, fmt, len(data), file_stat)
 
 
-class _pixel_limit_lifted:
+class pixel_limit_lifted:
     """Pillow warns (and raises above twice its limit) for large images; our own limit, checked
     from the header, replaces both while any of our loads runs. Reference-counted under a lock,
     since decoding runs in several threads and each must see the limit lifted until it is done."""
@@ -392,7 +392,7 @@ def reduce_for_models(loaded: LoadedImage, max_side: int, view_size: int) -> Loa
     size = (max(1, round(image.width / factor)), max(1, round(image.height / factor)))
     # reducing_gap: Pillow first shrinks by an integer factor with a box filter (fast, little
     # memory), then resamples the rest with Lanczos.
-    reduced = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    reduced = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
     return dataclasses.replace(loaded, image=reduced, center=center, scale=longest / max(size))
 
 
@@ -411,6 +411,7 @@ __all__ = [
     "LoadedImage",
     "is_image_path",
     "load_image",
+    "pixel_limit_lifted",
     "read_file",
     "read_source",
     "reduce_for_models",

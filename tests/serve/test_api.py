@@ -53,12 +53,15 @@ def test_healthz_info_page_and_openapi(client, served):
     assert client.get("/healthz").json() == {"status": "ready"}
     info = client.get("/v1/info").json()
     assert info["package_version"] == __version__ and info["status"] == "ready"
-    assert info["models"] == served["detector"].info()["models"]
+    extraction = served["detector"].metadata["extraction"]
+    assert info["models"] == {"clip": "local:clip", "captioner": "blip2", "captioner_model": "local:blip2",
+                              "grounder": "grounding-dino", "grounder_model": "local:grounding-dino",
+                              "weights": {part: extraction[part]["weights"] for part in ("clip", "captioner", "grounder")}}
     assert info["head"]["representation"]["kind"] == "both" and info["head"]["hyperparameters"]["hidden"] == 16
     assert "stores" not in info["head"]["training_data"]  # no server-side paths
     assert info["thresholds"]["p_fake"] == 0.5 and "box" in info["thresholds"]
     assert info["limits"] == {"max_upload_bytes": 20 * 1024 * 1024, "max_files": 16, "max_pixels": 100_000_000,
-                              "max_pending": 256}
+                              "max_pending": 256, "max_request_pixels": 400_000_000, "reduce_max_side": 2048}
     assert info["batching"]["max_batch"] == 8 and info["api_key_required"] is False
     page = client.get("/")
     assert page.status_code == 200 and 'id="file-input"' in page.text
@@ -339,7 +342,8 @@ def test_healthz_reports_a_failed_load():
             threading.Event().wait(0.05)
         response = test_client.get("/healthz")
         assert response.status_code == 503
-        assert response.json() == {"status": "failed", "error": "clip: no weights in /nowhere"}
+        # the server's paths stay in its log
+        assert response.json() == {"status": "failed", "error": "clip: no weights in local:nowhere"}
         assert error_of(test_client.get("/v1/info"))["code"] == "load_failed"
 
 

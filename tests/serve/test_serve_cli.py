@@ -44,8 +44,28 @@ def test_help_lists_the_options():
     result = runner.invoke(serve_app(), ["serve", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     for option in ("--head", "--host", "--port", "--max-batch", "--max-wait-ms", "--api-key", "--results-dir",
-                   "--max-upload-mb", "--max-files", "--max-pixels", "TIDY_DETECT_API_KEY"):
+                   "--max-upload-mb", "--max-files", "--max-pixels", "TIDY_DETECT_API_KEY", "--max-request-pixels",
+                   "--decode-pixels", "--reduce-max-side", "--max-connections", "--header-timeout", "--body-timeout",
+                   "--keepalive-timeout", "--results-keep", "--results-max-age"):
         assert option in result.output, option
+    assert "worst request holds about" in " ".join(result.output.split())  # what it costs in memory
+
+
+def test_a_taken_port_fails_before_loading(served, monkeypatch):
+    pytest.importorskip("uvicorn")
+    from tidy_detect.detect import Detector
+
+    loads = []
+    monkeypatch.setattr(Detector, "load", classmethod(lambda cls, *a, **k: loads.append(a)))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        result = runner.invoke(serve_app(), ["serve", "--head", str(served["head"]), "--port", str(port)])
+    assert result.exit_code == 2, result.output
+    assert f"--port {port} on 127.0.0.1 is already in use" in " ".join(result.output.split())
+    assert not loads and time.monotonic() - started < 10
 
 
 def test_missing_extra_says_what_to_install(monkeypatch, tmp_path):

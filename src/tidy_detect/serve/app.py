@@ -2,25 +2,33 @@
 
 A request goes preprocess -> forward -> postprocess:
 
-1. **preprocess** (event loop, then a thread pool): the multipart body is parsed as it streams in,
-   with the size and file-count limits checked on the way (413 before an oversized body is read);
-   every file is decoded once with :func:`tidy_detect.images.load_image` to validate it.
-2. **forward** (the micro-batcher's worker thread): the valid images go through
-   ``Detector.predict(bytes, names=filenames)`` together with the images of concurrent requests.
+1. **preprocess** (event loop, then the decoding lanes of :mod:`tidy_detect.serve.decode`): the
+   multipart body is parsed as it streams in, with the size and file-count limits checked on the
+   way (413 before an oversized body is read); the images' headers are read and the request's
+   pixel budget checked (413); every file is decoded once, under the server's pixel budget, and
+   reduced for the models.
+2. **forward** (the micro-batcher's worker thread): each decoded image goes through
+   ``Detector.predict_loaded`` as soon as it is decoded, together with the images of concurrent
+   requests.
 3. **postprocess**: the detector's records, in upload order, exactly as ``tidy-detect detect
    --format json`` prints them; invalid files get the detector's own error record.
 
 Only uploaded bytes are processed; no route takes a path. Uploads are kept in memory (never spooled
-to a temporary file), and nothing is written to disk unless ``ServeSettings.results_dir`` is set.
+to a temporary file), and nothing is written to disk unless ``ServeSettings.results_dir`` is set
+(then at most ``results_keep`` files, none older than ``results_max_age_days``). Responses name
+models by hub id or ``local:<folder name>``, never by a server path (:mod:`tidy_detect.serve.public`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import json
 import logging
 import os
+import re
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -35,15 +43,17 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
-from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from tidy_detect import __version__
 from tidy_detect.errors import ImageError, TidyError
-from tidy_detect.images import load_image
+from tidy_detect.images import LoadedImage
 from tidy_detect.serve.batcher import BatcherBusyError, BatcherClosedError, MicroBatcher
+from tidy_detect.serve.decode import DecodePool
+from tidy_detect.serve.public import PathScrubber, public_models
 from tidy_detect.serve.settings import MIB, ServeSettings
 
 if TYPE_CHECKING:
@@ -64,6 +74,10 @@ IMAGE_ERROR_STATUS = {
 HTTP_ERROR_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                     413: "upload_too_large", 415: "unsupported_media_type", 422: "invalid_request"}
 MAX_FIELD_NAME = 200  # characters of a form field's name quoted back in an error message
+MAX_PART_HEADER_BYTES = 16 * 1024  # all header lines of one part together (python-multipart has no limit)
+MAX_BOUNDARY = 70  # RFC 2046: 1 to 70 characters
+# RFC 2046 bchars: digits, letters and '()+_,-./:=? (and a space, not last)
+_BOUNDARY_CHARS = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'()+_,-./:=? ")
 
 # Everything the page needs comes from this server: the policy makes the browser refuse any other
 # origin, so a page that works here works offline.
@@ -161,6 +175,7 @@ class _PartCollector:
         self._headers: dict[bytes, bytes] = {}
         self._chunks: list[bytes] = []
         self._name: str | None = None
+        self._header_bytes = 0
 
     def callbacks(self) -> dict[str, Callable[..., None]]:
         return {"on_part_begin": self.on_part_begin, "on_part_data": self.on_part_data,
@@ -170,15 +185,25 @@ class _PartCollector:
 
     def on_part_begin(self) -> None:
         self._headers, self._chunks, self._name = {}, [], None
+        self._header_bytes = 0
+
+    def _count_header(self, size: int) -> None:
+        self._header_bytes += size
+        if self._header_bytes > MAX_PART_HEADER_BYTES:
+            raise ApiError(400, "bad_multipart", f"the headers of part {len(self.uploads) + 1} are longer than "
+                                                 f"{MAX_PART_HEADER_BYTES:,} bytes; a file part needs only "
+                                                 f"Content-Disposition and Content-Type")
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._count_header(end - start)
         self._header_field += data[start:end]
 
     def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._count_header(end - start)
         self._header_value += data[start:end]
 
     def on_header_end(self) -> None:
-        self._headers[bytes(self._header_field).lower()] = bytes(self._header_value)
+        self._headers[bytes(self._header_field).lower().strip()] = bytes(self._header_value).strip()
         self._header_field.clear()
         self._header_value.clear()
 
@@ -208,33 +233,47 @@ class _PartCollector:
         self.finished = True
 
 
+def check_boundary(boundary: bytes) -> None:
+    """Raise 400 for a boundary RFC 2046 does not allow (python-multipart fails on some with a 500)."""
+    shown = boundary[:80].decode("latin-1")
+    if not 1 <= len(boundary) <= MAX_BOUNDARY:
+        raise ApiError(400, "bad_multipart", f"the multipart boundary must be 1 to {MAX_BOUNDARY} characters "
+                                             f"(RFC 2046), got {len(boundary):,}: {shown!r}")
+    if not set(boundary) <= _BOUNDARY_CHARS or boundary.endswith(b" "):
+        raise ApiError(400, "bad_multipart", f"the multipart boundary may hold only letters, digits and "
+                                             f"'()+_,-./:=? (RFC 2046), got {shown!r}")
+
+
 async def read_uploads(request: Request, settings: ServeSettings) -> list[Upload]:
     """The files of a multipart request, read with the size and count limits as the body streams in.
 
     Raises:
         ApiError: 415 not multipart; 413 body over ``max_upload_bytes`` (from Content-Length before
             anything is read, else as soon as the bytes read pass the limit) or more than ``max_files``
-            files; 400 malformed body; 422 a non-file field or no file at all.
+            files; 400 malformed body, boundary or Content-Length, or a client that went away;
+            422 a non-file field or no file at all.
     """
     content_type = request.headers.get("content-type", "")
     kind, options = parse_options_header(content_type)
     if kind != b"multipart/form-data" or not options.get(b"boundary"):
         raise ApiError(415, "not_multipart",
                        f"POST /v1/detect takes multipart/form-data with each image as a file field named 'files' "
-                       f"(curl -F files=@photo.jpg), got content type {content_type or 'none'!r}")
+                       f"(curl -F files=@photo.jpg), got content type {content_type[:200] or 'none'!r}")
+    boundary = options[b"boundary"]
+    check_boundary(boundary)
     limit = settings.max_upload_bytes
     too_large = (f"over this server's limit of {limit:,} bytes ({limit / MIB:g} MiB) for all files of one request "
                  f"together; send fewer or smaller files per request")
     declared = request.headers.get("content-length")
     if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise ApiError(400, "bad_request", f"Content-Length must be a number of bytes, got {declared!r}") from None
+        if not declared.strip().isdigit():  # the HTTP server checks it too; this is the ASGI-level guard
+            raise ApiError(400, "bad_request",
+                           f"Content-Length must be a number of bytes, got {declared[:40]!r}") from None
+        size = int(declared)
         if size > limit:
             raise ApiError(413, "upload_too_large", f"the request body is {size:,} bytes, {too_large}")
     collector = _PartCollector(settings.max_files)
-    parser = MultipartParser(options[b"boundary"], collector.callbacks())
+    parser = MultipartParser(boundary, collector.callbacks())
     received = 0
     try:
         async for chunk in request.stream():
@@ -243,26 +282,19 @@ async def read_uploads(request: Request, settings: ServeSettings) -> list[Upload
                 raise ApiError(413, "upload_too_large", f"the request body is more than {limit:,} bytes, {too_large}")
             parser.write(chunk)
         parser.finalize()
-    except MultipartParseError as exc:
-        raise ApiError(400, "bad_multipart", f"the multipart body cannot be parsed ({exc})") from None
+    except ApiError:
+        raise
+    except ClientDisconnect:
+        # The client went away or the body timed out (the HTTP server answered 408 already).
+        raise ApiError(400, "client_disconnected", "the connection closed before the whole body arrived") from None
+    except Exception as exc:  # python-multipart raises several kinds (and ValueError) on bad input
+        raise ApiError(400, "bad_multipart", f"the multipart body cannot be parsed ({str(exc)[:200]})") from None
     if not collector.finished:
         raise ApiError(400, "bad_multipart", "the multipart body ends before its closing boundary (truncated upload?)")
     if not collector.uploads:
         raise ApiError(422, "no_files", "the request has no file; send each image as a file field named 'files' "
                                         "(curl -F files=@photo.jpg)")
     return collector.uploads
-
-
-def validate_uploads(uploads: list[Upload], max_pixels: int) -> list[ImageError | None]:
-    """Decode every upload once (in a worker thread): None for a valid image, else its ImageError."""
-    problems: list[ImageError | None] = []
-    for upload in uploads:
-        try:
-            load_image(upload.data, max_pixels=max_pixels, name=upload.name)
-            problems.append(None)
-        except ImageError as exc:
-            problems.append(exc)
-    return problems
 
 
 def image_api_error(exc: ImageError, max_pixels: int) -> ApiError:
@@ -294,34 +326,102 @@ def unique_names(names: list[str]) -> list[str]:
 
 # -- the service: detector, batcher and readiness ---------------------------------------------------
 
+RESULT_NAME = re.compile(r"^(\d{8}T\d{12}Z)-[0-9a-f]{32}\.json$")
+
+
+class ResultsFolder:
+    """The results folder, kept within ``keep`` files and ``max_age_days``, oldest removed first.
+
+    The folder's files are listed once at start; after that every write adds its name to an
+    in-memory queue, so keeping the limit costs no directory listing per request. Only files named
+    as this server names them are ever removed.
+    """
+
+    def __init__(self, folder: Path, keep: int, max_age_days: float) -> None:
+        self.folder = folder
+        self.keep = keep
+        self.max_age_s = max_age_days * 86_400.0
+        self._lock = threading.Lock()
+        folder.mkdir(parents=True, exist_ok=True)
+        self._files = collections.deque(sorted(p.name for p in folder.iterdir() if RESULT_NAME.match(p.name)))
+        self.removed = 0
+        self.prune()
+
+    @staticmethod
+    def _stamp_time(name: str) -> float:
+        stamp = RESULT_NAME.match(name).group(1)  # type: ignore[union-attr]
+        return datetime.strptime(stamp, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=timezone.utc).timestamp()
+
+    def write(self, request_id: str, body: dict[str, Any]) -> Path:
+        """Write one request's records, atomically (never the images), then apply the limits."""
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        path = self.folder / f"{stamp}-{request_id}.json"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({"received": stamp, **body}, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        with self._lock:
+            self._files.append(path.name)
+        self.prune()
+        return path
+
+    def prune(self) -> None:
+        now = time.time()
+        while True:
+            with self._lock:
+                if not self._files:
+                    return
+                oldest = self._files[0]
+                over_count = self.keep and len(self._files) > self.keep
+                too_old = self.max_age_s and now - self._stamp_time(oldest) > self.max_age_s
+                if not (over_count or too_old):
+                    return
+                self._files.popleft()
+            try:
+                (self.folder / oldest).unlink()
+                self.removed += 1
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot remove old result %s: %s", oldest, exc)
+
+
 class Service:
-    """What the routes share: settings, the detector once loaded, and the micro-batcher."""
+    """What the routes share: settings, the detector once loaded, the decoding lanes and the micro-batcher."""
 
     def __init__(self, detector: Detector | None, settings: ServeSettings,
                  loader: Callable[[], Detector] | None) -> None:
         if detector is None and loader is None:
             raise TidyError("create_app needs a detector or a loader that builds one")
         self.settings = settings
-        self.detector = detector
+        self.detector: Detector | None = None
         self.loader = loader
-        self.status = "ready" if detector is not None else "loading"
+        self.status = "loading"
         self.load_error: str | None = None
         self.load_seconds: float | None = None
-        self.batcher: MicroBatcher[tuple[bytes, str], dict[str, Any]] = MicroBatcher(
+        self.batcher: MicroBatcher[tuple[LoadedImage, str], dict[str, Any]] = MicroBatcher(
             self.predict_batch, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
             max_pending=settings.max_pending)
+        self.decoder = DecodePool(settings.decode_pixels, settings.decode_workers, settings.small_image_pixels)
+        self.results: ResultsFolder | None = None
+        self.scrubber = PathScrubber()
+        self._summary: dict[str, Any] | None = None
         self._load_task: asyncio.Future | None = None
+        if detector is not None:
+            self._ready(detector)
 
     async def start(self) -> None:
         await self.batcher.start()
-        if self.settings.results_dir is not None:
-            self.settings.results_dir.mkdir(parents=True, exist_ok=True)
+        self.decoder.start()
+        if self.settings.results_dir is not None and self.results is None:
+            self.results = ResultsFolder(self.settings.results_dir, self.settings.results_keep,
+                                         self.settings.results_max_age_days)
         if self.detector is None and self._load_task is None:
             # Not awaited: the server answers (/healthz says "loading") while the models load.
             self._load_task = asyncio.ensure_future(self._load())
 
     async def stop(self) -> None:
         await self.batcher.close()
+        self.decoder.stop()
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
 
@@ -330,12 +430,25 @@ class Service:
         try:
             detector = await asyncio.get_running_loop().run_in_executor(None, self.loader)
         except Exception as exc:
-            self.status, self.load_error = "failed", str(exc) or type(exc).__name__
-            log.error("loading the models failed: %s", self.load_error)
+            message = str(exc) or type(exc).__name__
+            log.error("loading the models failed: %s", message)
+            # The log keeps the paths; clients get the message without them.
+            self.status, self.load_error = "failed", PathScrubber().text(message)
             return
-        self.detector, self.status = detector, "ready"
+        self._ready(detector)
         self.load_seconds = time.perf_counter() - started
         log.info("models loaded in %.1f s; ready", self.load_seconds)
+
+    def _ready(self, detector: Detector) -> None:
+        extraction = detector.metadata.get("extraction", {})
+        folders = [(extraction.get(part) or {}).get("source") for part in ("clip", "captioner", "grounder")]
+        try:
+            folders += [(detector.extractor.extraction.get(part) or {}).get("source")
+                        for part in ("clip", "captioner", "grounder")]
+        except Exception:  # a detector without loaded models (tests): the head's sources are enough
+            pass
+        self.scrubber = PathScrubber(folders)
+        self.detector, self.status = detector, "ready"
 
     def require_ready(self) -> Detector:
         if self.detector is None:
@@ -352,17 +465,26 @@ class Service:
         own = self.detector.extractor.config.runtime.max_pixels
         return min(self.settings.max_pixels or own, own)
 
-    def predict_batch(self, items: list[tuple[bytes, str]]) -> list[dict[str, Any]]:
+    @property
+    def view_size(self) -> int:
+        """The side of CLIP's native-resolution centre crop, which reduction must keep."""
+        assert self.detector is not None
+        clip = getattr(self.detector.extractor, "clip", None)
+        return int(getattr(clip, "view_size", None) or 224)
+
+    def predict_batch(self, items: list[tuple[LoadedImage, str]]) -> list[dict[str, Any]]:
         """The forward step, run in the batcher's worker thread: detection records, in order."""
         assert self.detector is not None
         names = [name for _, name in items]
         internal = unique_names(names)
-        records = self.detector.predict([data for data, _ in items], names=internal)
+        records = self.detector.predict_loaded([(used, loaded) for used, (loaded, _) in zip(internal, items)])
         for record, name, used in zip(records, names, internal):
             if used != name:  # two uploads with the same file name in one batch
                 record["path"] = name
                 if record.get("error"):
                     record["error"] = record["error"].replace(used, name)
+            if record.get("error"):  # a model's own message may name its folder
+                record["error"] = self.scrubber.text(record["error"], any_path=False)
         return records
 
     def error_record(self, name: str, exc: ImageError) -> dict[str, Any]:
@@ -374,10 +496,14 @@ class Service:
         return self.detector.score_rows([error_row(ImageItem(name), exc)])[0]
 
     def model_summary(self) -> dict[str, Any]:
-        """A short description of the detector, sent with every result."""
-        info = self.require_ready().info()
-        return {"models": info["models"], "representation": info["representation"]["kind"],
-                "threshold": info["threshold"], "package_version": __version__}
+        """A short description of the detector, sent with every result (no server paths)."""
+        detector = self.require_ready()
+        if self._summary is None:
+            info = detector.info()
+            self._summary = {"models": public_models(info["models"], detector.metadata.get("extraction", {})),
+                             "representation": info["representation"]["kind"], "threshold": info["threshold"],
+                             "package_version": __version__}
+        return self._summary
 
     def info(self) -> dict[str, Any]:
         """Everything ``GET /v1/info`` reports."""
@@ -387,10 +513,11 @@ class Service:
         grounder, phrases = extraction.get("grounder", {}), extraction.get("phrases", {})
         data = dict(info.get("training", {}).get("data") or {})
         data.pop("stores", None)  # server-side paths say nothing useful to a client
-        return {
+        s = self.settings
+        body = {
             "package_version": __version__,
             "status": self.status,
-            "models": info["models"],
+            "models": public_models(info["models"], extraction),
             "device": info["device"],
             "dtype": info["dtype"],
             "head": {"representation": info["representation"], "hyperparameters": info["head"],
@@ -398,23 +525,66 @@ class Service:
                      "trained_with_version": info.get("package_version")},
             "thresholds": {"p_fake": info["threshold"], "box": grounder.get("box_threshold"),
                            "text": grounder.get("text_threshold"), "max_objects": phrases.get("max_objects")},
-            "limits": {"max_upload_bytes": self.settings.max_upload_bytes, "max_files": self.settings.max_files,
-                       "max_pixels": self.max_pixels, "max_pending": self.settings.max_pending},
-            "batching": {"max_batch": self.settings.max_batch, "max_wait_ms": self.settings.max_wait_ms,
+            "limits": {"max_upload_bytes": s.max_upload_bytes, "max_files": s.max_files,
+                       "max_pixels": self.max_pixels, "max_pending": s.max_pending,
+                       "max_request_pixels": s.max_request_pixels, "reduce_max_side": s.reduce_max_side},
+            "decoding": self.decoder.stats(),
+            "batching": {"max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms,
                          **self.batcher.stats.to_dict(), "pending": self.batcher.pending},
-            "api_key_required": self.settings.api_key is not None,
+            "api_key_required": s.api_key is not None,
             "load_seconds": None if self.load_seconds is None else round(self.load_seconds, 3),
         }
+        return self.scrubber.value(body)  # whatever else a head's metadata holds: no paths either
+
+    async def decode_and_score(self, uploads: list[Upload]) -> list[dict[str, Any]]:
+        """Decode every upload once, each under the pixel budgets, and score each as soon as it is
+        decoded; records in upload order.
+
+        Raises:
+            ApiError: 413 the images add up to more than ``max_request_pixels``; for a request of
+                one file, that file's image error; 503 the model queue is full or closing.
+        """
+        settings = self.settings
+        try:
+            self.batcher.ensure_room(len(uploads))  # before any decoding work is spent on them
+        except BatcherBusyError as exc:
+            raise ApiError(503, "busy", str(exc), headers={"Retry-After": "1"}) from None
+        pixels = await self.decoder.pixels([u.data for u in uploads])
+        max_pixels, view_size = self.max_pixels, self.view_size
+        # An image over max_pixels is refused on its own (422, from its header) and decodes nothing.
+        total = sum(count for count in pixels if count <= max_pixels)
+        if total > settings.max_request_pixels:
+            raise ApiError(413, "too_many_pixels",
+                           f"the images of this request have {total:,} pixels together, over this server's limit of "
+                           f"{settings.max_request_pixels:,} per request; send fewer images per request or "
+                           f"downscaled copies")
+
+        async def one(upload: Upload, count: int) -> dict[str, Any]:
+            decoded = await self.decoder.decode(upload.data, upload.name, count, max_pixels=max_pixels,
+                                                reduce_max_side=settings.reduce_max_side, view_size=view_size)
+            upload.data = b""  # the bytes are not needed again
+            if isinstance(decoded.result, ImageError):
+                if len(uploads) == 1:
+                    raise image_api_error(decoded.result, max_pixels)
+                return self.error_record(upload.name, decoded.result)
+            [record] = await self.batcher.submit([(decoded.result, upload.name)])
+            return record
+
+        tasks = [asyncio.ensure_future(one(u, n)) for u, n in zip(uploads, pixels)]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BatcherBusyError as exc:
+            raise ApiError(503, "busy", str(exc), headers={"Retry-After": "1"}) from None
+        except BatcherClosedError as exc:
+            raise ApiError(503, "shutting_down", str(exc)) from None
+        finally:
+            for task in tasks:  # one failed: the others' work is wasted, stop it
+                task.cancel()
 
     def write_results(self, request_id: str, body: dict[str, Any]) -> Path:
-        """Write one request's records to the results folder, atomically (never the images)."""
-        assert self.settings.results_dir is not None
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-        path = self.settings.results_dir / f"{stamp}-{request_id}.json"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps({"received": stamp, **body}, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        """Write one request's records to the results folder (see :class:`ResultsFolder`)."""
+        assert self.results is not None
+        return self.results.write(request_id, body)
 
 
 # -- the app ---------------------------------------------------------------------------------------
@@ -481,22 +651,10 @@ def create_app(detector: Detector | None = None, settings: ServeSettings | None 
         set and the others are scored; a request of one such file gets an error status instead."""
         service.require_ready()
         uploads = await read_uploads(request, settings)
-        max_pixels = service.max_pixels
-        problems = await run_in_threadpool(validate_uploads, uploads, max_pixels)
-        if len(uploads) == 1 and problems[0] is not None:
-            raise image_api_error(problems[0], max_pixels)
-        good = [(upload.data, upload.name) for upload, problem in zip(uploads, problems) if problem is None]
-        try:
-            scored = iter(await service.batcher.submit(good))
-        except BatcherBusyError as exc:
-            raise ApiError(503, "busy", str(exc), headers={"Retry-After": "1"}) from None
-        except BatcherClosedError as exc:
-            raise ApiError(503, "shutting_down", str(exc)) from None
-        records = [next(scored) if problem is None else service.error_record(upload.name, problem)
-                   for upload, problem in zip(uploads, problems)]
+        records = await service.decode_and_score(uploads)
         request_id = uuid.uuid4().hex
         body = {"request_id": request_id, "records": records, "model": service.model_summary()}
-        if settings.results_dir is not None:
+        if service.results is not None:
             await run_in_threadpool(service.write_results, request_id, body)
         return JSONResponse(body, headers={"X-Request-ID": request_id})
 
@@ -554,6 +712,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal", f"internal error ({type(exc).__name__}: {exc}); this is a bug in "
-                                               f"tidy-detect, please report it with the server log")
+        incident = uuid.uuid4().hex[:12]
+        log.exception("unexpected error on %s %s (incident %s)", request.method, request.url.path, incident)
+        # The exception's text may name server paths: it goes to the log, the client gets the incident id.
+        return error_response(500, "internal", f"internal error ({type(exc).__name__}, incident {incident}); this is "
+                                               f"a bug in tidy-detect, please report it with the server log")

@@ -138,6 +138,15 @@ class MicroBatcher(Generic[T, R]):
         self._task = self._getter = self._executor = None
         self._in_flight = []
 
+    def ensure_room(self, count: int) -> None:
+        """Raise :class:`BatcherBusyError` when ``count`` more items would pass ``max_pending``
+        (a caller that submits its items one by one checks for all of them first)."""
+        waiting = self._queue.qsize() if self._queue is not None else 0
+        if waiting + count > self.max_pending:
+            raise BatcherBusyError(
+                f"{waiting} images are already waiting for the model and this request adds "
+                f"{count}, over the server's limit of {self.max_pending}; retry in a moment")
+
     async def submit(self, items: Sequence[T]) -> list[R]:
         """Queue items (each may land in a different batch) and return their results, in order.
 
@@ -150,10 +159,7 @@ class MicroBatcher(Generic[T, R]):
             raise BatcherClosedError("the model worker is not running (the server is starting or shutting down)")
         if not items:
             return []
-        if self._queue.qsize() + len(items) > self.max_pending:
-            raise BatcherBusyError(
-                f"{self._queue.qsize()} images are already waiting for the model and this request adds "
-                f"{len(items)}, over the server's limit of {self.max_pending}; retry in a moment")
+        self.ensure_room(len(items))
         loop = asyncio.get_running_loop()
         futures = []
         for item in items:
