@@ -129,6 +129,10 @@ def test_eval_cli_column_option(datasets, tmp_path):
     assert result.exit_code == 0, result.output
     info = json.loads((out / "metrics.json").read_text())["info"]
     assert info["suite_columns"]["Deepfakes"]["group"] == "whichfaceisreal"
+    report = CliRunner().invoke(app, ["report", str(out), "--out", str(tmp_path / "report.html")])
+    assert report.exit_code == 0, report.output
+    html = (tmp_path / "report.html").read_text()
+    assert "Deepfakes: whichfaceisreal" in html  # the report shows the column as evaluation chose it
     bad = CliRunner().invoke(app, ["eval", str(datasets["stores"]["cnn"]), "--head", str(datasets["head"]),
                                    "--suite", "table1", "--column", "Deepfakes", "--out", str(out), "--no-plots"])
     assert bad.exit_code != 0 and "--column takes LABEL=GROUP or LABEL=LAYOUT:GROUP" in bad.output

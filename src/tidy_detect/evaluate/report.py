@@ -74,8 +74,11 @@ def _evaluation(folder: Path, data: dict[str, Any]) -> str:
     suite_name = info.get("suite")
     if suite_name:
         suite = load_suite(suite_name)
-        all_groups = sorted({g for t in data["groups"].values() for g in t})
-        columns = suite.match(all_groups)
+        resolved = info.get("suite_columns")
+        if resolved:  # what evaluation resolved, with --column choices and the stores' datasets
+            columns = [(label, entry.get("group")) for label, entry in resolved.items()]
+        else:  # results written before columns were recorded
+            columns = suite.match(sorted({g for t in data["groups"].values() for g in t}))
         for metric in suite.metrics:
             rows = []
             for name, table in data["groups"].items():
@@ -86,6 +89,11 @@ def _evaluation(folder: Path, data: dict[str, Any]) -> str:
                 rows.append([_e(name), *cells, avg])
             parts.append(f"<h3>{_e(suite.description or suite.name)}: {metric.upper()} (%)</h3>")
             parts.append(_table(["detector", *[c for c, _ in columns], "Avg."], rows))
+        if resolved:
+            filled = "; ".join(f"{label}: {entry.get('group') or 'missing'}"
+                               + (f" ({', '.join(entry['datasets'])})" if entry.get("datasets") else "")
+                               for label, entry in resolved.items())
+            parts.append(f"<p class='note'>Columns filled by: {_e(filled)}.</p>")
     header = ["group", "real", "fake", "ACC", "real ACC", "fake ACC", "AP", "AUC"]
     for name, groups in data["groups"].items():
         parts.append(f"<h3>Per group: {_e(name)} (%)</h3>")
