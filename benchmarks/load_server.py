@@ -144,7 +144,7 @@ class ServerProcess:
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         # max-pending is raised so that overload shows as latency, not as 503s
-        command = [sys.executable, "-m", "tidy_detect.serve_cli", "serve", "--head", str(head), "--host", "127.0.0.1",
+        command = [sys.executable, "-m", "tidy_detect.cli", "serve", "--head", str(head), "--host", "127.0.0.1",
                    "--port", str(self.port), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms),
                    "--device", device, "--max-pending", "4096", "--log-level", "warning", *extra_args]
         env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}

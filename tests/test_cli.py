@@ -55,8 +55,10 @@ def test_missing_weights_error_is_clear(image_tree, tmp_path):
     result = runner.invoke(app, ["extract", str(image_tree), "--out", str(tmp_path / "s"), "--grounder", "none",
                                  "--captioner", "blip"])
     assert result.exit_code == 4
-    assert "Cannot load captioner model 'Salesforce/blip-image-captioning-large'" in result.output
-    assert "--captioner-model DIR" in result.output and "Traceback" not in result.output
+    text = " ".join(result.output.split())
+    assert "2 of the models needed cannot be loaded" in text  # the captioner and CLIP, in one message
+    assert "captioner model 'Salesforce/blip-image-captioning-large' is not downloaded" in text
+    assert "--captioner-model models/blip-image-captioning-large" in text and "Traceback" not in text
 
 
 def test_missing_input_and_bad_option(tmp_path):
@@ -122,3 +124,50 @@ def test_readme_lists_every_exit_code():
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
     for code, meaning in EXIT_CODES:
         assert f"| {code} | {meaning} |" in readme
+
+
+def _commands(group=None, prefix=()):
+    import typer
+
+    group = group or typer.main.get_command(app)
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):  # a group (typer bundles its own click)
+            yield from _commands(command, prefix + (name,))
+        else:
+            yield prefix + (name,)
+
+
+def test_every_command_has_an_example_and_takes_h():
+    commands = list(_commands())
+    assert len(commands) >= 17
+    for path in commands:
+        for flag in ("--help", "-h"):
+            result = runner.invoke(app, [*path, flag], terminal_width=200)
+            assert result.exit_code == 0, (path, flag, result.output)
+            assert "Example: tidy-detect " + " ".join(path) in " ".join(result.output.split()), path
+            assert "<bool>" not in result.output and "<int>  More log" not in result.output, path
+    top = runner.invoke(app, ["-h"])
+    assert top.exit_code == 0 and "-vv" in top.output and "<bool>" not in top.output
+
+
+def test_every_missing_model_is_named_in_one_error(image_tree, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    result = runner.invoke(app, ["extract", str(image_tree), "--out", str(tmp_path / "s"), "--preset", "paper"])
+    assert result.exit_code == 4
+    text = " ".join(result.output.split())
+    assert "3 of the models needed cannot be loaded" in text
+    for model, option in (("Salesforce/blip2-opt-2.7b", "--captioner-model"),
+                          ("IDEA-Research/grounding-dino-base", "--grounder-model"),
+                          ("openai/clip-vit-large-patch14", "--clip")):
+        assert f"hf download {model} --local-dir" in text and option in text
+    assert "loading the captioner" not in text  # nothing was loaded first
+
+
+def test_models_list_never_cuts_ids():
+    result = runner.invoke(app, ["models", "list"], terminal_width=60)
+    assert result.exit_code == 0
+    assert "…" not in result.output  # folded onto more lines, never cut with an ellipsis
+    assert "-2.7b" in result.output  # the end of a folded id is there
+    listing = json.loads(runner.invoke(app, ["models", "list", "--format", "json"]).output)
+    assert {c["default_checkpoint"] for c in listing["captioners"]} >= {"Salesforce/blip2-opt-2.7b"}

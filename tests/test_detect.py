@@ -85,7 +85,7 @@ def test_detector_predict_paths_bytes_and_pil(trained):
     assert "not an image" in records[3]["error"] and records[3]["p_fake"] is None
     first = records[0]
     assert set(first) == {"path", "sha256", "width", "height", "p_fake", "label", "caption", "objects",
-                          "global_discrepancy", "error", "stage"}
+                          "global_discrepancy", "error", "stage", "random_weights"}
     assert first["stage"] == "full"
     assert 0.0 <= first["p_fake"] <= 1.0 and first["label"] in ("fake", "real")
     assert first["p_fake"] == pytest.approx(records[1]["p_fake"]) == pytest.approx(records[2]["p_fake"])
@@ -95,6 +95,43 @@ def test_detector_predict_paths_bytes_and_pil(trained):
     # the store's rows score the same as fresh extraction
     stored = FeatureStore(trained["store"]).rows_for_paths([str(path)])
     assert detector.score_rows([stored[str(path)]])[0]["p_fake"] == pytest.approx(first["p_fake"], abs=1e-5)
+
+
+def test_records_and_info_say_the_tiny_models_have_random_weights(trained):
+    detector = Detector(*DiscrepancyHead.load(trained["head"]), trained["extractor"])
+    path = next((trained["root"] / "tree").rglob("*.png"))
+    records = detector.predict([path, b"not an image"])
+    assert [r["random_weights"] for r in records] == [True, True]  # an error record too: same models
+    info = detector.info()
+    assert info["random_weights"] is True and info["random_weight_models"] == ["clip", "captioner", "grounder"]
+    _, meta = DiscrepancyHead.load(trained["head"])
+    assert all(meta["extraction"][kind]["random_weights"] is True for kind in ("clip", "captioner", "grounder"))
+
+
+def test_records_of_models_without_the_mark_say_no_random_weights(trained):
+    """A stand-in for real models: the head's and the loaded models' configs record no random weights
+    (False, or nothing at all as in a head from before the mark)."""
+    import copy
+    from types import SimpleNamespace
+
+    path = str(next((trained["root"] / "tree").rglob("*.png")))
+    row = FeatureStore(trained["store"]).rows_for_paths([path])[path]
+    head, meta = DiscrepancyHead.load(trained["head"])
+    for recorded in (False, None):
+        real = copy.deepcopy(meta)
+        for kind in ("clip", "captioner", "grounder"):
+            if recorded is None:
+                del real["extraction"][kind]["random_weights"]
+            else:
+                real["extraction"][kind]["random_weights"] = recorded
+        detector = Detector(head, real, SimpleNamespace(extraction=real["extraction"], device="cpu", dtype="float32"))
+        assert detector.score_rows([row])[0]["random_weights"] is False
+        assert detector.info()["random_weights"] is False and detector.info()["random_weight_models"] == []
+    # a head recorded before the mark, run on the tiny models today: the loaded models tell
+    old = copy.deepcopy(meta)
+    for kind in ("clip", "captioner", "grounder"):
+        del old["extraction"][kind]["random_weights"]
+    assert Detector(head, old, trained["extractor"]).score_rows([row])[0]["random_weights"] is True
 
 
 def test_detector_load_checks_model_overrides(trained, tiny_bundle, tmp_path):
@@ -255,3 +292,14 @@ def test_detect_exit_codes_say_when_nothing_was_scored(trained, tmp_path):
     strict = runner.invoke(app, ["detect", str(mixed), str(broken), "--head", str(trained["head"]), "-f", "json",
                                  "--fail-on-error"])
     assert strict.exit_code == 9 and "1 of the 7 images could not be scored" in strict.output
+
+
+def test_the_detect_table_says_when_the_models_have_random_weights(trained):
+    from typer.testing import CliRunner
+
+    from tidy_detect.cli import app
+
+    folder = trained["root"] / "tree" / "gen" / "0_real"
+    result = CliRunner().invoke(app, ["detect", str(folder), "--head", str(trained["head"])])
+    assert result.exit_code == 0, result.output
+    assert "RANDOM-WEIGHT MODELS" in result.output and "the verdicts above mean nothing" in " ".join(result.output.split())

@@ -187,7 +187,7 @@ def test_file_errors_record_the_file_stat(tmp_path):
 
 
 def test_reduce_for_models_keeps_the_native_centre_crop():
-    from tidy_detect.features.views import center_crop
+    from tidy_detect.views import center_crop
     from tidy_detect.images import reduce_for_models
 
     source = random_image(np.random.default_rng(1), 3000, 1000)

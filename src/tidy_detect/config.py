@@ -141,9 +141,13 @@ class RuntimeConfig:
     max_pixels: int = 100_000_000
     compile: bool = False
     max_file_bytes: int = 512 * 1024 * 1024  # see tidy_detect.images.DEFAULT_MAX_FILE_BYTES
+    # tidy-detect's CPU speed-ups of the models (tidy_detect.models.optimize); false runs
+    # transformers' own code (also TIDY_DETECT_SPEEDUPS=off, --no-speedups).
+    speedups: bool = True
 
     def __post_init__(self) -> None:
         _check(isinstance(self.compile, bool), f"runtime.compile must be true or false, got {self.compile!r}")
+        _check(isinstance(self.speedups, bool), f"runtime.speedups must be true or false, got {self.speedups!r}")
         _check(self.dtype in DTYPES, f"runtime.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for kind in MODEL_KINDS:
             value = getattr(self, f"{kind}_dtype")

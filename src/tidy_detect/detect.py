@@ -9,10 +9,15 @@ A detection record (the same for the CLI, the Python API and the web service)::
 
     {"path", "sha256", "width", "height", "p_fake", "label": "fake"|"real", "caption",
      "objects": [{"phrase", "box": [x0, y0, x1, y1], "box_score", "discrepancy"}],
-     "global_discrepancy", "error", "stage": "full"|"global"}
+     "global_discrepancy", "error", "stage": "full"|"global", "random_weights": true|false}
 
 ``stage`` says which head gave ``p_fake``: "global" when the cascade's global-only head was sure
 enough to skip the objects (then ``objects`` is empty), else "full".
+
+``random_weights`` is true when any model behind the verdict has random weights (the tiny bundle of
+``tidy-detect models make-tiny``, or a benchmark's in-memory model): the score then means nothing,
+and whatever shows the record should say so. It comes from the models' own ``describe()``
+(``random_weights``, from the mark in their config), as loaded now or as recorded in the head.
 
 ``discrepancy`` is 1 - cos(I_i, T_i) for an object and 1 - cos(I0, T0) for the whole image.
 """
@@ -100,6 +105,13 @@ def _object_records(row: dict[str, Any]) -> list[dict[str, Any]]:
             for phrase, box, bs, d in zip(row["object_phrases"], row["boxes"], row["box_scores"], scores)]
 
 
+def random_weight_models(*extractions: dict[str, Any]) -> list[str]:
+    """The model roles ("clip", "captioner", "grounder") that any of the extraction configs records
+    as random-weight (``random_weights: true`` in its ``describe()``), in that order."""
+    return [kind for kind in MODEL_KINDS
+            if any(((ex or {}).get(kind) or {}).get("random_weights") is True for ex in extractions)]
+
+
 def _rep(metadata: dict[str, Any]) -> RepresentationConfig:
     rep = metadata["representation"]
     return RepresentationConfig(rep["kind"], rep["w1"], rep["w2"], rep["normalize"])
@@ -143,6 +155,9 @@ class Detector:
         self.threshold = threshold
         self.representation = _rep(metadata)
         self.cascade = cascade
+        # What the head recorded and what runs now: a head trained before the mark was recorded
+        # still learns it from the models loaded today.
+        self.random_weight_models = random_weight_models(metadata.get("extraction") or {}, extractor.extraction)
         if cascade is not None:
             lo, hi = cascade.band
             if not 0.0 <= lo <= hi <= 1.0:
@@ -157,12 +172,14 @@ class Detector:
     def load(cls, head_path: str | Path, *, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
              num_workers: int = 2, threshold: float = 0.5, compile: bool = False,
              cascade_head: str | Path | None = None, band: tuple[float, float] = (0.2, 0.8),
-             accept_dtype: bool = False, **model_overrides: str | None) -> "Detector":
+             accept_dtype: bool = False, speedups: bool = True, **model_overrides: str | None) -> "Detector":
         """Load a head and the models it was trained with.
 
         Args:
             head_path: the ``.safetensors`` checkpoint written by ``tidy-detect train``.
             device, batch_size, num_workers, compile: runtime choices (any value is compatible).
+            speedups: run tidy-detect's CPU speed-ups of the models (same results; false runs
+                transformers' own code, as does ``TIDY_DETECT_SPEEDUPS=off``).
             dtype: ``auto`` runs each model in the precision the head's features were made in (as
                 recorded in the head); any other value runs every model in it, which gives other
                 features than the head knows unless they were made so: refused unless ``accept_dtype``.
@@ -178,7 +195,8 @@ class Detector:
         head, metadata = DiscrepancyHead.load(head_path)
         cascade = Cascade(*DiscrepancyHead.load(cascade_head), band=band) if cascade_head else None
         runtime = RuntimeConfig(device=device, dtype=dtype, batch_size=batch_size, num_workers=num_workers,
-                                compile=compile, **recorded_dtypes(metadata["extraction"], dtype))
+                                compile=compile, speedups=speedups,
+                                **recorded_dtypes(metadata["extraction"], dtype))
         config = config_from_extraction(metadata["extraction"], runtime, **model_overrides)
         extractor = Extractor(config).load()
         check_compatible(metadata["extraction"], extractor.extraction, f"head {head_path}", accept_dtype)
@@ -194,7 +212,9 @@ class Detector:
                            "grounder_model": ex["grounder"].get("source")},
                 "device": self.extractor.device, "dtype": self.extractor.dtype, "head": meta["head"],
                 "training": meta.get("training", {}), "metrics": meta.get("metrics", {}),
-                "package_version": meta.get("package_version")}
+                "package_version": meta.get("package_version"),
+                "random_weights": bool(self.random_weight_models),
+                "random_weight_models": list(self.random_weight_models)}
         if self.cascade is not None:
             info["cascade"] = {"band": list(self.cascade.band), "images": self.cascade.images,
                                "escalated": self.cascade.escalated,
@@ -236,6 +256,7 @@ class Detector:
                               label="fake" if p_fake[i] > self.threshold else "real", caption=row["caption"],
                               objects=_object_records(row), global_discrepancy=round(float(global_disc[i]), 4),
                               error=None, stage=stages[i] if stages else "full")
+            record["random_weights"] = bool(self.random_weight_models)
             records.append(record)
         return records
 

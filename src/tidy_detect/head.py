@@ -145,7 +145,7 @@ class DiscrepancyHead:
         if not np.isfinite(X).all():
             raise ConfigError("X contains NaN or infinite values")
         if self.select == "best-val" and X_val is None:
-            raise ConfigError("select='best-val' needs validation data (--val STORE)")
+            raise ConfigError("--select best-val needs validation data (--val STORE)")
 
         model = self._build(X.shape[1]).to(self.device)
         self.precision_ = self._resolve_precision()

@@ -385,7 +385,7 @@ def reduce_for_models(loaded: LoadedImage, max_side: int, view_size: int) -> Loa
     longest = max(image.size)
     if max_side <= 0 or longest <= max_side or loaded.center is not None:
         return loaded
-    from tidy_detect.features.views import center_crop
+    from tidy_detect.views import center_crop
 
     center = center_crop(image, view_size)
     factor = longest / max_side

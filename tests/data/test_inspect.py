@@ -9,7 +9,7 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from tidy_detect.data.cli_datasets import register
+from tidy_detect.cli.datasets import register
 from tidy_detect.data.inspect import format_from_suffix, inspect_dataset, probe_format
 from tidy_detect.data.layouts import read_dataset
 

@@ -106,7 +106,7 @@ def test_cnndetection_split_folder_given_directly(cnndetection):
 
 
 def test_cnndetection_needs_a_split_when_several(cnndetection):
-    with pytest.raises(InputError, match="holds the splits train, val, test; choose one with split="):
+    with pytest.raises(InputError, match="holds the splits train, val, test; choose one with --split"):
         read_dataset(cnndetection, "cnndetection")
     with pytest.raises(InputError, match="no split folder 'tset'; found: train, val, test"):
         read_dataset(cnndetection, "cnndetection", split="tset")
@@ -253,7 +253,7 @@ def test_genimage_both_nesting_levels_and_exclude_lists(genimage, tmp_path):
 
 
 def test_genimage_split_rules(genimage):
-    with pytest.raises(InputError, match="holds the splits train, val; choose one with split="):
+    with pytest.raises(InputError, match="holds the splits train, val; choose one with --split"):
         read_dataset(genimage, "genimage")
     ds = read_dataset(genimage, "genimage", split="train")
     assert _table(ds) == {("stable_diffusion_v_1_4", 0): ["t2.JPEG"], ("stable_diffusion_v_1_4", 1): ["t1.png"]}

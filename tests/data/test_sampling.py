@@ -96,7 +96,7 @@ def test_stratified_over_classes():
     random.Random(1).shuffle(shuffled)
     assert stratified_per_class(shuffled, 12, seed=0) == sample
     assert stratified_per_class(items, 12, seed=1) != sample
-    with pytest.raises(InputError, match="per_class=23 asks for 23 real images, but the dataset has 22"):
+    with pytest.raises(InputError, match="--per-label 23 asks for 23 real images, but the dataset has 22"):
         stratified_per_class(items, 23)
     with pytest.raises(InputError, match="stratified sampling needs labelled images"):
         stratified_per_class([ImageItem("/x.png")], 1)

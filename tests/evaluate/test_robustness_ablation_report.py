@@ -91,6 +91,10 @@ def test_ablate_cli_and_html_report(bench, tmp_path):
     for text in ("Evaluation", "Robustness", "Ablation", "ProGAN", "missing", "jpeg", "local (D_l)", "extraction"):
         assert text in page
     assert "http://" not in page and "https://" not in page  # self-contained
+    # made on the tiny bundle: said at the top, and every figure says how to read it
+    assert "Random weights: these numbers mean nothing." in page
+    assert page.index("Random weights") < page.index("<h2>")
+    assert page.count("How to read this:") >= page.count("<figure>") >= 5
 
 
 def test_report_rejects_a_folder_without_results(tmp_path):

@@ -355,3 +355,79 @@ def test_owlv2_detects(bundle: Path, images):
         outputs, threshold=0.0, target_sizes=[im.size[::-1] for im in images],
         text_labels=[["a dog", "a table"], ["a car", "a man"]])
     assert len(results) == 2 and len(results[0]["boxes"]) > 0
+
+
+# --------------------------------------------------------------------------------------------
+# The random-weights mark
+# --------------------------------------------------------------------------------------------
+
+
+def _unmarked_copy(bundle: Path, name: str, out: Path) -> Path:
+    """A copy of a tiny model whose config lacks the mark: a stand-in for a real checkpoint's folder."""
+    import json
+    import shutil
+
+    shutil.copytree(bundle / name, out)
+    config = json.loads((out / "config.json").read_text())
+    del config[tiny.RANDOM_WEIGHTS_KEY]
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize("name", tiny.FOLDERS)
+def test_every_tiny_config_is_marked_random_weight(bundle: Path, name: str):
+    import json
+
+    assert json.loads((bundle / name / "config.json").read_text())[tiny.RANDOM_WEIGHTS_KEY] is True
+    config = transformers.AutoConfig.from_pretrained(bundle / name, local_files_only=True)
+    assert getattr(config, tiny.RANDOM_WEIGHTS_KEY) is True  # transformers keeps it on loading
+
+
+def test_has_random_weights_reads_the_mark_or_a_random_source(bundle: Path, tmp_path: Path):
+    from types import SimpleNamespace
+
+    marked = transformers.CLIPModel.from_pretrained(bundle / "clip", local_files_only=True)
+    unmarked = transformers.CLIPModel.from_pretrained(_unmarked_copy(bundle, "clip", tmp_path / "clip"),
+                                                      local_files_only=True)
+    assert tiny.has_random_weights(marked, str(bundle / "clip"))
+    assert not tiny.has_random_weights(unmarked, str(tmp_path / "clip"))
+    assert tiny.has_random_weights(unmarked, "random:clip-vit-l-14")  # the benchmark's in-memory models
+    assert not tiny.has_random_weights(None, None)
+    assert not tiny.has_random_weights(SimpleNamespace(config=SimpleNamespace(tidy_detect_random_weights="yes")))
+
+
+def test_adapters_describe_random_weights(bundle: Path, tmp_path: Path):
+    from tidy_detect.config import FeatureConfig
+    from tidy_detect.features.store import config_fingerprint
+    from tidy_detect.models.captioners import build_captioner
+    from tidy_detect.models.clip import ClipEncoder
+    from tidy_detect.models.grounders import build_grounder
+
+    features = FeatureConfig(caption_max_tokens=4)
+    assert ClipEncoder(str(bundle / "clip")).describe()["random_weights"] is True
+    assert build_captioner("blip", str(bundle / "blip"), features=features, device="cpu",
+                           dtype="float32").describe()["random_weights"] is True
+    assert build_grounder("owlv2", str(bundle / "owlv2"), features=features, device="cpu",
+                          dtype="float32").describe()["random_weights"] is True
+    assert build_captioner("provided", None, features=features, device="cpu",
+                           dtype="float32").describe()["random_weights"] is False
+    real = ClipEncoder(str(_unmarked_copy(bundle, "clip", tmp_path / "clip"))).describe()
+    assert real["random_weights"] is False
+    # what the mark says is recorded, not fingerprinted: the same weights stay the same features
+    marked = ClipEncoder(str(bundle / "clip")).describe()
+    assert config_fingerprint({"clip": marked}) == config_fingerprint({"clip": {**marked, "random_weights": False}})
+    old = {k: v for k, v in marked.items() if k != "random_weights"}  # a store from before the mark
+    assert config_fingerprint({"clip": marked}) == config_fingerprint({"clip": old})
+
+
+def test_models_verify_uses_the_mark_first(bundle: Path):
+    from tidy_detect.models.verify import random_weights_reason
+
+    config = transformers.AutoConfig.from_pretrained(bundle / "clip", local_files_only=True)
+    reason = random_weights_reason(str(bundle / "clip"), config)
+    assert tiny.RANDOM_WEIGHTS_KEY in reason and "make-tiny" in reason
+    # the mark decides even for a real-size architecture; the width heuristic stays for unmarked configs
+    assert tiny.RANDOM_WEIGHTS_KEY in random_weights_reason(None, {"hidden_size": 1024, tiny.RANDOM_WEIGHTS_KEY: True})
+    assert "random:" in random_weights_reason("random:clip-vit-l-14", {"hidden_size": 1024})
+    assert random_weights_reason(None, {"hidden_size": 1024}) is None
+    assert "widest layer 32" in random_weights_reason(None, {"hidden_size": 32})

@@ -24,7 +24,7 @@ from tidy_detect.serve import ServeSettings, create_app  # noqa: E402
 from tests.serve.conftest import image_bytes, png_bomb  # noqa: E402
 
 RECORD_KEYS = {"path", "sha256", "width", "height", "p_fake", "label", "caption", "objects", "global_discrepancy", "stage",
-               "error"}
+               "error", "random_weights"}
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,26 @@ def test_healthz_info_page_and_openapi(client, served):
     body = schema["paths"]["/v1/detect"]["post"]["requestBody"]["content"]
     assert "multipart/form-data" in body and "/v1/info" in schema["paths"]
     assert client.get("/docs").status_code == 200
+
+
+def test_info_records_and_summary_say_random_weights_on_the_tiny_bundle(client):
+    info = client.get("/v1/info").json()
+    assert info["random_weights"] is True and info["random_weight_models"] == ["clip", "captioner", "grounder"]
+    body = client.post("/v1/detect", files=files(("photo.png", image_bytes(seed=11)))).json()
+    assert body["model"]["random_weights"] is True and body["model"]["random_weight_models"]
+    assert body["records"][0]["random_weights"] is True
+    props = client.get("/openapi.json").json()["components"]["schemas"]["DetectionRecord"]["properties"]
+    assert props["random_weights"]["type"] == "boolean" and "random weights" in props["random_weights"]["description"]
+
+
+def test_models_without_the_mark_are_not_called_random(served, monkeypatch):
+    """A stand-in for a server on real models: the detector knows of no random-weight model."""
+    monkeypatch.setattr(served["detector"], "random_weight_models", [])
+    with make_client(served, max_wait_ms=5) as real:
+        info = real.get("/v1/info").json()
+        assert info["random_weights"] is False and info["random_weight_models"] == []
+        body = real.post("/v1/detect", files=files(("photo.png", image_bytes(seed=12)))).json()
+        assert body["model"]["random_weights"] is False and body["records"][0]["random_weights"] is False
 
 
 def test_unknown_route_is_a_json_error(client):

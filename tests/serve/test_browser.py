@@ -150,3 +150,54 @@ def test_several_images_and_a_bad_one(server, browser, served, tmp_path):
         assert cards[name].find_element(By.CSS_SELECTOR, ".verdict").text in ("FAKE", "REAL")
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "serve-page-several.png"))
+
+
+def test_results_are_listed_in_upload_order(server, browser, served, tmp_path):
+    # names out of alphabetical order, so a sorted list would not pass for an ordered one
+    names = ["zebra.png", "apple.png", "mango.png"]
+    for i, name in enumerate(names):
+        (tmp_path / name).write_bytes(image_bytes(seed=200 + i, size=(120, 90)))
+    browser.get(server + "/")
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: d.find_element(By.ID, "server-status").get_attribute("data-status") == "ready")
+    browser.find_element(By.ID, "file-input").send_keys("\n".join(str(tmp_path / n) for n in names))
+    shown = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#results .result .file-name")]
+    assert shown == names  # listed as picked, before any result is back
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .result[data-state='done']")) == 3)
+    # a later pick goes below the earlier ones
+    (tmp_path / "later.png").write_bytes(image_bytes(seed=210, size=(120, 90)))
+    browser.find_element(By.ID, "file-input").send_keys(str(tmp_path / "later.png"))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .result[data-state='done']")) == 4)
+    shown = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#results .result .file-name")]
+    assert shown == [*names, "later.png"]
+
+
+def test_random_weights_notice_for_the_tiny_bundle(server, browser, served, tmp_path):
+    browser.get(server + "/")
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: d.find_element(By.ID, "random-weights").is_displayed())
+    notice = browser.find_element(By.ID, "random-weights")
+    assert "random weights" in notice.text and "meaningless" in notice.text
+    assert "clip, captioner, grounder" in notice.text
+    assert notice.location["y"] < browser.find_element(By.ID, "drop-zone").location["y"]  # seen before dropping
+    path = tmp_path / "one.png"
+    path.write_bytes(image_bytes(seed=220, size=(120, 90)))
+    browser.find_element(By.ID, "file-input").send_keys(str(path))
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .result[data-state='done']"))
+    badge = browser.find_element(By.CSS_SELECTOR, "#results .result .random-badge")
+    assert badge.is_displayed() and "random weights" in badge.text
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "serve-page-random-weights.png"))
+
+
+def test_no_notice_for_models_without_the_mark(server, browser, served, monkeypatch):
+    """A stand-in for a server on real models: /v1/info says no random weights, and the page says nothing."""
+    monkeypatch.setattr(served["detector"], "random_weight_models", [])
+    browser.get(server + "/")
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: d.find_element(By.ID, "server-status").get_attribute("data-status") == "ready")
+    # the page asks /v1/info once the server is ready; give that answer time to arrive
+    wait.until(lambda d: d.execute_script(
+        "return performance.getEntriesByType('resource').some(e => e.name.endsWith('/v1/info'))"))
+    time.sleep(0.5)
+    assert not browser.find_element(By.ID, "random-weights").is_displayed()

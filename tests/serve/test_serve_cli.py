@@ -14,7 +14,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from tidy_detect.serve_cli import SERVE_EXTRA_MESSAGE, register
+from tidy_detect.cli.serve import SERVE_EXTRA_MESSAGE, register
 
 from tests.serve.conftest import image_bytes
 
@@ -106,7 +106,7 @@ def test_serve_command_end_to_end(served):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TIDY_DETECT_API_KEY": "k"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "tidy_detect.serve_cli", "serve", "--head", str(served["head"]), "--port", str(port),
+        [sys.executable, "-m", "tidy_detect.cli", "serve", "--head", str(served["head"]), "--port", str(port),
          "--max-batch", "4", "--max-wait-ms", "5"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"

@@ -243,7 +243,7 @@ def run_optimized(extractor: Any, images: list[Any], first: int = 0) -> float:
 
 def run_naive(extractor: Any, images: list[Any]) -> float:
     """Seconds for the naive path: every image, crop and text through the models one at a time."""
-    from tidy_detect.features.views import crop_box
+    from tidy_detect.views import crop_box
 
     started = time.perf_counter()
     for image in images:
@@ -418,12 +418,14 @@ def run_bench(sections: Sequence[str] = SECTIONS, *, images: int = 8, batch_size
     import torch
 
     from tidy_detect.models.loading import resolve_dtype
+    from tidy_detect.models.optimize import speedups_enabled
 
     say = say or (lambda message: None)
     torch.set_flush_denormal(True)
     dtype = dtype or resolve_dtype("auto", "cpu")
     report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                                          "torch": torch.__version__, "dtype": dtype}}
+                                          "torch": torch.__version__, "dtype": dtype,
+                                          "speedups": speedups_enabled()}}
     pictures = synthetic_images(images)
     if "peak" in sections:
         say("matmul peak (bfloat16, float32)")
@@ -467,7 +469,10 @@ def run_bench(sections: Sequence[str] = SECTIONS, *, images: int = 8, batch_size
 def format_report(report: dict[str, Any]) -> str:
     """The figures as Markdown (for the README and the issue notes)."""
     lines = [f"Machine: {report['machine']['cpus']} CPUs, torch {report['machine']['torch']} "
-             f"({report['machine']['torch_threads']} threads), stages in {report['machine']['dtype']}."]
+             f"({report['machine']['torch_threads']} threads), stages in {report['machine']['dtype']}.",
+             "Plain / naive = the models as `--no-speedups` (TIDY_DETECT_SPEEDUPS=off) runs them: transformers' "
+             "own code." + ("" if report["machine"].get("speedups", True) else
+                            " TIDY_DETECT_SPEEDUPS=off was set for this run: the optimised figures are plain too.")]
     if "peak" in report:
         p = report["peak"]
         lines.append(f"Matmul peak measured in this run: bfloat16 {p['bfloat16']:.0f} GFLOP/s, "

@@ -272,7 +272,7 @@ def _choose_split(base: Path, split: str | None, splits: Sequence[str]) -> tuple
     if len(present) == 1:
         return base / present[0], present[0]
     if len(present) > 1:
-        raise InputError(f"{base}: holds the splits {', '.join(present)}; choose one with split= (--split)")
+        raise InputError(f"{base}: holds the splits {', '.join(present)}; choose one with --split")
     return base, None
 
 
@@ -393,7 +393,7 @@ def read_genimage(root: Path, *, split: str | None, pairing: Mapping[str, str] |
     present = sorted({s for _, base in bases for s in _genimage_splits(base)}, key=GENIMAGE_SPLITS.index)
     if split is None:
         if len(present) > 1:
-            raise InputError(f"{root}: holds the splits {', '.join(present)}; choose one with split= (--split)")
+            raise InputError(f"{root}: holds the splits {', '.join(present)}; choose one with --split")
         split = present[0]
     elif split not in present:
         raise InputError(f"{root}: no GenImage split {split!r}; found: {', '.join(present)}")

@@ -141,8 +141,8 @@ def stratified_per_class(items: Iterable[ImageItem], per_class: int, seed: int =
         available = sum(len(v) for v in by_stratum.values())
         if available < per_class:
             name = "real" if label == 0 else "fake"
-            raise InputError(f"per_class={per_class} asks for {per_class} {name} images, but the dataset has "
-                             f"{available}; lower --per-class")
+            raise InputError(f"--per-label {per_class} asks for {per_class} {name} images, but the dataset has "
+                             f"{available}; lower --per-label")
         quotas = stratum_quotas({k: len(v) for k, v in by_stratum.items()}, per_class)
         for (group, subgroup), members in by_stratum.items():
             chosen.append(((group, label, subgroup), _shuffled(members, seed)[:quotas[(group, subgroup)]]))

@@ -6,7 +6,7 @@ Importing this package does not import Ray; the functions do, and raise
 
 from __future__ import annotations
 
-from tidy_detect.distributed.cli import ENGINES, extract_with_engine, ray_options_from_cli
+from tidy_detect.distributed.engines import ENGINES, extract_with_engine, ray_options_from_cli
 from tidy_detect.distributed.ray_engine import (
     RayExtractionSummary,
     RayNotInstalledError,

@@ -618,12 +618,13 @@ def extract_items_ray(items: Sequence[ImageItem], out: str | Path, config: Extra
                       retry_errors: bool = False, perturbation: Perturbation | None = None,
                       pairing: dict[str, str] | None = None, ignored_files: int = 0,
                       params: dict[str, Any] | None = None, accept_dtype: bool = False,
-                      datasets: dict[str, str] | None = None) -> RayExtractionSummary:
+                      datasets: dict[str, str] | None = None, exif: str = "apply") -> RayExtractionSummary:
     """Extract already listed images into the store at ``out`` on a Ray cluster.
 
     Connects to (or starts) the cluster of ``options`` (see :func:`ray_cluster`), opens the store
     (see :func:`open_store`) and runs :func:`run_extraction_ray`. ``params``, when given, saves
-    ``items`` as the store's ``inputs.csv`` with how they were sampled.
+    ``items`` as the store's ``inputs.csv`` with how they were sampled; ``exif`` is ``apply`` or
+    ``ignore`` (see :func:`run_extraction_ray`).
     """
     options = options or RayOptions()
     with ray_cluster(options) as ray:
@@ -661,5 +662,6 @@ def extract_ray(inputs: Iterable[str | Path], out: str | Path, config: Extractio
     return extract_items_ray(items, out, config, options, progress=progress, retry_errors=retry_errors,
                              perturbation=perturbation, pairing=selection.pairing,
                              ignored_files=selection.ignored_files, params=selection.params or None,
-                             accept_dtype=accept_dtype, datasets=selection.datasets)
+                             accept_dtype=accept_dtype, datasets=selection.datasets,
+                             exif=resolve_exif(exif, bool(selection.datasets)))
 

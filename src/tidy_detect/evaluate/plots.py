@@ -2,7 +2,8 @@
 representation (Fig. 9), robustness curves (Fig. 3) and ablation bars (Figs. 4-8).
 
 Each function takes plain arrays or result dicts, writes one PNG and returns its path.
-matplotlib runs on its non-interactive Agg backend.
+matplotlib runs on its non-interactive Agg backend. What each figure's axes mean and what is
+better is in ``HOW_TO_READ`` (shown under the figure in the HTML report; the PNGs stay plain for papers).
 """
 
 from __future__ import annotations
@@ -13,6 +14,32 @@ from typing import Any, Sequence
 import numpy as np
 
 REAL_COLOR, FAKE_COLOR = "#1f77b4", "#d62728"
+MEAN_GROUP = "mean"  # the bar group of grouped_bars drawn last, apart from the others
+
+# What the axes of each figure mean and what is better, by file name (``ablation_*``: any study).
+HOW_TO_READ = {
+    "pr": "How to read this: precision (y) against recall (x) as the p_fake threshold moves, one line per "
+          "generator; higher and further right is better, AP is the area under the line (100 = perfect).",
+    "roc": "How to read this: true positive rate (fakes caught, y) against false positive rate (reals flagged, x), "
+           "one line per generator; the closer to the top-left corner the better, the dotted diagonal is chance.",
+    "cosine": "How to read this: how often (y) each image-caption cosine similarity (x) occurs, reals in blue and "
+              "fakes in red; the less the two humps overlap, the easier real and fake are to tell apart.",
+    "tsne": "How to read this: each dot is one image's representation squeezed into 2-D (the axes have no units); "
+            "separate blue (real) and red (fake) clusters mean the representation tells them apart.",
+    "robustness_ap": "How to read this: AP in % (y) at each perturbation severity (x, 'clean' first, harder to "
+                     "the right); a flatter line is more robust, higher is better.",
+    "robustness_acc": "How to read this: accuracy in % at p_fake > threshold (y) at each perturbation severity "
+                      "(x, 'clean' first, harder to the right); a flatter line is more robust, higher is better.",
+    "ablation": "How to read this: AP in % (y, higher is better) per test generator (x), one bar colour per "
+                "variant; the hatched group on the right, set apart, is the mean over generators.",
+}
+
+
+def how_to_read(name: str | Path) -> str | None:
+    """The "how to read this" line for a figure file written here (``pr.png``, ``ablation_modality.png``,
+    ...), or ``None`` for another file."""
+    stem = Path(name).stem
+    return HOW_TO_READ.get(stem) or (HOW_TO_READ["ablation"] if stem.startswith("ablation_") else None)
 
 
 def _pyplot():
@@ -134,18 +161,44 @@ def robustness_curves(results: dict[str, list[dict[str, Any]]], clean: dict[str,
     return _save(fig, out)
 
 
+def bar_positions(groups: Sequence[str], gap: float = 0.6) -> np.ndarray:
+    """x position of each bar group: 0, 1, 2, ... with ``gap`` more before the ``MEAN_GROUP`` (last)."""
+    x = np.arange(len(groups), dtype=float)
+    if groups and groups[-1] == MEAN_GROUP:
+        x[-1] += gap
+    return x
+
+
 def grouped_bars(values: dict[str, dict[str, float]], out: Path, *, ylabel: str = "AP (%)", title: str = "") -> Path:
-    """Bars per group (x axis), one bar per variant: ``values[variant][group]`` in [0, 1]."""
+    """Bars per group (x axis), one bar per variant: ``values[variant][group]`` in [0, 1].
+
+    A group named ``"mean"`` (the mean over the others) is drawn last, after a gap and a dashed
+    line, on a grey band, its bars hatched, so it never reads as one more generator.
+    """
     plt = _pyplot()
     variants = list(values)
-    groups = sorted({g for v in values.values() for g in v})
+    found = {g for v in values.values() for g in v}
+    groups = sorted(found - {MEAN_GROUP}) + ([MEAN_GROUP] if MEAN_GROUP in found else [])
     width = 0.8 / max(len(variants), 1)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(groups) * max(1, len(variants)) * 0.5 + 3), 4))
-    x = np.arange(len(groups))
+    x = bar_positions(groups)
+    has_mean = bool(groups) and groups[-1] == MEAN_GROUP
+    if has_mean:
+        ax.axvspan(x[-1] - 0.5, x[-1] + 0.5, color="#eeeeee", zorder=0)
+        if len(groups) > 1:
+            ax.axvline((x[-2] + x[-1]) / 2, color="#888888", linestyle="--", linewidth=0.8, zorder=1)
+    colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
     for k, variant in enumerate(variants):
         heights = [values[variant].get(g, float("nan")) * 100 for g in groups]
-        ax.bar(x + (k - (len(variants) - 1) / 2) * width, heights, width, label=variant)
-    ax.set_xticks(x, groups, rotation=30, ha="right")
+        offsets = x + (k - (len(variants) - 1) / 2) * width
+        color = colors[k % len(colors)]
+        n = len(groups) - 1 if has_mean else len(groups)
+        ax.bar(offsets[:n], heights[:n], width, label=variant, color=color, zorder=2)
+        if has_mean:
+            ax.bar(offsets[n:], heights[n:], width, color=color, hatch="///", edgecolor="white", linewidth=0,
+                   zorder=2, label=None if n else variant)
+    labels = [*groups[:-1], "mean over\ngenerators"] if has_mean else groups
+    ax.set_xticks(x, labels, rotation=30, ha="right")
     ax.set(ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)

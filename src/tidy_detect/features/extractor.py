@@ -29,11 +29,13 @@ from tidy_detect.data.inputs import ImageItem
 from tidy_detect.data.perturb import Perturbation
 from tidy_detect.errors import ConfigError, ImageError, InputError, InputsFailedError, NothingProcessedError, TidyError
 from tidy_detect.features.store import FeatureStore, IndexEntry
-from tidy_detect.features.views import crop_box
+from tidy_detect.views import crop_box
 from tidy_detect.images import DEFAULT_MAX_FILE_BYTES, FileStat, LoadedImage, load_image, read_file, sha256_bytes, \
     stat_file
 
 log = logging.getLogger(__name__)
+# What a person waits for (models loading): the command line shows these lines as they come.
+status = logging.getLogger("tidy_detect.status")
 
 STAGES = ("decode", "caption", "phrases", "ground", "clip", "write")
 
@@ -168,6 +170,7 @@ class Extractor:
         self.device = ""
         self.dtype = ""
         self.dtypes: dict[str, str] = {}
+        self.speedups = True  # whether tidy-detect's model speed-ups run (set by load)
         self.stage_seconds = {s: 0.0 for s in STAGES}
 
     @property
@@ -182,24 +185,31 @@ class Extractor:
         from tidy_detect.models.clip import ClipEncoder
         from tidy_detect.models.grounders import build_grounder
         from tidy_detect.models.loading import resolve_device, resolve_dtype
+        from tidy_detect.models.optimize import speedups_enabled
         from tidy_detect.models.phrases import PhraseExtractor
-        from tidy_detect.models.registry import resolve_clip
+        from tidy_detect.models.registry import check_models, resolve_clip
 
         models, features, runtime = self.config.models, self.config.features, self.config.runtime
+        check_models(models)  # every missing checkpoint named at once, before minutes of loading
+        self.speedups = speedups_enabled(runtime.speedups)  # the config's switch and TIDY_DETECT_SPEEDUPS
         self.device = resolve_device(runtime.device)
         self.dtype = resolve_dtype(runtime.dtype, self.device)
         self.dtypes = {kind: resolve_dtype(runtime.model_dtype(kind), self.device) for kind in MODEL_KINDS}
         started = time.perf_counter()
+        status.info("loading the captioner: %s (%s)", models.captioner, models.captioner_model or "default")
         self.captioner = build_captioner(models.captioner, models.captioner_model, features=features,
-                                         device=self.device, dtype=self.dtypes["captioner"])
+                                         device=self.device, dtype=self.dtypes["captioner"], optimize=self.speedups)
+        status.info("loading the grounder: %s (%s)", models.grounder, models.grounder_model or "default")
         self.grounder = build_grounder(models.grounder, models.grounder_model, features=features,
-                                       device=self.device, dtype=self.dtypes["grounder"])
+                                       device=self.device, dtype=self.dtypes["grounder"], optimize=self.speedups)
+        status.info("loading spaCy's English pipeline")
         self.phrases = PhraseExtractor(features.max_objects, features.phrase_stoplist)
         self.phrases.nlp  # load now so the first batch's timing is honest
+        status.info("loading CLIP: %s", models.clip)
         self.clip = ClipEncoder(resolve_clip(models.clip), device=self.device, dtype=self.dtypes["clip"],
                                 global_view=features.global_view, view_size=features.view_size,
-                                compile=runtime.compile)
-        log.info("models loaded in %.1f s on %s (%s)", time.perf_counter() - started, self.device, self.dtype)
+                                compile=runtime.compile, optimize=self.speedups)
+        status.info("models loaded in %.1f s on %s", time.perf_counter() - started, self.device)
         return self
 
     @property
@@ -226,7 +236,8 @@ class Extractor:
 
         return {"device": self.device, "dtype": self.dtype, "dtypes": dict(self.dtypes),
                 "batch_size": self.config.runtime.batch_size,
-                "compile": self.config.runtime.compile, "torch_threads": torch.get_num_threads(),
+                "compile": self.config.runtime.compile, "speedups": self.speedups,
+                "torch_threads": torch.get_num_threads(),
                 "package_version": __version__, "torch_version": torch.__version__,
                 "transformers_version": transformers.__version__, "python": platform.python_version()}
 
@@ -707,7 +718,7 @@ def extract(inputs: Iterable[str | Path], out: str | Path, config: ExtractionCon
         save_list(items, store.path / "inputs.csv", selection.params)
     return run_extraction(items, store, extractor, progress=progress, retry_errors=retry_errors,
                           ignored_files=selection.ignored_files,
-                          exif=resolve_exif(exif, bool(getattr(selection, "datasets", None))))
+                          exif=resolve_exif(exif, bool(selection.datasets)))
 
 
 def extract_items(items: Sequence[ImageItem], out: str | Path, extractor: Extractor, *,

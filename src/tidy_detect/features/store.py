@@ -58,8 +58,9 @@ COMPACT_JOURNAL = "compact-journal.json"
 LOCK_FILE = "writer.lock"
 SHARD_DIR = "shards"  # Parquet only, so the folder itself reads as one dataset
 # Keys of the extraction config that identify where a model came from, not what it computes;
-# they are recorded but left out of the fingerprint.
-_VOLATILE_KEYS = {"source", "revision", "spacy_version"}
+# they are recorded but left out of the fingerprint. ``random_weights`` says what the weights are,
+# not what they compute (stores from before it was recorded stay compatible).
+_VOLATILE_KEYS = {"source", "revision", "spacy_version", "random_weights"}
 
 KEY_COLUMNS = ["sha256", "path"]
 META_COLUMNS = ["sha256", "path", "label", "group", "width", "height", "format", "num_bytes"]

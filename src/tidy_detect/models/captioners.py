@@ -15,7 +15,8 @@ from PIL import Image
 from tidy_detect.config import FeatureConfig
 from tidy_detect.errors import InputError
 from tidy_detect.models.loading import prepare_model, revision_of, torch_dtype
-from tidy_detect.models.registry import CAPTIONERS
+from tidy_detect.models.tiny import has_random_weights
+from tidy_detect.models.components import CAPTIONERS
 
 LLAVA_PROMPT = "Please generate a one-sentence caption for the input image."
 
@@ -64,7 +65,8 @@ class _HFCaptioner:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "model_type": self.model.config.model_type,
-                "revision": revision_of(self.model), "weights": self.fingerprint, "prompt": self.prompt,
+                "revision": revision_of(self.model), "weights": self.fingerprint,
+                "random_weights": has_random_weights(self.model, self.source), "prompt": self.prompt,
                 "max_tokens": self.max_tokens, "num_beams": self.num_beams}
 
     def inputs(self, images: Sequence[Image.Image]) -> dict[str, Any]:
@@ -127,7 +129,7 @@ class ProvidedCaptioner:
         self.name = name
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "source": None, "model_type": None, "weights": None}
+        return {"name": self.name, "source": None, "model_type": None, "weights": None, "random_weights": False}
 
     def caption(self, images: Sequence[Image.Image], given: Sequence[str | None] | None = None) -> list[str]:
         given = list(given or [None] * len(images))

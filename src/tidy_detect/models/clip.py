@@ -1,7 +1,7 @@
 """CLIP image and text encoders: projected embeddings in CLIP's joint space.
 
 Any Hugging Face CLIP checkpoint works (``openai/clip-vit-large-patch14`` is the paper's). Images
-arrive as PIL images; the global view is prepared by :mod:`tidy_detect.features.views` (the
+arrive as PIL images; the global view is prepared by :mod:`tidy_detect.views` (the
 benchmark's native-resolution centre crop), object crops by CLIP's own processor (resize + crop).
 """
 
@@ -13,9 +13,11 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from tidy_detect.features.views import center_crop, to_normalized_array
-from tidy_detect.models.optimize import fold_quick_gelu, fuse_linear_activations, maybe_compile, reuse_freed_memory
+from tidy_detect.views import center_crop, to_normalized_array
+from tidy_detect.models.optimize import (fold_quick_gelu, fuse_linear_activations, maybe_compile, reuse_freed_memory,
+                                         speedups_enabled)
 from tidy_detect.models.loading import load_pretrained, revision_of, torch_dtype, weights_fingerprint
+from tidy_detect.models.tiny import has_random_weights
 
 
 class ClipEncoder:
@@ -30,7 +32,7 @@ class ClipEncoder:
         max_batch: largest number of images or texts sent through the model at once.
         cache_size: text embeddings kept (captions and phrases repeat across images); 0 disables the cache.
         optimize: fold QuickGELU into the weights and fuse each MLP's first matmul with its activation
-            (same function, faster; see models.optimize).
+            (same function, faster; see models.optimize); ``TIDY_DETECT_SPEEDUPS=off`` overrides it.
         compile: torch.compile the vision tower (pays off on long runs; the first batch compiles).
         components: (model, processor) already built, instead of loading ``source``.
     """
@@ -53,6 +55,8 @@ class ClipEncoder:
         else:  # an in-memory model (benchmarks build real-size architectures with random weights)
             model, self.processor = components
         self.fingerprint = weights_fingerprint(model)
+        optimize = speedups_enabled(optimize)  # TIDY_DETECT_SPEEDUPS=off turns them off whatever was asked
+        self.optimize = optimize
         if optimize:
             fold_quick_gelu(model)  # before the dtype cast, so the scaled weights round once
         model.requires_grad_(False)  # inference only: no parameter ever needs a gradient
@@ -78,12 +82,14 @@ class ClipEncoder:
         self.cache_misses = 0
 
     def describe(self) -> dict[str, Any]:
-        """What a store records about this model and view."""
+        """What a store records about this model and view (``random_weights``: a make-tiny or
+        benchmark model, whose scores mean nothing; recorded, not fingerprinted)."""
         return {
             "source": self.source,
             "model_type": "clip",
             "revision": revision_of(self.model),
             "weights": self.fingerprint,
+            "random_weights": has_random_weights(self.model, self.source),
             "dim": self.dim,
             "image_size": self.image_size,
             "dtype": self.dtype,

@@ -41,7 +41,8 @@ from PIL import Image
 from tidy_detect.config import GROUNDING_RULES, FeatureConfig
 from tidy_detect.errors import ConfigError
 from tidy_detect.models.loading import prepare_model, revision_of, torch_dtype
-from tidy_detect.models.registry import GROUNDERS
+from tidy_detect.models.tiny import has_random_weights
+from tidy_detect.models.components import GROUNDERS
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,7 @@ class _HFGrounder:
     def describe(self) -> dict[str, Any]:
         described = {"name": self.name, "source": self.source, "model_type": self.model.config.model_type,
                      "revision": revision_of(self.model), "weights": self.fingerprint,
+                     "random_weights": has_random_weights(self.model, self.source),
                      "grounding_rule": self.grounding_rule, "box_threshold": self.box_threshold,
                      "min_box_size": self.min_box_size}
         # A threshold that changes nothing is not recorded: it would make stores that hold the
@@ -323,7 +325,7 @@ class NoGrounder:
         self.name = name
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "source": None, "model_type": None, "weights": None}
+        return {"name": self.name, "source": None, "model_type": None, "weights": None, "random_weights": False}
 
     def ground(self, images: Sequence[Image.Image], phrases: Sequence[Sequence[str]]) -> list[list[Detection]]:
         return [[] for _ in images]

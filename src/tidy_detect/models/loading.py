@@ -42,7 +42,8 @@ def resolve_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} was asked for but no CUDA GPU is visible; use --device cpu")
+        raise ConfigError(f"device {device!r} was asked for but no CUDA GPU is visible here; use the CPU "
+                          f"(device \"cpu\"; --device cpu on the command line)")
     return device
 
 
@@ -76,6 +77,37 @@ def torch_dtype(name: str):
 def looks_like_hub_id(value: str) -> bool:
     """``owner/name`` with no path syntax and no such file: a Hugging Face hub id, not a folder."""
     return value.count("/") == 1 and not value.startswith((".", "/", "~")) and not Path(value).exists()
+
+
+def checkpoint_problem(source: str, what: str, option: str) -> str | None:
+    """Why ``source`` cannot be loaded, found without loading anything (None when it looks fine).
+
+    A local folder must hold a config.json; a hub id must be in the local Hugging Face cache, or
+    the hub must be reachable to download it. The message says what to run to fix it.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            return f"{what} {source!r} is a file; pass the folder that holds config.json and the weights to {option}"
+        if not (path / "config.json").is_file():
+            return f"{what} folder {source!r} has no config.json, so it is not a saved checkpoint ({option})"
+        return None
+    if not looks_like_hub_id(source):
+        return (f"{what} {source!r}: no such folder, and not a hub id of the form owner/name; pass a folder "
+                f"with a saved checkpoint, or a hub id, to {option}")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(source, "config.json"), str):
+            return None
+    except Exception:  # noqa: BLE001 - an unreadable cache is the same as an empty one here
+        pass
+    if not hub_offline() and hub_reachable():
+        return None  # it will be downloaded
+    reason = "offline mode is on (HF_HUB_OFFLINE)" if hub_offline() else "the hub cannot be reached"
+    name = source.rsplit("/", 1)[-1]
+    return (f"{what} {source!r} is not downloaded and {reason}: run `hf download {source} --local-dir "
+            f"models/{name}` where there is network, copy the folder here and pass {option} models/{name}")
 
 
 def load_pretrained(loader: Any, source: str, *, what: str, option: str, **kwargs: Any) -> Any:
@@ -281,8 +313,10 @@ def prepare_model(model_class: str, source: str, *, what: str, option: str, devi
     Returns ``(model, processor, fingerprint)``: the model on ``device`` in ``dtype`` (the
     modules it keeps in float32 aside, see :func:`keep_fp32_modules`), in eval mode, with the
     speed-ups of :mod:`tidy_detect.models.optimize` (QuickGELU folding, fused attention and
-    matmul-activation forwards, freed memory kept for reuse) when ``optimize``; the fingerprint is
-    of the weights as loaded (rounded to bfloat16, so it does not depend on the dtype).
+    matmul-activation forwards, freed memory kept for reuse) when ``optimize`` and the
+    environment does not turn them off (``TIDY_DETECT_SPEEDUPS=off``); the fingerprint is of the
+    weights as loaded (rounded to bfloat16, so it does not depend on the dtype). A prepared model
+    can still be moved, cast, saved and reloaded (see :mod:`tidy_detect.models.optimize`).
 
     QuickGELU folding scales weights already in ``dtype``: in a half precision that rounds them
     twice (one unit in the last place at most), which is why CLIP, whose weights are the features,
@@ -292,8 +326,10 @@ def prepare_model(model_class: str, source: str, *, what: str, option: str, devi
     import transformers
 
     from tidy_detect.models.optimize import (fold_quick_gelu, fuse_linear_activations, reuse_freed_memory,
-                                             speed_up_attention, speed_up_grounding_dino, speed_up_swin)
+                                             speed_up_attention, speed_up_grounding_dino, speed_up_swin,
+                                             speedups_enabled)
 
+    optimize = speedups_enabled(optimize)  # TIDY_DETECT_SPEEDUPS=off turns them off whatever was asked
     target = torch_dtype(dtype)
     if components is None:
         processor = load_pretrained(transformers.AutoProcessor, source, what=what, option=option)

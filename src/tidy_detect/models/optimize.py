@@ -17,14 +17,33 @@ and bfloat16); float rounding differs at the level of the dtype's precision:
   matmuls (the 1024-wide image projections disappear);
 - glibc's malloc keeping freed memory for reuse (process-wide, see :func:`reuse_freed_memory`);
 - an optional ``torch.compile``.
+
+Every speed-up is guarded and reversible (docs/performance.md, "Turning the speed-ups off"):
+
+- one switch turns them all off: ``TIDY_DETECT_SPEEDUPS=off``, ``runtime.speedups = false`` or
+  ``--no-speedups`` (see :func:`speedups_enabled`);
+- each checks that the module it replaces is the one it was written for (the transformers
+  versions it was tested on, the replaced forward's parameters, the attributes it reads); any
+  other module keeps transformers' code, and one warning per speed-up says so;
+- decisions are made per module (a model may hold float32 modules beside bfloat16 ones) and per
+  call: a replaced forward runs transformers' own forward for anything it was not written for
+  (training, gradients, another device or dtype, requested attention weights or hidden states);
+- no state is hidden: derived tensors (Swin's fused q/k/v) are rebuilt when the parameters they
+  come from change (``.to()``, ``load_state_dict``, ``to_empty``), and weights rescaled in place
+  (QuickGELU folding) are saved and loaded in their original form.
 """
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import functools
+import inspect
 import logging
 import os
+import re
 import sys
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +52,180 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 QUICK_GELU_ALPHA = 1.702
+
+SPEEDUPS_ENV = "TIDY_DETECT_SPEEDUPS"
+_OFF_VALUES = ("off", "0", "false", "no", "none")
+
+# The transformers releases these speed-ups were tested against (their modeling tests were run
+# with every speed-up applied): [low, high). Outside it every speed-up keeps transformers' code.
+TESTED_TRANSFORMERS = ((5, 24), (5, 25))
+
+
+def speedups_enabled(requested: bool = True) -> bool:
+    """Whether the speed-ups of this module may be applied: ``requested`` (``runtime.speedups``,
+    the CLI's ``--no-speedups``, an adapter's ``optimize=``) and the environment variable
+    ``TIDY_DETECT_SPEEDUPS`` not set to ``off`` (or 0/false/no/none)."""
+    return bool(requested) and os.environ.get(SPEEDUPS_ENV, "").strip().lower() not in _OFF_VALUES
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What one speed-up was written for: the class it patches, that class's forward parameters
+    (``**name`` for a keyword catch-all) and the attributes (dotted paths) its code reads. An
+    empty ``parameters`` checks the version only (speed-ups that replace no forward)."""
+
+    speedup: str
+    class_name: str
+    parameters: tuple[str, ...] = ()
+    attributes: tuple[str, ...] = ()
+
+
+_TARGETS = {t.class_name: t for t in (
+    _Target("swin-layer", "SwinLayer", ("self", "hidden_states", "input_dimensions", "always_partition", "**kwargs"),
+            ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
+             "attention.relative_position_bias", "attention.num_attention_heads", "attention.head_dim",
+             "attention.scaling", "layernorm_before", "layernorm_after", "mlp", "window_size", "shift_size",
+             "set_shift_and_window_size", "get_attn_mask")),
+    _Target("swin-backbone", "SwinBackbone", ("self", "pixel_values", "**kwargs"),
+            ("config", "swin.embeddings.patch_embeddings.maybe_pad", "swin.embeddings.patch_embeddings.projection",
+             "swin.embeddings.norm", "swin.embeddings.position_embeddings", "swin.encoder.layers",
+             "hidden_states_norms", "stage_names", "out_features")),
+    _Target("grounding-dino-deformable-attention", "GroundingDinoMultiscaleDeformableAttention",
+            ("self", "hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask",
+             "position_embeddings", "reference_points", "spatial_shapes", "spatial_shapes_list", "level_start_index",
+             "output_attentions"),
+            ("value_proj", "sampling_offsets", "attention_weights", "output_proj", "n_heads", "n_levels", "n_points",
+             "d_model")),
+    _Target("grounding-dino-fusion-attention", "GroundingDinoBiMultiHeadAttention",
+            ("self", "vision_features", "text_features", "vision_attention_mask", "text_attention_mask"),
+            ("vision_proj", "text_proj", "values_vision_proj", "values_text_proj", "out_vision_proj", "out_text_proj",
+             "scale", "num_heads", "head_dim", "embed_dim")),
+    _Target("grounding-dino-multihead-attention", "GroundingDinoMultiheadAttention",
+            ("self", "queries", "keys", "values", "attention_mask", "output_attentions"),
+            ("query", "key", "value", "out_proj", "num_attention_heads", "attention_head_size", "all_head_size")),
+    _Target("blip-attention", "BlipAttention", ("self", "hidden_states", "**kwargs"),
+            ("config", "qkv", "projection", "num_heads", "head_dim", "scale")),
+)}
+# Speed-ups that change weights or submodules, not a forward: checked against the version only.
+_QUICK_GELU = _Target("quick-gelu-folding", "")
+_FUSED_LINEAR = _Target("fused-linear-activation", "")
+_INPLACE_RELU = _Target("grounding-dino-inplace-relu", "")
+
+_warned: set[str] = set()
+_warn_lock = threading.Lock()
+
+
+def _transformers_version() -> tuple[int, int]:
+    import transformers
+
+    match = re.match(r"(\d+)\.(\d+)", transformers.__version__)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def _parameters(cls: type) -> tuple[str, ...]:
+    try:
+        signature = inspect.signature(cls.forward)
+    except (TypeError, ValueError):
+        return ()
+    return tuple(("**" if p.kind is p.VAR_KEYWORD else "*" if p.kind is p.VAR_POSITIONAL else "") + p.name
+                 for p in signature.parameters.values())
+
+
+def _has_path(obj: Any, path: str) -> bool:
+    for name in path.split("."):
+        if not hasattr(obj, name):
+            return False
+        obj = getattr(obj, name)
+    return True
+
+
+def _supported(target: _Target, module: Any = None) -> bool:
+    """Whether ``module`` (or, without one, the installed transformers) is what ``target`` was
+    written for; if not, warn once per speed-up per process and return False."""
+    import transformers
+
+    low, high = TESTED_TRANSFORMERS
+    reason = None
+    if not low <= _transformers_version() < high:
+        reason = (f"transformers {transformers.__version__} is outside the versions it was tested on "
+                  f"(>={low[0]}.{low[1]},<{high[0]}.{high[1]})")
+    elif module is not None and target.parameters:
+        found = _parameters(type(module))
+        missing = [a for a in target.attributes if not _has_path(module, a)]
+        if found != target.parameters:
+            reason = (f"{target.class_name}.forward takes ({', '.join(found[1:])}), it was written for "
+                      f"({', '.join(target.parameters[1:])})")
+        elif missing:
+            reason = f"{target.class_name} has no {', '.join(missing)}"
+    if reason is None:
+        return True
+    with _warn_lock:
+        first = target.speedup not in _warned
+        _warned.add(target.speedup)
+    if first:
+        log.warning("speed-up %s is off: %s; transformers' own code runs instead (same results, slower)",
+                    target.speedup, reason)
+    return False
+
+
+def _all_on_cpu(module: Any) -> bool:
+    parameters = list(module.parameters())
+    return bool(parameters) and all(p.device.type == "cpu" for p in parameters)
+
+
+def _run_plain(module: Any, inputs: tuple[Any, ...], others: tuple[Any, ...] = (), cpu_only: bool = True) -> bool:
+    """Whether a call needs transformers' own forward: the fast forwards are written for
+    inference on the CPU (``cpu_only``; else any device) in float32 or bfloat16 (float16 too off
+    the CPU), with every parameter of the module and every floating input in ``inputs`` in one
+    dtype. Training mode, anything that may need gradients (``others`` are checked for that and
+    for their device only), another device or dtype take the plain path."""
+    import torch
+
+    if module.training:
+        return True
+    grad = torch.is_grad_enabled()
+    dtype = device = None
+    for parameter in module.parameters():
+        dtype = parameter.dtype if dtype is None else dtype
+        device = parameter.device if device is None else device
+        if parameter.dtype != dtype or parameter.device != device or grad and parameter.requires_grad:
+            return True
+    if device is None or cpu_only and device.type != "cpu":
+        return True
+    if dtype not in ((torch.float32, torch.bfloat16) if device.type == "cpu"
+                     else (torch.float32, torch.bfloat16, torch.float16)):
+        return True
+    for tensor in (*inputs, *others):
+        if torch.is_tensor(tensor) and (tensor.device != device or grad and tensor.requires_grad):
+            return True
+    return any(torch.is_tensor(t) and t.is_floating_point() and t.dtype != dtype for t in inputs)
+
+
+def _recording_attentions(config: Any = None, kwargs: dict[str, Any] | None = None) -> bool:
+    """Whether the caller asked for attention weights: by keyword, in the module's config, or
+    through transformers' output recorder (transformers 5 collects them with hooks)."""
+    if kwargs and kwargs.get("output_attentions"):
+        return True
+    if config is not None and getattr(config, "output_attentions", False):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and "attentions" in collected
+
+
+def _plain_forward(module: Any, *args: Any, **kwargs: Any) -> Any:
+    """The module's own class forward (what transformers runs)."""
+    return type(module).forward(module, *args, **kwargs)
+
+
+def _patch_forward(module: Any, forward: Any) -> None:
+    import types
+
+    module.forward = types.MethodType(forward, module)
+    module._tidy_fast = True
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,10 +260,11 @@ def reuse_freed_memory() -> bool:
     with freed memory kept. This sets ``M_MMAP_MAX`` to 0 (large blocks come from the heap, and
     are reused) and a 2 GB ``M_TRIM_THRESHOLD`` (freed memory stays with the process). The cost:
     the process keeps its peak working set instead of giving memory back between batches.
-    Called when tidy-detect loads a model for inference; set ``TIDY_DETECT_MALLOC=default`` to
-    leave the allocator alone. A no-op outside Linux/glibc.
+    Called when tidy-detect loads a model for inference; set ``TIDY_DETECT_MALLOC=default`` (or
+    turn every speed-up off, ``TIDY_DETECT_SPEEDUPS=off``) to leave the allocator alone. A no-op
+    outside Linux/glibc.
     """
-    if os.environ.get(MALLOC_ENV, "").strip().lower() in ("default", "off", "0", "false"):
+    if os.environ.get(MALLOC_ENV, "").strip().lower() in ("default", "off", "0", "false") or not speedups_enabled():
         return False
     if not sys.platform.startswith("linux"):
         return False
@@ -89,35 +283,71 @@ def _silu_inplace_module() -> Any:
     import torch.nn.functional as F
 
     class InplaceSiLU(torch.nn.Module):
-        """SiLU written into its input: the fc1 output is a fresh tensor nobody else reads."""
+        """SiLU written into its input: the fc1 output is a fresh tensor nobody else reads (out of
+        place when autograd needs that input)."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.silu(x, inplace=True)
+            return F.silu(x, inplace=not (torch.is_grad_enabled() and x.requires_grad))
 
     return InplaceSiLU()
+
+
+# The folded parameters, and whether folding multiplies them by 1.702 (else divides).
+_FOLDED = (("fc1.weight", True), ("fc1.bias", True), ("fc2.weight", False))
+
+
+def _save_unfolded(module: Any, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """State-dict hook of a folded MLP: its state dict (what ``save_pretrained`` writes) holds
+    the checkpoint's weights, not the folded ones, so a saved model loads into a plain one."""
+    if not getattr(module, "_tidy_folded", False):
+        return
+    for name, multiplied in _FOLDED:
+        value = state_dict.get(prefix + name)
+        if value is not None:
+            value = value.detach()
+            state_dict[prefix + name] = value / QUICK_GELU_ALPHA if multiplied else value * QUICK_GELU_ALPHA
+
+
+def _load_folded(module: Any, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Load-state-dict pre-hook of a folded MLP: it receives checkpoint weights (as saved by
+    :func:`_save_unfolded` or by any plain model) and folds them on the way in."""
+    if not getattr(module, "_tidy_folded", False):
+        return
+    for name, multiplied in _FOLDED:
+        value = state_dict.get(prefix + name)
+        if value is not None:
+            state_dict[prefix + name] = value * QUICK_GELU_ALPHA if multiplied else value / QUICK_GELU_ALPHA
 
 
 def fold_quick_gelu(model: Any) -> int:
     """Fold QuickGELU's 1.702 into the fc1/fc2 weights of every CLIP-style MLP; returns how many.
 
-    Only modules with ``fc1``, ``fc2`` and a QuickGELU ``activation_fn`` are changed. Call it
-    once, on a model used for inference only.
+    Only modules with ``fc1``, ``fc2`` and a QuickGELU ``activation_fn`` are changed; a folded
+    module is marked and never folded again. The weights are rescaled in place, but the module's
+    state dict (so ``save_pretrained``) gives the original weights back and ``load_state_dict``
+    folds what it loads, so a prepared model saves and loads checkpoints like a plain one (to
+    the float rounding of one multiplication and its inverse).
     """
     import torch
     from transformers.activations import QuickGELUActivation
 
+    if not (speedups_enabled() and _supported(_QUICK_GELU)):
+        return 0
     folded = 0
     with torch.no_grad():
         for module in model.modules():
             act = getattr(module, "activation_fn", None)
             fc1, fc2 = getattr(module, "fc1", None), getattr(module, "fc2", None)
             linears = isinstance(fc1, torch.nn.Linear) and isinstance(fc2, torch.nn.Linear)
-            if isinstance(act, QuickGELUActivation) and linears:
+            if isinstance(act, QuickGELUActivation) and linears and not getattr(module, "_tidy_folded", False):
                 fc1.weight.mul_(QUICK_GELU_ALPHA)
                 if fc1.bias is not None:
                     fc1.bias.mul_(QUICK_GELU_ALPHA)
                 fc2.weight.div_(QUICK_GELU_ALPHA)
                 module.activation_fn = _silu_inplace_module()
+                module._tidy_folded = True
+                module.register_state_dict_post_hook(_save_unfolded)
+                module.register_load_state_dict_pre_hook(_load_folded)
                 folded += 1
     if folded:
         log.debug("folded QuickGELU into %d MLPs of %s", folded, type(model).__name__)
@@ -204,9 +434,13 @@ def _multiscale_deformable_attention(self: Any, hidden_states: Any, attention_ma
     import torch
     import torch.nn.functional as F
 
-    if self.training:
-        raise RuntimeError("this deformable attention is patched for inference; load the model without tidy-detect's "
-                           "optimisations to train it")
+    if (_run_plain(self, (hidden_states, encoder_hidden_states, position_embeddings), (reference_points,))
+            or spatial_shapes_list is None or reference_points is None):
+        # Training, gradients (the sampling writes into preallocated outputs, which autograd
+        # cannot follow), another device or dtype: transformers' forward.
+        return _plain_forward(self, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                              position_embeddings, reference_points, spatial_shapes, spatial_shapes_list,
+                              level_start_index, output_attentions)
     if position_embeddings is not None:
         hidden_states = hidden_states + position_embeddings
     batch_size, num_queries, _ = hidden_states.shape
@@ -265,18 +499,18 @@ def _bi_attention(self: Any, vision_features: Any, text_features: Any, vision_at
     - image output = (P_v V_t) Wo + bo = P_v (V_t Wo) + bo;
     - text output = P_t (X Wv + bv) = (P_t X) Wv + bv, since each row of P_t sums to 1.
 
-    Only the query scale is folded into ``vision_proj`` (see ``speed_up_grounding_dino``); float
-    rounding differs from transformers' order at the level of the dtype's precision."""
+    The query scale multiplies the text keys (a few rows) instead of the queries; float rounding
+    differs from transformers' order at the level of the dtype's precision."""
     import torch
     import torch.nn.functional as F
 
-    if self.training:
-        raise RuntimeError("this fusion attention is patched for inference; load the model without tidy-detect's "
-                           "optimisations to train it")
+    if _run_plain(self, (vision_features, text_features), (vision_attention_mask, text_attention_mask)):
+        return _plain_forward(self, vision_features, text_features, vision_attention_mask, text_attention_mask)
     batch, num_vision, _ = vision_features.shape
     num_text = text_features.shape[1]
     heads = self.num_heads
-    keys = _block_diagonal(self.text_proj(text_features), heads)  # (B, heads*T, E)
+    # The query scale goes on the (few) text keys, not into the weights: they stay the checkpoint's.
+    keys = _block_diagonal(self.text_proj(text_features) * self.scale, heads)  # (B, heads*T, E)
     text_values = _block_diagonal(self.values_text_proj(text_features), heads)
     query_keys = torch.matmul(keys, self.vision_proj.weight)  # (B, heads*T, D): Wq K^T, transposed
     query_bias = torch.matmul(keys, self.vision_proj.bias)  # (B, heads*T)
@@ -314,12 +548,16 @@ def _multihead_attention(self: Any, queries: Any, keys: Any, values: Any, attent
     it eagerly, and in the decoder's 900 x 900 self-attention the scale, mask and softmax passes
     cost five times the matmuls. The mask is added as transformers adds it. The attention
     weights, which the layers pass on only when the model is asked for attentions, are not
-    formed: this forward returns None for them."""
+    formed: this forward returns None for them, and transformers' forward runs when the model was
+    asked for attentions (transformers' layers always pass ``output_attentions=True`` here, so
+    inside a patched model that request is read from the encoder's or decoder's call, see
+    :func:`_track_attentions`; called on its own, the argument decides)."""
     import torch.nn.functional as F
 
-    if self.training:
-        raise RuntimeError("this attention is patched for inference; load the model without tidy-detect's "
-                           "optimisations to train it")
+    wanted = _gd_attentions.get()
+    if (output_attentions if wanted is None else wanted) or _run_plain(self, (queries, keys, values),
+                                                                       (attention_mask,)):
+        return _plain_forward(self, queries, keys, values, attention_mask, output_attentions)
     batch, length, _ = queries.shape
     heads, head_dim = self.num_attention_heads, self.attention_head_size
     query = self.query(queries).view(batch, -1, heads, head_dim).transpose(1, 2)
@@ -327,39 +565,73 @@ def _multihead_attention(self: Any, queries: Any, keys: Any, values: Any, attent
     value = self.value(values).view(batch, -1, heads, head_dim).transpose(1, 2)
     mask = attention_mask.to(query.dtype) if attention_mask is not None else None
     context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=head_dim ** -0.5)
-    return self.out_proj(context.transpose(1, 2).reshape(batch, length, self.all_head_size)), None
+    output = self.out_proj(context.transpose(1, 2).reshape(batch, length, self.all_head_size))
+    return (output, None) if output_attentions else (output,)  # transformers' tuple lengths
+
+
+# Whether the Grounding DINO encoder or decoder now running was asked for attentions (None: no
+# patched encoder or decoder is running).
+_gd_attentions: contextvars.ContextVar[bool | None] = contextvars.ContextVar("tidy_detect_gd_attentions",
+                                                                            default=None)
+
+
+def _track_attentions(module: Any) -> None:
+    """Hooks that record, while ``module`` (a Grounding DINO encoder or decoder) runs, whether its
+    call asked for attentions (its ``output_attentions`` argument, else its config's)."""
+    if getattr(module, "_tidy_tracks_attentions", False):
+        return
+    signature = inspect.signature(type(module).forward)
+    local = threading.local()
+
+    def before(mod: Any, args: tuple, kwargs: dict) -> None:
+        try:
+            wanted = signature.bind_partial(mod, *args, **kwargs).arguments.get("output_attentions")
+        except TypeError:
+            wanted = kwargs.get("output_attentions")
+        if wanted is None:
+            wanted = getattr(getattr(mod, "config", None), "output_attentions", False)
+        if not hasattr(local, "tokens"):
+            local.tokens = []
+        local.tokens.append(_gd_attentions.set(bool(wanted)))
+
+    def after(mod: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        tokens = getattr(local, "tokens", None)
+        if tokens:
+            _gd_attentions.reset(tokens.pop())
+
+    module.register_forward_pre_hook(before, with_kwargs=True)
+    module.register_forward_hook(after, with_kwargs=True, always_call=True)
+    module._tidy_tracks_attentions = True
 
 
 def speed_up_grounding_dino(model: Any) -> int:
     """Give Grounding DINO's multi-scale deformable attention, image-text fusion attention and
-    multi-head attention the faster forwards above, and its ReLUs in place, on CPU models only;
-    returns how many attention modules were changed (0 for any other model, and on a second
-    call)."""
-    import types
-
+    multi-head attention the faster forwards above, and its ReLUs in place, module by module
+    where the module's parameters are on the CPU (the forwards are measured and tested there) and
+    the module is the one they were written for (:func:`_supported`); returns how many attention
+    modules were changed (0 for any other model, and on a second call). No weight is changed."""
     import torch
 
-    if next(model.parameters()).device.type != "cpu":
-        return 0
     forwards = {"GroundingDinoMultiscaleDeformableAttention": _multiscale_deformable_attention,
                 "GroundingDinoBiMultiHeadAttention": _bi_attention,
                 "GroundingDinoMultiheadAttention": _multihead_attention}
+    if not speedups_enabled():
+        return 0
     patched = 0
     for module in model.modules():
         kind = type(module).__name__
+        if kind in ("GroundingDinoEncoder", "GroundingDinoDecoder"):
+            _track_attentions(module)
         if kind in forwards and not getattr(module, "_tidy_fast", False):
-            if kind == "GroundingDinoBiMultiHeadAttention":
-                with torch.no_grad():  # the query scale, folded once
-                    module.vision_proj.weight.mul_(module.scale)
-                    module.vision_proj.bias.mul_(module.scale)
-            module.forward = types.MethodType(forwards[kind], module)
-            module._tidy_fast = True
-            patched += 1
+            if _all_on_cpu(module) and _supported(_TARGETS[kind], module):
+                _patch_forward(module, forwards[kind])
+                patched += 1
         elif kind.startswith("GroundingDino") and kind.endswith("Layer"):
             # Every layer applies its ReLU to a fresh fc1 output: in place saves a pass over the
             # (B, 13k, 2048) activation, bandwidth-bound on a CPU (where the fc1 is not fused).
+            # (In-place ReLU is exact and autograd-safe.)
             for attribute in ("activation", "activation_fn"):
-                if type(getattr(module, attribute, None)) is torch.nn.ReLU:
+                if type(getattr(module, attribute, None)) is torch.nn.ReLU and _supported(_INPLACE_RELU):
                     setattr(module, attribute, torch.nn.ReLU(inplace=True))
     return patched
 
@@ -392,7 +664,7 @@ def _window_order(height: int, width: int, window: int, shift: int, device: str)
 
 
 def _swin_layer(self: Any, hidden_states: Any, input_dimensions: tuple[int, int], always_partition: bool = False,
-                **_: Any) -> tuple[Any, None]:
+                **kwargs: Any) -> tuple[Any, None]:
     """transformers' ``SwinLayer.forward`` in eval mode with fewer passes over the feature map.
 
     transformers pads, rolls and partitions the map (three copies), adds the shift mask to the
@@ -401,13 +673,13 @@ def _swin_layer(self: Any, hidden_states: Any, input_dimensions: tuple[int, int]
     crops (three more copies). Here one gather puts the map into window order (layer norm after
     it, padding rows zeroed as transformers pads after its layer norm), one matmul gives q, k and
     v, the mask is built once per layer for the windows of one image, and one gather brings the
-    result back. Same function; the attention weights, which Swin discards, are not formed."""
+    result back. Same function; the attention weights, which Swin discards, are not formed (when
+    they are asked for, transformers' forward runs)."""
     import torch
     import torch.nn.functional as F
 
-    if self.training:
-        raise RuntimeError("this Swin layer is patched for inference; load the model without tidy-detect's "
-                           "optimisations to train it")
+    if _run_plain(self, (hidden_states,)) or _recording_attentions(self.attention.config, kwargs):
+        return _plain_forward(self, hidden_states, input_dimensions, always_partition, **kwargs)
     if not always_partition:
         self.set_shift_and_window_size(input_dimensions)
     height, width = input_dimensions
@@ -420,7 +692,8 @@ def _swin_layer(self: Any, hidden_states: Any, input_dimensions: tuple[int, int]
         windows.index_fill_(1, pads, 0.0)
     attention = self.attention
     heads, head_dim = attention.num_attention_heads, attention.head_dim
-    qkv = attention._tidy_qkv(windows).view(batch * num_windows, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    qkv = F.linear(windows, *_fused_qkv(attention)).view(batch * num_windows, length, 3, heads, head_dim).permute(
+        2, 0, 3, 1, 4)
     bias = attention.relative_position_bias()  # (1, heads, N, N)
     padded_h, padded_w = -(-height // window) * window, -(-width // window) * window
     shift_mask = self.get_attn_mask(padded_h, padded_w, dtype=hidden_states.dtype, device=hidden_states.device)
@@ -446,17 +719,24 @@ def _swin_backbone(self: Any, pixel_values: Any, **kwargs: Any) -> Any:
     each used one back, normalises it and permutes it again: on an 800 px image those transposing
     copies of the large early maps cost more than some stages. Here only the stages in
     ``out_features`` are normalised and laid out once, and the patch embedding runs channels-last
-    so its layer norm reads it in place. Anything else asked of the backbone (hidden states,
-    attentions, a stem output, position embeddings) goes to transformers' forward."""
+    so its layer norm reads it in place. Anything else asked of the backbone, by the call or by its
+    config (hidden states, attentions, a tuple instead of a ``BackboneOutput``, a stem output,
+    position embeddings, any other argument), and training, gradients or another device or
+    dtype, go to transformers' forward."""
     import torch
     from transformers.modeling_outputs import BackboneOutput
 
     swin = self.swin
     embeddings = swin.embeddings
-    if (self.training or "stem" in self.out_features or embeddings.position_embeddings is not None
-            or kwargs.get("output_hidden_states") or kwargs.get("output_attentions")
-            or kwargs.get("return_dict") is False):
-        return type(self).forward(self, pixel_values, **kwargs)
+    config = self.config
+    # What transformers' forward would give beyond the feature maps, from the call or the config.
+    hidden_states = kwargs.get("output_hidden_states", getattr(config, "output_hidden_states", False))
+    return_dict = kwargs.get("return_dict")
+    return_dict = getattr(config, "return_dict", True) if return_dict is None else return_dict
+    if (set(kwargs) - {"output_hidden_states", "output_attentions", "return_dict"} or hidden_states
+            or not return_dict or _recording_attentions(config, kwargs) or "stem" in self.out_features
+            or embeddings.position_embeddings is not None or _run_plain(self, (pixel_values,))):
+        return _plain_forward(self, pixel_values, **kwargs)
     patches = embeddings.patch_embeddings
     pixel_values = patches.maybe_pad(pixel_values, *pixel_values.shape[-2:])
     projected = patches.projection(pixel_values.contiguous(memory_format=torch.channels_last))
@@ -476,40 +756,48 @@ def _swin_backbone(self: Any, pixel_values: Any, **kwargs: Any) -> Any:
     return BackboneOutput(feature_maps=tuple(maps), hidden_states=None, attentions=None)
 
 
+def _fused_qkv(attention: Any) -> tuple[Any, Any]:
+    """The q, k and v projections of a ``SwinAttention`` as one (weight, bias).
+
+    A tensor derived from the registered parameters, not state of its own: it is rebuilt whenever
+    one of q/k/v's tensors is another one, or was changed in place, or has another dtype or device
+    (``.to()``, ``.half()``, ``load_state_dict``, ``to_empty``), so a prepared model can be moved,
+    cast or reloaded. It never enters the state dict."""
+    import torch
+
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    tensors = [t for p in projections for t in (p.weight, p.bias) if t is not None]
+    try:
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors)
+    except RuntimeError:  # inference tensors keep no version counter: rebuild every call
+        key = None
+    cached = attention.__dict__.get("_tidy_qkv")
+    if key is None or cached is None or cached[0] != key:
+        with torch.no_grad():
+            weight = torch.cat([p.weight for p in projections])
+            bias = torch.cat([p.bias for p in projections]) if projections[0].bias is not None else None
+        cached = (key, weight, bias)
+        attention.__dict__["_tidy_qkv"] = cached
+    return cached[1], cached[2]
+
+
 def speed_up_swin(model: Any) -> int:
     """Give every ``SwinLayer`` (Grounding DINO's backbone among them) the forward above, with its
     q, k and v projections fused into one matmul, and every ``SwinBackbone`` the feature-map
-    forward, on CPU models; returns how many layers were changed. (The forwards are written for
-    any device, but only measured and tested on CPUs, so GPU models keep transformers' code.)"""
-    import types
-
-    import torch
-
-    parameter = next(model.parameters(), None)
-    if parameter is None or parameter.device.type != "cpu":
+    forward; returns how many layers were changed. Decided module by module: only modules whose
+    parameters are on the CPU (the forwards are written for any device, but only measured and
+    tested on CPUs) and that are what the forwards were written for (:func:`_supported`)."""
+    if not speedups_enabled():
         return 0
     patched = 0
     for module in model.modules():
-        if type(module).__name__ == "SwinBackbone" and not getattr(module, "_tidy_fast", False):
-            module.forward = types.MethodType(_swin_backbone, module)
-            module._tidy_fast = True
-        if type(module).__name__ != "SwinLayer" or getattr(module, "_tidy_fast", False):
+        kind = type(module).__name__
+        if kind not in ("SwinBackbone", "SwinLayer") or getattr(module, "_tidy_fast", False):
             continue
-        attention = module.attention
-        projections = (attention.q_proj, attention.k_proj, attention.v_proj)
-        fused = torch.nn.Linear(projections[0].in_features, 3 * projections[0].out_features,
-                                bias=projections[0].bias is not None, device=projections[0].weight.device,
-                                dtype=projections[0].weight.dtype)
-        with torch.no_grad():
-            fused.weight.copy_(torch.cat([p.weight for p in projections]))
-            if fused.bias is not None:
-                fused.bias.copy_(torch.cat([p.bias for p in projections]))
-        fused.requires_grad_(False)
-        # Not registered as a submodule: the checkpoint's q/k/v weights stay what the state dict holds.
-        object.__setattr__(attention, "_tidy_qkv", fused)
-        module.forward = types.MethodType(_swin_layer, module)
-        module._tidy_fast = True
-        patched += 1
+        if not (_all_on_cpu(module) and _supported(_TARGETS[kind], module)):
+            continue
+        _patch_forward(module, _swin_backbone if kind == "SwinBackbone" else _swin_layer)
+        patched += kind == "SwinLayer"
     return patched
 
 
@@ -574,19 +862,35 @@ def _activation_name(module: Any) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=1)
+_fused_linear_probe: bool | None = None
+
+
 def fused_linear_available() -> bool:
-    """Whether this PyTorch build runs oneDNN's fused linear + activation on the CPU correctly."""
+    """Whether this PyTorch build runs oneDNN's fused linear + activation on the CPU correctly.
+
+    Probed on CPU tensors whatever the default device (``with torch.device("meta")`` and the
+    like); the answer is kept for the process only when the probe really ran: a failure that
+    may come from the calling context (a tensor mode, a device context) is asked again next time."""
+    global _fused_linear_probe
+    if _fused_linear_probe is not None:
+        return _fused_linear_probe
     import torch
     import torch.nn.functional as F
 
     try:
-        x = torch.randn(4, 8)
-        linear = torch.nn.Linear(8, 16)
-        got = torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "relu", [], "")
-        return bool(torch.allclose(got, F.relu(linear(x)), atol=1e-5))
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(4, 8, generator=generator, device="cpu")
+        weight = torch.randn(16, 8, generator=generator, device="cpu")
+        bias = torch.randn(16, generator=generator, device="cpu")
+        got = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu", [], "")
+        if got.device.type != "cpu" or type(got) is not torch.Tensor:
+            return False  # a mode intercepted the call: no answer about the build
+        _fused_linear_probe = bool(torch.allclose(got, F.relu(F.linear(x, weight, bias)), atol=1e-5))
+    except AttributeError:  # the op is not in this build
+        _fused_linear_probe = False
+    except (RuntimeError, NotImplementedError):
+        return False  # possibly the context's doing: not remembered
+    return _fused_linear_probe
 
 
 def fuse_linear_activations(model: Any) -> int:
@@ -594,7 +898,7 @@ def fuse_linear_activations(model: Any) -> int:
     wherever a known module does it, on CPU models in float32 or bfloat16; returns how many."""
     import torch
 
-    if not fused_linear_available():
+    if not (speedups_enabled() and fused_linear_available() and _supported(_FUSED_LINEAR)):
         return 0
     sites = {name: (linear, act) for name, linear, act in _LINEAR_ACTIVATION_SITES}
     fused = 0
@@ -617,29 +921,33 @@ def fuse_linear_activations(model: Any) -> int:
     return fused
 
 
-def _blip_attention(self: Any, hidden_states: Any, **_: Any) -> tuple[Any, None]:
+def _blip_attention(self: Any, hidden_states: Any, **kwargs: Any) -> tuple[Any, None]:
     """BLIP's vision self-attention through ``scaled_dot_product_attention``. transformers runs
     it eagerly (scores, scale, softmax and weighted sum as four passes over a (B, 16, 577, 577)
     tensor), which took over 40% of BLIP-large's vision time on CPU. Same function; the weights,
-    which BLIP's encoder layer discards, are not formed."""
+    which BLIP's encoder layer discards, are not formed (when they are asked for, and in training
+    or with gradients, transformers' forward runs)."""
     import torch.nn.functional as F
 
+    if _run_plain(self, (hidden_states,), cpu_only=False) or _recording_attentions(self.config, kwargs):
+        return _plain_forward(self, hidden_states, **kwargs)
     batch, length, embed = hidden_states.shape
     qkv = self.qkv(hidden_states).reshape(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-    dropout = self.dropout.p if self.training else 0.0
-    context = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], dropout_p=dropout, scale=self.scale)
+    context = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=self.scale)
     return self.projection(context.transpose(1, 2).reshape(batch, length, embed)), None
 
 
 def speed_up_attention(model: Any) -> int:
-    """Give BLIP's eager vision attention the fused forward above; returns how many modules
-    were changed (0 for models without it)."""
-    import types
-
+    """Give BLIP's eager vision attention the fused forward above (on any device: SDPA is
+    PyTorch's own kernel), module by module where it is what the forward was written for;
+    returns how many modules were changed (0 for models without it, and on a second call)."""
+    if not speedups_enabled():
+        return 0
     patched = 0
     for module in model.modules():
-        if type(module).__name__ == "BlipAttention" and hasattr(module, "qkv"):
-            module.forward = types.MethodType(_blip_attention, module)
+        if (type(module).__name__ == "BlipAttention" and not getattr(module, "_tidy_fast", False)
+                and _supported(_TARGETS["BlipAttention"], module)):
+            _patch_forward(module, _blip_attention)
             patched += 1
     return patched
 

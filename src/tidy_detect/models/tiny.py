@@ -3,7 +3,11 @@
 ``make_tiny_bundle`` writes one folder per family (model + processor, each via
 ``save_pretrained``) and a ``tiny.toml`` preset that points at them, so the real loading code
 (``XxxModel.from_pretrained(folder)``, ``AutoProcessor.from_pretrained(folder)``) can be exercised
-in tests and demos without a model hub. Scores from these models are meaningless.
+in tests and demos without a model hub. Scores from these models are meaningless, and every
+tiny model says so: its saved config carries ``tidy_detect_random_weights: true``
+(``RANDOM_WEIGHTS_KEY``, kept by transformers in ``config.json``), which the adapters'
+``describe()`` report as ``random_weights`` (see :func:`has_random_weights`), so detection records,
+the server and reports can say that a verdict comes from random weights.
 
 Tokenizers are trained here on seeded random sentences of the bundled word list
 (``tiny_words.txt``) so that every listed word is one token; the captioners' output layers only
@@ -25,7 +29,8 @@ from typing import Any, Callable, Iterable
 
 from tidy_detect.errors import InputError, ModelLoadError
 
-__all__ = ["FOLDERS", "TOML_NAME", "load_words", "make_tiny_bundle"]
+__all__ = ["FOLDERS", "RANDOM_SOURCE_PREFIX", "RANDOM_WEIGHTS_KEY", "TOML_NAME", "has_random_weights", "load_words",
+           "make_tiny_bundle"]
 
 TOML_NAME = "tiny.toml"
 # Subfolder of each tiny model, in build order.
@@ -54,6 +59,25 @@ _BASE_CHARS = string.ascii_lowercase + string.digits + string.punctuation
 # bert-base-uncased ids that Grounding DINO hard-codes (modeling_grounding_dino.SPECIAL_TOKENS
 # and the [PAD]=0 delimiter) to split the prompt into phrases; the tiny BERT vocab keeps them.
 _BERT_FIXED_IDS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103, ".": 1012, "?": 1029}
+
+# The config attribute that marks a model built here (random weights). transformers keeps unknown
+# config attributes in config.json and sets them again on loading, so the mark travels with the folder.
+RANDOM_WEIGHTS_KEY = "tidy_detect_random_weights"
+# Sources of in-memory random-weight models (the benchmark's real-size architectures, bench/run.py).
+RANDOM_SOURCE_PREFIX = "random:"
+
+
+def has_random_weights(model: Any, source: str | None = None) -> bool:
+    """Whether ``model`` (a transformers model, or ``None``) is known to have random weights.
+
+    True when its config carries the make-tiny mark (``RANDOM_WEIGHTS_KEY``) or when ``source``
+    names an in-memory random model (``random:<arch>``). Nothing else is guessed here: a model
+    without either sign is taken for a trained one.
+    """
+    if isinstance(source, str) and source.startswith(RANDOM_SOURCE_PREFIX):
+        return True
+    config = getattr(model, "config", None)
+    return getattr(config, RANDOM_WEIGHTS_KEY, False) is True
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,10 +340,12 @@ def _keep_only_words(model: Any, word_ids: list[int]) -> None:
 def _seeded_init(model_class: Any, config: Any, seed: int) -> Any:
     """Return ``model_class(config)`` in eval mode, its random weights drawn after ``torch.manual_seed(seed)``.
 
-    The caller's global torch RNG state is restored afterwards.
+    The config is marked as random-weight (``RANDOM_WEIGHTS_KEY``) first. The caller's global torch
+    RNG state is restored afterwards.
     """
     import torch
 
+    setattr(config, RANDOM_WEIGHTS_KEY, True)  # saved into config.json by save_pretrained
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return model_class(config).eval()

@@ -398,12 +398,19 @@ def _widest(config: Any) -> int | None:
 def random_weights_reason(source: str | None, config: Any = None) -> str | None:
     """Why a model's weights look random (untrained), or ``None`` when nothing says so.
 
-    The sign is the architecture: a config whose widest layer is under ``TINY_WIDTH`` is a test
-    model, which no released checkpoint is (the tiny bundle's are at most 64 wide). The folder's place
-    in a bundle built by ``tidy-detect models make-tiny`` (its ``tiny.toml`` beside it) is named
-    in the reason, and decides only when there is no config to read. A real-size architecture is
-    never excused, even in a bundle's folder or with random weights (those fail, as they should).
+    The first sign is the mark the model itself carries, the same one the adapters' ``describe()``
+    report as ``random_weights`` (:func:`tidy_detect.models.tiny.has_random_weights`): the
+    ``tidy_detect_random_weights`` attribute that ``tidy-detect models make-tiny`` writes into every
+    config, or a ``random:<arch>`` source (the benchmark's in-memory models). Unmarked configs (a
+    bundle built before the mark existed) fall back to the architecture: a config whose widest layer
+    is under ``TINY_WIDTH`` is a test model, which no released checkpoint is (the tiny bundle's are at
+    most 64 wide). The folder's place in a make-tiny bundle (its ``tiny.toml`` beside it) is named
+    in the reason, and decides only when there is no config to read. An unmarked real-size
+    architecture is never excused, even in a bundle's folder (it fails, as it should).
     """
+    marked = _marked_reason(source, config)
+    if marked:
+        return marked
     width = _widest(config) if config is not None else None
     if width is not None and width >= TINY_WIDTH:
         return None
@@ -413,6 +420,20 @@ def random_weights_reason(source: str | None, config: Any = None) -> str | None:
         return built
     tiny = f"a tiny test architecture (widest layer {width} < {TINY_WIDTH}; no released model is this small)"
     return f"{built}: {tiny}" if built else tiny
+
+
+def _marked_reason(source: str | None, config: Any) -> str | None:
+    """The reason for a model marked as random-weight by its config or its ``random:`` source."""
+    from tidy_detect.models.tiny import RANDOM_SOURCE_PREFIX, RANDOM_WEIGHTS_KEY
+
+    if isinstance(source, str) and source.startswith(RANDOM_SOURCE_PREFIX):
+        return f"an in-memory random-weight model ({source})"
+    value = config.get(RANDOM_WEIGHTS_KEY) if isinstance(config, Mapping) else getattr(config, RANDOM_WEIGHTS_KEY, None)
+    if value is not True:
+        return None
+    bundle = _tiny_bundle_marker(source)
+    where = f", {bundle}" if bundle else ""
+    return f"built by `tidy-detect models make-tiny` (its config says {RANDOM_WEIGHTS_KEY}: true{where})"
 
 
 def _tiny_bundle_marker(source: str | None) -> Path | None:

@@ -42,7 +42,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -126,6 +126,10 @@ class DetectionRecord(BaseModel):
     objects: list[ObjectRecord]
     global_discrepancy: Optional[float]
     error: Optional[str]
+    stage: Optional[str] = Field(None, description='which head gave p_fake: "full" or "global" (the cascade)')
+    random_weights: bool = Field(
+        False, description="true when a model behind the verdict has random weights (the tiny test bundle of "
+                           "`tidy-detect models make-tiny`): the score means nothing")
 
 
 class DetectResponse(BaseModel):
@@ -502,6 +506,8 @@ class Service:
             info = detector.info()
             self._summary = {"models": public_models(info["models"], detector.metadata.get("extraction", {})),
                              "representation": info["representation"]["kind"], "threshold": info["threshold"],
+                             "random_weights": info["random_weights"],
+                             "random_weight_models": info["random_weight_models"],
                              "package_version": __version__}
         return self._summary
 
@@ -518,6 +524,9 @@ class Service:
             "package_version": __version__,
             "status": self.status,
             "models": public_models(info["models"], extraction),
+            # True on the tiny bundle's random weights: every verdict of this server means nothing.
+            "random_weights": info["random_weights"],
+            "random_weight_models": info["random_weight_models"],
             "device": info["device"],
             "dtype": info["dtype"],
             "head": {"representation": info["representation"], "hyperparameters": info["head"],

@@ -19,6 +19,7 @@
   const keyInput = $("#api-key");
   const keyBox = $("#key-box");
   const legend = $("#legend");
+  const randomNotice = $("#random-weights");
 
   const painted = []; // {value, rect, swatch}: recoloured whenever the page's range of values changes
   const queue = [];
@@ -37,6 +38,7 @@
         : body.status === "loading" ? "models are loading… images dropped now are scored once they are ready"
         : `the models failed to load: ${body.error || "see the server log"}`);
       if (body.status === "loading") setTimeout(pollHealth, 2000);
+      if (body.status === "ready") checkModels();
     } catch (err) {
       setStatus("unreachable", "the server cannot be reached");
       setTimeout(pollHealth, 4000);
@@ -46,6 +48,30 @@
   function setStatus(state, text) {
     statusLine.dataset.status = state;
     statusLine.textContent = text;
+  }
+
+  // Whether the server's models have random weights (the tiny test bundle): its verdicts mean nothing,
+  // and the page says so before anything is dropped. /v1/info may need the API key; without it the
+  // first result's record tells the same (see render).
+  async function checkModels() {
+    const headers = {};
+    if (keyInput.value) headers["X-API-Key"] = keyInput.value;
+    try {
+      const response = await fetch("/v1/info", { cache: "no-store", headers });
+      if (!response.ok) return;
+      const info = await response.json();
+      showRandomWeights(info.random_weights === true, info.random_weight_models);
+    } catch (err) {
+      // the status line already says when the server cannot be reached
+    }
+  }
+
+  function showRandomWeights(random, models) {
+    if (!random) return;
+    if (Array.isArray(models) && models.length) {
+      $("#random-weight-models").textContent = `${models.join(", ")}: the tiny test bundle`;
+    }
+    randomNotice.hidden = false;
   }
 
   // -- picking and dropping ------------------------------------------------------------------------
@@ -77,7 +103,7 @@
   function addFiles(files) {
     for (const file of Array.from(files || [])) {
       const card = newCard(file);
-      results.prepend(card.root);
+      results.append(card.root); // upload order: the first image picked is the first listed
       queue.push({ file, card });
     }
     pump();
@@ -141,6 +167,7 @@
       return;
     }
     const record = body.records[0];
+    if (body.model && body.model.random_weights) showRandomWeights(true, body.model.random_weight_models);
     if (record.error) {
       showError(card, record.error);
       return;
@@ -161,6 +188,7 @@
     card.verdict.dataset.label = record.label;
     card.verdict.textContent = record.label.toUpperCase();
     card.pFake.textContent = `p_fake ${record.p_fake.toFixed(3)}`;
+    $(".random-badge", card.root).hidden = record.random_weights !== true;
     card.caption.textContent = record.caption;
     card.global.textContent = `global discrepancy (whole image vs caption): ${record.global_discrepancy.toFixed(3)}`;
 

@@ -7,7 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from tidy_detect.data.cli_datasets import ExcludeOpt, PairingOpt, SplitOpt
+from tidy_detect.cli.app import command, err, out
+from tidy_detect.cli.options import ExcludeOpt, PairingOpt, SplitOpt
 
 
 def _parse_named(values: Optional[List[str]], option: str) -> dict[str, Path]:
@@ -50,9 +51,9 @@ def parse_seeds(text: Optional[str]) -> list[int]:
 
 def register(app: typer.Typer) -> None:
     """Add eval, robustness, ablate and report to the CLI."""
-    from tidy_detect.cli import command, err, out
 
-    @command(app, "eval")
+    @command(app, "eval",
+         example="tidy-detect eval stores/cnn-test --head heads/tidy.safetensors --suite table1 --out results/table1")
     def eval_cmd(
         stores: List[Path] = typer.Argument(..., help="Test feature stores."),
         head: List[str] = typer.Option(..., "--head", help="Head checkpoint; repeat for several (mean ± std), "
@@ -95,7 +96,8 @@ def register(app: typer.Typer) -> None:
                       f"(band {info['band'][0]:g}-{info['band'][1]:g})", highlight=False)
         err.print(f"results in {out_dir}: " + ", ".join(sorted(p.name for p in files.values())))
 
-    @command(app, "robustness")
+    @command(app, "robustness",
+         example="tidy-detect robustness DATA/CNN_synth_testset --layout cnndetection --head heads/tidy.safetensors --out results/robustness")
     def robustness_cmd(
         inputs: List[str] = typer.Argument(..., help="Test images: folders, files or CSV manifests."),
         head: Path = typer.Option(..., "--head", help="Head checkpoint."),
@@ -118,6 +120,7 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("auto", "--dtype"),
         batch_size: int = typer.Option(8, "--batch-size", min=1),
         exif: str = typer.Option("auto", "--exif", help="EXIF orientation: auto (ignored for benchmark layouts, as the peers read pixels; applied otherwise), apply or ignore."),
+        no_speedups: bool = typer.Option(False, "--no-speedups", help="Run transformers' own model code instead of tidy-detect's CPU speed-ups (same results, slower). Also TIDY_DETECT_SPEEDUPS=off."),
     ) -> None:
         """Perturb test images (noise, blur, JPEG, ...), extract, evaluate and plot AP/ACC against severity."""
         from tidy_detect.data.layouts import parse_pairing
@@ -136,17 +139,18 @@ def register(app: typer.Typer) -> None:
         perturbations = [p for kind in kinds for p in parse_levels(kind, given[kind])]
         selection = select_inputs(inputs, layout=layout, split=split, exclude=exclude,
                                   pairing=parse_pairing(pairing or []) or None, max_per_class=max_per_class, seed=seed)
-        detector = Detector.load(head, device=device, dtype=dtype, batch_size=batch_size)
+        detector = Detector.load(head, device=device, dtype=dtype, batch_size=batch_size, speedups=not no_speedups)
         from tidy_detect.features.extractor import resolve_exif
 
         result = run_robustness(head, selection.items, out_dir, perturbations, threshold=threshold,
                                 include_clean=clean, pairing=selection.pairing, detector=detector,
-                                exif=resolve_exif(exif, bool(getattr(selection, "datasets", None))),
+                                exif=resolve_exif(exif, bool(selection.datasets)),
                                 say=lambda m: err.print(f"• {m}", highlight=False))
         out.print((out_dir / "robustness.md").read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
         err.print(f"results in {out_dir}; {len(result['stores'])} stores in {out_dir / 'stores'}")
 
-    @command(app, "ablate")
+    @command(app, "ablate",
+         example="tidy-detect ablate stores/progan-train --test stores/cnn-test --out results/ablation")
     def ablate_cmd(
         train: List[Path] = typer.Argument(..., help="Training stores."),
         test: List[Path] = typer.Option(..., "--test", help="Test store (repeat for several)."),
@@ -186,7 +190,8 @@ def register(app: typer.Typer) -> None:
         out.print((out_dir / "ablation.md").read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
         err.print(f"results in {out_dir}")
 
-    @command(app, "report")
+    @command(app, "report",
+         example="tidy-detect report results/table1 results/robustness --out report.html")
     def report_cmd(
         folders: List[Path] = typer.Argument(..., help="Result folders of eval, robustness or ablate."),
         out_file: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write."),

@@ -5,7 +5,7 @@ without the extra. The server starts listening at once and loads the models in t
 ``GET /healthz`` answers 503 ``loading`` until they are ready, then 200 ``ready``. If loading fails,
 the server stops and the command exits with the loading error.
 
-``python -m tidy_detect.serve_cli serve ...`` is the same command (the load benchmark uses it).
+``python -m tidy_detect.cli serve ...`` is the same command (the load benchmark uses it).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 import typer
 
+from tidy_detect.cli.app import command
+from tidy_detect.cli.options import NoSpeedupsOpt
 from tidy_detect.errors import CheckpointError, ConfigError, TidyError
 from tidy_detect.serve.settings import ServeSettings
 
@@ -36,11 +38,11 @@ def require_serve_extra() -> None:
 
 def register(app: typer.Typer) -> None:
     """Add the ``serve`` command to the ``tidy-detect`` typer app."""
-    from tidy_detect.cli import command  # here, not at the top: cli.py imports this module
 
     defaults = ServeSettings()
 
-    @command(app, "serve", epilog=f"Memory at the defaults: {defaults.memory_summary()}. See the README's "
+    @command(app, "serve", example="tidy-detect serve --head heads/tidy.safetensors --port 8000",
+             epilog=f"Memory at the defaults: {defaults.memory_summary()}. See the README's "
                                   f"'Deployment' section for what to put in front of a public server.")
     def serve_cmd(
         head: Path = typer.Option(..., "--head", help="Head checkpoint (.safetensors) from `tidy-detect train`."),
@@ -94,6 +96,7 @@ def register(app: typer.Typer) -> None:
         clip: Optional[str] = typer.Option(None, "--clip", help="Load the head's CLIP from here (same checkpoint)."),
         captioner_model: Optional[str] = typer.Option(None, "--captioner-model", help="Load the head's captioner from here."),
         grounder_model: Optional[str] = typer.Option(None, "--grounder-model", help="Load the head's grounder from here."),
+        no_speedups: bool = NoSpeedupsOpt,
         log_level: str = typer.Option("info", "--log-level",
                                       help="uvicorn's log level: critical, error, warning, info, debug."),
     ) -> None:
@@ -115,12 +118,13 @@ def register(app: typer.Typer) -> None:
                    keepalive_timeout=keepalive_timeout, api_key=api_key, results_dir=results_dir,
                    results_keep=results_keep, results_max_age_days=results_max_age, threshold=threshold,
                    device=device, dtype=dtype, clip=clip, captioner_model=captioner_model,
-                   grounder_model=grounder_model, log_level=log_level)
+                   grounder_model=grounder_model, log_level=log_level, speedups=not no_speedups)
 
 
 def run_server(head: Path, *, host: str, port: int, log_level: str = "info", threshold: float = 0.5,
                device: str = "auto", dtype: str = "auto", clip: str | None = None,
-               captioner_model: str | None = None, grounder_model: str | None = None, **settings: Any) -> None:
+               captioner_model: str | None = None, grounder_model: str | None = None, speedups: bool = True,
+               **settings: Any) -> None:
     """Listen on ``host:port`` until interrupted, loading the detector in the background.
 
     ``settings`` are :class:`~tidy_detect.serve.settings.ServeSettings` fields. The detector's model
@@ -152,13 +156,16 @@ def run_server(head: Path, *, host: str, port: int, log_level: str = "info", thr
         try:
             detector = Detector.load(head, device=device, dtype=dtype, batch_size=serve_settings.max_batch,
                                      threshold=threshold, clip=clip, captioner_model=captioner_model,
-                                     grounder_model=grounder_model)
+                                     grounder_model=grounder_model, speedups=speedups)
         except BaseException as exc:
             failure.append(exc)
             server.should_exit = True  # nothing to serve without models: stop and report
             raise
         typer.echo(f"tidy-detect: models loaded in {time.perf_counter() - started:.1f} s; ready on "
                    f"http://{_url_host(host)}:{bound_port}/ (API docs at /docs)", err=True)
+        if detector.info().get("random_weights"):
+            typer.echo("tidy-detect: warning: these models have random weights (the tiny test bundle?); "
+                       "every verdict this server gives is meaningless", err=True)
         return detector
 
     if serve_settings.api_key is None and not _is_loopback(host):
@@ -195,16 +202,3 @@ def _is_loopback(host: str) -> bool:
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
-
-
-def main() -> None:
-    """``python -m tidy_detect.serve_cli``: the ``tidy-detect`` app, with ``serve`` registered."""
-    from tidy_detect.cli import app
-
-    if not any(info.name == "serve" for info in app.registered_commands):
-        register(app)
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

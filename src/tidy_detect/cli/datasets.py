@@ -1,7 +1,6 @@
 """``tidy-detect datasets``: list the dataset layouts and inspect a dataset folder.
 
-``cli.py`` adds the sub-app with ``register(app, command, out)``; they are passed in rather than
-imported, so this module never imports ``tidy_detect.cli`` while it is still being initialised.
+The package adds the sub-app with ``register(app, command, out)``.
 """
 
 from __future__ import annotations
@@ -15,13 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-LayoutOpt = typer.Option("auto", "--layout", help="auto, cnndetection, unifd, diffusionforensics, genimage, "
-                                                   "generic or manifest (see `datasets layouts`).")
-SplitOpt = typer.Option(None, "--split", help="train, val or test, for layouts with splits.")
-ExcludeOpt = typer.Option(None, "--exclude", help="Exclude list: a text file of file names or relative paths "
-                                                  "to skip (e.g. known corrupted files). Repeatable.")
-PairingOpt = typer.Option(None, "--pairing", help="FAKE=REAL: the real folder a fake folder pairs with "
-                                                  "(unifd, diffusionforensics). Repeatable.")
+from tidy_detect.cli.options import LayoutOpt, SplitOpt, ExcludeOpt, PairingOpt  # noqa: F401
 
 
 def register(app: typer.Typer, command: Callable[..., Any], out: Console) -> typer.Typer:
@@ -30,7 +23,8 @@ def register(app: typer.Typer, command: Callable[..., Any], out: Console) -> typ
                                no_args_is_help=True)
     app.add_typer(datasets_app, name="datasets")
 
-    @command(datasets_app, "layouts")
+    @command(datasets_app, "layouts",
+         example="tidy-detect datasets layouts")
     def layouts_cmd() -> None:
         """Show the dataset layouts --layout accepts and the trees they read."""
         from tidy_detect.data.layouts import LAYOUTS
@@ -44,7 +38,8 @@ def register(app: typer.Typer, command: Callable[..., Any], out: Console) -> typ
             table.add_row(layout.name, escape(layout.expects), options)
         out.print(table)
 
-    @command(datasets_app, "inspect")
+    @command(datasets_app, "inspect",
+         example="tidy-detect datasets inspect DATA/GenImage --probe 200")
     def inspect_cmd(
         path: Path = typer.Argument(..., help="Dataset folder (or CSV manifest)."),
         layout: str = LayoutOpt,

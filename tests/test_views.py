@@ -1,7 +1,7 @@
 import numpy as np
 from PIL import Image
 
-from tidy_detect.features.views import center_crop, clamp_box, crop_box, to_normalized_array
+from tidy_detect.views import center_crop, clamp_box, crop_box, to_normalized_array
 
 
 def _ramp(w, h):

@@ -1,0 +1,175 @@
+"""``tidy-detect detect``: score images with a head and explain each score; the record formats."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tidy_detect.cli.app import app, command, err, out
+from tidy_detect.cli.options import (AllowDtypeOpt, FailOnErrorOpt, NoSpeedupsOpt, extraction_progress)
+
+
+FORMATS = ("table", "json", "jsonl", "csv")
+
+
+@command(app, "detect",
+         example="tidy-detect detect photos/ --head heads/tidy.safetensors --format table")
+def detect_cmd(
+    inputs: List[str] = typer.Argument(..., help="Images, folders or CSV manifests to score."),
+    head: Path = typer.Option(..., "--head", help="Head checkpoint (.safetensors) from `tidy-detect train`."),
+    fmt: Optional[str] = typer.Option(None, "--format", "-f", help="table, json, jsonl or csv (default: from --out, else table)."),
+    threshold: float = typer.Option(0.5, "--threshold", help="p_fake above this is 'fake'."),
+    out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the results here instead of stdout."),
+    save_store: Optional[Path] = typer.Option(None, "--save-store", help="Keep the features in this store; images already in it are not extracted again."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="Load the head's CLIP from here (same checkpoint)."),
+    captioner_model: Optional[str] = typer.Option(None, "--captioner-model", help="Load the head's captioner from here."),
+    grounder_model: Optional[str] = typer.Option(None, "--grounder-model", help="Load the head's grounder from here."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (each model in the precision the head's features were made in), float32, bfloat16 or float16."),
+    allow_dtype_mismatch: bool = AllowDtypeOpt,
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per model batch."),
+    workers: int = typer.Option(2, "--workers", min=0, help="Image decoding threads."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile CLIP's vision tower (pays off on large runs)."),
+    cascade_head: Optional[Path] = typer.Option(None, "--cascade-head", help="Fast path: a global-only head (train with --representation global) scores every image first; only uncertain ones get objects and the full head."),
+    band: str = typer.Option("0.2,0.8", "--band", help="The cascade's uncertainty band LOW,HIGH on the global head's p_fake."),
+    fail_on_error: bool = FailOnErrorOpt,
+    no_speedups: bool = NoSpeedupsOpt,
+) -> None:
+    """Score images with a trained head and explain each score (caption, objects, discrepancies).
+
+    Images that cannot be read get a record with their error; the others are scored. Exits 8 when
+    no image was found or none could be scored (after writing the records), 9 with --fail-on-error
+    when any could not.
+    """
+    from tidy_detect.data.inputs import collect_inputs
+    from tidy_detect.detect import Detector
+    from tidy_detect.errors import ConfigError
+
+    fmt = fmt or ({".json": "json", ".jsonl": "jsonl", ".csv": "csv"}.get(out_file.suffix.lower(), "table")
+                  if out_file else "table")
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    try:
+        low, high = (float(v) for v in band.split(","))
+    except ValueError:
+        raise ConfigError(f"--band takes LOW,HIGH, got {band!r}") from None
+    if cascade_head is not None and save_store is not None:
+        raise ConfigError("--cascade-head skips objects for confident images, so it cannot fill a store of "
+                          "full features; drop --save-store or --cascade-head")
+    items = collect_inputs(inputs)
+    if not items:
+        from tidy_detect.errors import NothingProcessedError
+
+        raise NothingProcessedError(f"no images found in {', '.join(inputs)} (folders are searched for image "
+                                    f"suffixes such as .jpg, .png, .webp)")
+    detector = Detector.load(head, device=device, dtype=dtype, accept_dtype=allow_dtype_mismatch,
+                             batch_size=batch_size, num_workers=workers,
+                             threshold=threshold, compile=compile_, cascade_head=cascade_head, band=(low, high),
+                             clip=clip, captioner_model=captioner_model, grounder_model=grounder_model,
+                             speedups=not no_speedups)
+    records = []
+    with extraction_progress("detecting") as progress:
+        if save_store is not None:
+            from tidy_detect.features.extractor import run_extraction
+            from tidy_detect.features.store import FeatureStore
+
+            store = FeatureStore.open_for_writing(save_store, detector.extractor.extraction, detector.extractor.dim,
+                                                  accept_dtype=allow_dtype_mismatch)
+            run_extraction(items, store, detector.extractor, progress=progress)
+            rows = store.rows_for_paths(item.path for item in items)
+            records = detector.score_rows([rows[item.path] for item in items])
+        else:
+            from tidy_detect.features.extractor import ExtractionSummary
+
+            summary = ExtractionSummary(total=len(items))
+            progress(0, len(items), summary)  # the rate counts from here, not from the first batch
+            for batch in detector.detect_items(items, summary):
+                records.extend(batch)
+                progress(len(records), len(items), summary)
+    write_records(records, fmt, out_file)
+    if detector.cascade is not None:
+        c = detector.cascade
+        err.print(f"cascade: {c.escalated} of {c.images} images ({c.fraction_escalated:.1%}) were in the band "
+                  f"{c.band[0]:g}-{c.band[1]:g} and got objects and the full head", highlight=False)
+    check_records(records, fail_on_error)
+
+
+def check_records(records: list, fail_on_error: bool) -> None:
+    """The exit status of `detect`: 8 when nothing was scored, 9 for any error with --fail-on-error."""
+    from tidy_detect.errors import InputsFailedError, NothingProcessedError
+
+    failed = [r for r in records if r.get("error")]
+    if not records:
+        raise NothingProcessedError("no images found in the inputs given (folders are searched for image "
+                                    "suffixes such as .jpg, .png, .webp)")
+    if len(failed) == len(records):
+        raise NothingProcessedError(f"none of the {len(records)} images could be scored; first error: "
+                                    f"{failed[0]['error']}")
+    if fail_on_error and failed:
+        raise InputsFailedError(f"{len(failed)} of the {len(records)} images could not be scored (first: "
+                                f"{failed[0]['error']}) and --fail-on-error was given")
+
+
+def write_records(records: list, fmt: str, out_file: Optional[Path]) -> None:
+    """Print or save detection records in one of FORMATS."""
+    from tidy_detect.detect import top_object
+
+    if fmt == "table":
+        random_weights = any(r.get("random_weights") for r in records)
+        table = Table(show_lines=False,
+                      title="[yellow]RANDOM-WEIGHT MODELS: verdicts are meaningless[/]" if random_weights else None)
+        for col in ("image", "verdict", "p_fake", "caption", "most telling object", "global"):
+            table.add_column(col, overflow="fold")
+        for r in records:
+            name = Path(r["path"]).name if not r["path"].startswith("<") else r["path"]
+            if r["error"]:
+                table.add_row(name, "[red]error", "-", r["error"], "", "")
+                continue
+            top = top_object(r)
+            verdict = "[red]fake" if r["label"] == "fake" else "[green]real"
+            caption = r["caption"] if len(r["caption"]) <= 70 else r["caption"][:67] + "..."
+            table.add_row(name, verdict, f"{r['p_fake']:.3f}", caption,
+                          f"{top['phrase']} ({top['discrepancy']:.3f})" if top else "-", f"{r['global_discrepancy']:.3f}")
+        if out_file:
+            with out_file.open("w", encoding="utf-8") as handle:
+                Console(file=handle, width=160).print(table)
+        else:
+            out.print(table)
+        errors = sum(1 for r in records if r["error"])
+        fakes = sum(1 for r in records if r["label"] == "fake")
+        err.print(f"{len(records)} images: {fakes} fake, {len(records) - fakes - errors} real, {errors} errors")
+        if random_weights:
+            err.print("[bold yellow]random weights:[/] these models are the tiny test bundle (or others with random "
+                      "weights); the verdicts above mean nothing about the images", highlight=False)
+        return
+    if fmt == "json":
+        text = json.dumps(records, indent=2) + "\n"
+    elif fmt == "jsonl":
+        text = "".join(json.dumps(r) + "\n" for r in records)
+    else:
+        import csv
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["path", "sha256", "p_fake", "label", "caption", "global_discrepancy", "n_objects",
+                         "top_object", "top_object_discrepancy", "objects", "error"])
+        for r in records:
+            top = top_object(r)
+            writer.writerow([r["path"], r["sha256"] or "", "" if r["p_fake"] is None else r["p_fake"], r["label"] or "",
+                             r["caption"] or "", "" if r["global_discrepancy"] is None else r["global_discrepancy"],
+                             len(r["objects"]), top["phrase"] if top else "", top["discrepancy"] if top else "",
+                             json.dumps(r["objects"]), r["error"] or ""])
+        text = buffer.getvalue()
+    if out_file:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        out_file.write_text(text, encoding="utf-8")
+        err.print(f"wrote {len(records)} records to {out_file}")
+    else:
+        sys.stdout.write(text)
