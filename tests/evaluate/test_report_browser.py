@@ -6,42 +6,24 @@ extra). The screenshot is kept as ``test-artifacts/report-narrow.png`` in the re
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("selenium", reason="the browser test needs selenium (the test extra)")
 
-from selenium import webdriver  # noqa: E402
-from selenium.webdriver.chrome.service import Service as ChromeService  # noqa: E402
 
 from tidy_detect.evaluate.report import build_report  # noqa: E402
 
 from tests.evaluate.test_report_layout import write_results  # noqa: E402
 
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
-CHROMEDRIVER = shutil.which("chromedriver")
+from tests.browser import ARTIFACTS, MARKS, start_browser  # noqa: E402
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
-                       reason="Chromium and its driver are not installed "
-                              "(apt-get install chromium chromium-driver; .ci/run does this)"),
-]
+pytestmark = MARKS
 
 
 @pytest.fixture(scope="module")
 def browser():
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-dev-shm-usage", "--window-size=800,1000"):
-        options.add_argument(flag)
-    # An explicit driver path: Selenium Manager would otherwise try to download one.
-    driver = webdriver.Chrome(service=ChromeService(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
+    driver = start_browser(800, 1000)
     yield driver
     driver.quit()
 

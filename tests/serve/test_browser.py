@@ -6,7 +6,6 @@ extra). The screenshot is kept as ``test-artifacts/serve-page.png`` in the repos
 
 from __future__ import annotations
 
-import shutil
 import socket
 import threading
 import time
@@ -18,8 +17,6 @@ pytest.importorskip("fastapi", reason="the web service needs the serve extra: pi
 uvicorn = pytest.importorskip("uvicorn", reason="the web service needs the serve extra: pip install -e '.[serve]'")
 pytest.importorskip("selenium", reason="the browser test needs selenium (the test extra)")
 
-from selenium import webdriver  # noqa: E402
-from selenium.webdriver.chrome.service import Service as ChromeService  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -27,16 +24,9 @@ from tidy_detect.serve import ServeSettings, create_app  # noqa: E402
 
 from tests.serve.conftest import image_bytes  # noqa: E402
 
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
-CHROMEDRIVER = shutil.which("chromedriver")
+from tests.browser import ARTIFACTS, MARKS, start_browser  # noqa: E402
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
-                       reason="Chromium and its driver are not installed "
-                              "(apt-get install chromium chromium-driver; .ci/run does this)"),
-]
+pytestmark = MARKS
 
 
 @pytest.fixture(scope="module")
@@ -61,15 +51,7 @@ def server(served):
 
 @pytest.fixture(scope="module")
 def browser():
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-dev-shm-usage", "--window-size=1280,1100"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    # An explicit driver path: Selenium Manager would otherwise try to download one.
-    driver = webdriver.Chrome(service=ChromeService(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
+    driver = start_browser(1280, 1100, console_logs=True)
     yield driver
     driver.quit()
 
