@@ -694,6 +694,9 @@ def test_extractor_passes_the_switch_to_every_model_and_records_it(monkeypatch, 
     monkeypatch.setattr(grounders, "build_grounder", fake("grounder"))
     monkeypatch.setattr(clip, "ClipEncoder", fake("clip"))
     monkeypatch.setattr(phrases, "PhraseExtractor", lambda *a, **k: type("P", (), {"nlp": None})())
+    import tidy_detect.models.registry as registry
+
+    monkeypatch.setattr(registry, "check_models", lambda models: None)  # the stand-ins need no checkpoints
     config = ExtractionConfig().updated(runtime={"device": "cpu", "speedups": config_on})
     extractor = Extractor(config).load()
     expected = config_on and env is None

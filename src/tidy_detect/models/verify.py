@@ -661,6 +661,6 @@ def run_verification(config: Any, *, photo_set: PhotoSet | None = None,
         from tidy_detect.models.clip import ClipEncoder
 
         return ClipEncoder(clip.source, device=extractor.device, dtype=dtype, global_view=clip.global_view,
-                           view_size=clip.view_size)
+                           view_size=clip.view_size, optimize=getattr(extractor, "speedups", True))
 
     return verify_models(extractor, photo_set, other_clip=other_clip, say=say)
