@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from tidy_detect.data import sources
+from tidy_detect.data.sources import SourceOptions, source_suffix
 from tidy_detect.errors import InputError
 from tidy_detect.images import is_image_path
 
@@ -208,14 +210,30 @@ def _text_encoding(path: Path) -> str:
     return "utf-16" if start in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
 
 
-def collect_inputs(inputs: Iterable[str | Path], summary: InputSummary | None = None) -> list[ImageItem]:
-    """Expand every INPUT (file, folder or ``.csv`` manifest) into image items, in order.
+def items_from_source(path: Path, options: SourceOptions | None = None) -> Iterator[ImageItem]:
+    """The images of a zip / tar / WebDataset shard / Parquet / Arrow file (see
+    :mod:`tidy_detect.data.sources`), labelled and grouped by the folder rules applied to the member's
+    path inside the file (the file's name without its suffix standing for INPUT's name); a label or
+    group given by a sidecar or a column wins."""
+    root_name = sources.source_stem(path)
+    for record in sources.list_source(path, options):
+        label = parse_label(record.label, record.identity) if record.label is not None else \
+            label_from_parts(record.parts)
+        group = record.group or next((p for p in record.parts if p not in LABEL_FOLDERS), None) or root_name
+        yield ImageItem(record.identity, label, group, record.caption)
+
+
+def collect_inputs(inputs: Iterable[str | Path], summary: InputSummary | None = None,
+                   options: SourceOptions | None = None) -> list[ImageItem]:
+    """Expand every INPUT (file, folder, ``.csv`` manifest, or an archive / table source:
+    ``.zip``, ``.tar``, ``.tar.gz``, ``.tgz``, ``.parquet``, ``.arrow``, read in place with
+    ``options`` naming table columns) into image items, in order.
 
     Files named directly are always included, whatever their suffix (a bad one becomes an error
     record later). Duplicate paths are kept once.
 
     Raises:
-        InputError: an INPUT that does not exist, or a bad manifest.
+        InputError: an INPUT that does not exist, a bad manifest, or a source that cannot be listed.
     """
     summary = summary if summary is not None else InputSummary()
     items: list[ImageItem] = []
@@ -226,6 +244,8 @@ def collect_inputs(inputs: Iterable[str | Path], summary: InputSummary | None = 
             found = walk_folder(path, summary)
         elif path.suffix.lower() == ".csv" and path.is_file():
             found = iter(read_manifest(path))
+        elif source_suffix(path) and path.is_file():
+            found = items_from_source(path, options)
         elif path.is_file():
             found = iter([ImageItem(str(path.absolute()))])
         elif path.exists():

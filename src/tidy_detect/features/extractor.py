@@ -25,13 +25,13 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from tidy_detect.config import MODEL_KINDS, ExtractionConfig
+from tidy_detect.data import sources
 from tidy_detect.data.inputs import ImageItem
 from tidy_detect.data.perturb import Perturbation
 from tidy_detect.errors import ConfigError, ImageError, InputError, InputsFailedError, NothingProcessedError, TidyError
 from tidy_detect.features.store import FeatureStore, IndexEntry
 from tidy_detect.views import crop_box
-from tidy_detect.images import DEFAULT_MAX_FILE_BYTES, FileStat, LoadedImage, load_image, read_file, sha256_bytes, \
-    stat_file
+from tidy_detect.images import DEFAULT_MAX_FILE_BYTES, FileStat, LoadedImage, load_image, read_file, sha256_bytes
 
 log = logging.getLogger(__name__)
 # What a person waits for (models loading): the command line shows these lines as they come.
@@ -327,14 +327,29 @@ def _decode(item: ImageItem, max_pixels: int, perturbation: Perturbation | None 
             ) -> tuple[LoadedImage | ImageError, float]:
     started = time.perf_counter()
     try:
-        result: LoadedImage | ImageError = load_image(item.path, max_pixels=max_pixels, max_bytes=max_bytes,
-                                                      exif_transpose=exif_transpose)
+        result: LoadedImage | ImageError = _load_item(item, max_pixels, max_bytes, exif_transpose)
         if perturbation is not None:
             image = perturbation.apply(result.image, result.sha256)
             result = dataclasses.replace(result, image=image, width=image.width, height=image.height)
     except ImageError as exc:
         result = exc
     return result, time.perf_counter() - started
+
+
+def _load_item(item: ImageItem, max_pixels: int, max_bytes: int, exif_transpose: bool) -> LoadedImage:
+    """Decode a file, or an archive member / table row by its identity (see data.sources), whose
+    ``stat`` is its container's."""
+    if not sources.is_identity(item.path):
+        return load_image(item.path, max_pixels=max_pixels, max_bytes=max_bytes, exif_transpose=exif_transpose)
+    stat = sources.stat_item(item.path)
+    try:
+        data, stat = sources.read_item(item.path, max_bytes=max_bytes)
+        loaded = load_image(data, max_pixels=max_pixels, max_bytes=max_bytes, name=item.path,
+                            exif_transpose=exif_transpose)
+    except ImageError as exc:
+        exc.stat = stat
+        raise
+    return dataclasses.replace(loaded, stat=stat)
 
 
 def prefetch(items: Iterable[ImageItem], max_pixels: int, workers: int, window: int,
@@ -555,7 +570,7 @@ def pending_items(items: Sequence[ImageItem], store: FeatureStore, retry_errors:
         if entry is None:
             todo.append(item)
             continue
-        now = stat_file(item.path)
+        now = sources.stat_item(item.path)  # a plain file's stat, or an archive member's container's
         if now is not None and (entry.stat is None or entry.stat != now):
             to_hash.append((item, entry))
         # else: untouched, or gone since (its row stays)
@@ -594,7 +609,10 @@ def _hash_files(items: Sequence[ImageItem], workers: int, max_bytes: int
 
     def one(item: ImageItem) -> tuple[str | None, FileStat | None]:
         try:
-            data, stat = read_file(item.path, max_bytes=max_bytes)
+            if sources.is_identity(item.path):
+                data, stat = sources.read_item(item.path, max_bytes=max_bytes)
+            else:
+                data, stat = read_file(item.path, max_bytes=max_bytes)
         except ImageError:
             return None, None
         return sha256_bytes(data), stat
