@@ -45,3 +45,15 @@ def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     rows = zlib.compress(b"\x00" * 4096)  # the start of an all-black image; the rest never needs decoding
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def files(*uploads: tuple[str, bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    """Multipart file fields named ``files`` for TestClient.post."""
+    return [("files", (name, data, "application/octet-stream")) for name, data in uploads]
+
+
+def error_of(response) -> dict:
+    """The ``{"code", "message"}`` of an error response, checking the body has that shape only."""
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    return body["error"]

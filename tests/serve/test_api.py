@@ -21,7 +21,7 @@ from tidy_detect.cli import app as cli_app  # noqa: E402
 from tidy_detect.errors import ConfigError, ModelLoadError  # noqa: E402
 from tidy_detect.serve import ServeSettings, create_app  # noqa: E402
 
-from tests.serve.conftest import image_bytes, png_bomb  # noqa: E402
+from tests.serve.conftest import error_of, files, image_bytes, png_bomb  # noqa: E402
 
 RECORD_KEYS = {"path", "sha256", "width", "height", "p_fake", "label", "caption", "objects", "global_discrepancy", "stage",
                "error", "random_weights"}
@@ -35,16 +35,6 @@ def client(served):
 
 def make_client(served, **settings) -> TestClient:
     return TestClient(create_app(served["detector"], ServeSettings(**settings)))
-
-
-def files(*uploads: tuple[str, bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
-    return [("files", (name, data, "application/octet-stream")) for name, data in uploads]
-
-
-def error_of(response) -> dict:
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
-    return body["error"]
 
 
 # -- service routes ----------------------------------------------------------------------------------

@@ -23,21 +23,11 @@ from tidy_detect.images import LoadedImage, load_image, reduce_for_models  # noq
 from tidy_detect.serve import ServeSettings, create_app  # noqa: E402
 from tidy_detect.serve import decode as decode_module  # noqa: E402
 
-from tests.serve.conftest import image_bytes  # noqa: E402
+from tests.serve.conftest import error_of, files, image_bytes  # noqa: E402
 
 
 def make_client(served, **settings) -> TestClient:
     return TestClient(create_app(served["detector"], ServeSettings(max_wait_ms=5, **settings)))
-
-
-def files(*uploads: tuple[str, bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
-    return [("files", (name, data, "application/octet-stream")) for name, data in uploads]
-
-
-def error_of(response) -> dict:
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
-    return body["error"]
 
 
 # -- decode once ---------------------------------------------------------------------------------------
