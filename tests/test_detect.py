@@ -85,7 +85,7 @@ def test_detector_predict_paths_bytes_and_pil(trained):
     assert "not an image" in records[3]["error"] and records[3]["p_fake"] is None
     first = records[0]
     assert set(first) == {"path", "sha256", "width", "height", "p_fake", "label", "caption", "objects",
-                          "global_discrepancy", "error", "stage", "random_weights"}
+                          "global_discrepancy", "error", "stage", "random_weights", "provenance"}
     assert first["stage"] == "full"
     assert 0.0 <= first["p_fake"] <= 1.0 and first["label"] in ("fake", "real")
     assert first["p_fake"] == pytest.approx(records[1]["p_fake"]) == pytest.approx(records[2]["p_fake"])

@@ -289,7 +289,7 @@ def _set(*keys, value=None, delete=False):
 
 @pytest.mark.parametrize("edit, message", [
     (_set("format", value="other-head"), "metadata field format must be one of tidy-detect-head, got 'other-head'"),
-    (_set("format_version", value=2), "head format version 2 is newer than this tidy-detect reads \\(up to 1\\)"),
+    (_set("format_version", value=3), "head format version 3 is newer than this tidy-detect reads \\(up to 2\\)"),
     (_set("format_version", value="1"), "metadata field format_version must be a positive integer, got '1'"),
     (_set("head", value=[8, 4]), "metadata field head must be a JSON object, got \\[8, 4\\]"),
     (_set("head", "hidden", delete=True), "metadata field head.hidden is missing; it must be an integer in 1..65536"),

@@ -27,6 +27,10 @@ GLOBAL_VIEWS = ("center-crop", "clip")
 GROUNDING_RULES = ("span-mean", "token-max")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MODEL_KINDS = ("clip", "captioner", "grounder")  # the models whose precision is chosen one by one
+# Whether the next batch's model inputs are prepared and sent to the device during the current one.
+PREPARE_AHEAD = ("auto", "on", "off")
+# Images per model batch on the CPU when runtime.batch_size is unset (GPUs: models.memory chooses).
+CPU_BATCH_SIZE = 8
 
 # Chunks that name a part of the picture rather than an object in it ("a close" from "a close up
 # of", "front" from "in front of", "the image"). Compared with the chunk's root lemma, lower case.
@@ -129,6 +133,18 @@ class RuntimeConfig:
     ``grounder_dtype`` follow ``dtype`` (half precision on GPUs changes little of a caption or a
     box, and halves their cost). The resolved dtypes are recorded with each model in stores and
     heads, and are part of their compatibility checks.
+
+    ``batch_size`` is the number of images per model batch (and per store shard); unset, it is
+    chosen for the device: 8 on the CPU, and on a GPU from its free memory by the per-stage
+    memory model of :mod:`tidy_detect.models.memory`. ``devices`` lists several devices for one
+    run on this machine: one process per device, each with its own copy of the models (see
+    :mod:`tidy_detect.distributed.multi`). The GPU switches (docs/gpu.md) change where and how
+    the same function is computed, never the features: ``prepare_ahead`` prepares the next
+    batch's model inputs in worker threads and copies them to the device while the current batch
+    runs (``auto``: on CUDA devices), ``static_cache`` generates captions with a static KV cache
+    where transformers supports it for the captioner (on CUDA transformers then compiles the
+    decoding step), ``cuda_graphs`` replays CLIP's image tower from CUDA graphs; ``compile``
+    torch-compiles CLIP's vision tower.
     """
 
     device: str = "auto"
@@ -136,7 +152,7 @@ class RuntimeConfig:
     clip_dtype: str | None = "float32"
     captioner_dtype: str | None = None
     grounder_dtype: str | None = None
-    batch_size: int = 8
+    batch_size: int | None = None
     num_workers: int = 2
     max_pixels: int = 100_000_000
     compile: bool = False
@@ -144,19 +160,39 @@ class RuntimeConfig:
     # tidy-detect's CPU speed-ups of the models (tidy_detect.models.optimize); false runs
     # transformers' own code (also TIDY_DETECT_SPEEDUPS=off, --no-speedups).
     speedups: bool = True
+    devices: tuple[str, ...] = ()
+    prepare_ahead: str = "auto"
+    static_cache: bool = False
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.compile, bool), f"runtime.compile must be true or false, got {self.compile!r}")
+        for name in ("compile", "static_cache", "cuda_graphs"):
+            value = getattr(self, name)
+            _check(isinstance(value, bool), f"runtime.{name} must be true or false, got {value!r}")
+        _check(self.prepare_ahead in PREPARE_AHEAD,
+               f"runtime.prepare_ahead must be one of {', '.join(PREPARE_AHEAD)}, got {self.prepare_ahead!r}")
         _check(isinstance(self.speedups, bool), f"runtime.speedups must be true or false, got {self.speedups!r}")
         _check(self.dtype in DTYPES, f"runtime.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for kind in MODEL_KINDS:
             value = getattr(self, f"{kind}_dtype")
             _check(value is None or value in DTYPES,
                    f"runtime.{kind}_dtype must be one of {', '.join(DTYPES)} or unset, got {value!r}")
-        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith(("cuda", "mps")),
+        _check(isinstance(self.device, str) and _device_name(self.device, auto=True),
                f"runtime.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
-        _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
-               f"runtime.batch_size must be >= 1, got {self.batch_size!r}")
+        if not isinstance(self.devices, tuple):
+            _check(isinstance(self.devices, (list, str)),
+                   f"runtime.devices must be a list of devices, got {self.devices!r}")
+            object.__setattr__(self, "devices", parse_devices(self.devices) if isinstance(self.devices, str)
+                               else tuple(self.devices))
+        for device in self.devices:
+            _check(isinstance(device, str) and _device_name(device, auto=False),
+                   f"runtime.devices must list cpu, cuda or cuda:N devices, got {device!r} in {list(self.devices)}")
+        _check(not (self.devices and self.device != "auto"),
+               f"runtime.device ({self.device!r}) and runtime.devices ({list(self.devices)}) were both given; "
+               f"give one of them (--device, or --devices/--gpus)")
+        _check(self.batch_size is None or (isinstance(self.batch_size, int) and not isinstance(self.batch_size, bool)
+                                           and self.batch_size >= 1),
+               f"runtime.batch_size must be >= 1 or unset (chosen for the device), got {self.batch_size!r}")
         _check(isinstance(self.num_workers, int) and self.num_workers >= 0,
                f"runtime.num_workers must be >= 0, got {self.num_workers!r}")
         _check(isinstance(self.max_pixels, int) and self.max_pixels >= 1,
@@ -167,6 +203,27 @@ class RuntimeConfig:
     def model_dtype(self, kind: str) -> str:
         """The dtype asked for one model (``clip``, ``captioner``, ``grounder``): its own, else ``dtype``."""
         return getattr(self, f"{kind}_dtype") or self.dtype
+
+
+def _device_name(value: str, *, auto: bool) -> bool:
+    if auto and value == "auto":
+        return True
+    if value in ("cpu", "cuda", "mps"):
+        return True
+    return value.startswith("cuda:") and value[5:].isdigit()
+
+
+def parse_devices(value: str) -> tuple[str, ...]:
+    """``"cuda:0,cuda:1"`` as ``("cuda:0", "cuda:1")`` (spaces and empty entries ignored).
+
+    Raises:
+        ConfigError: an entry that is not cpu, cuda or cuda:N.
+    """
+    devices = tuple(part.strip() for part in str(value).split(",") if part.strip())
+    for device in devices:
+        _check(_device_name(device, auto=False),
+               f"devices must be a comma-separated list of cpu, cuda or cuda:N, got {device!r} in {value!r}")
+    return devices
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ A detection record (the same for the CLI, the Python API and the web service)::
 
     {"path", "sha256", "width", "height", "p_fake", "label": "fake"|"real", "caption",
      "objects": [{"phrase", "box": [x0, y0, x1, y1], "box_score", "discrepancy"}],
-     "global_discrepancy", "error", "stage": "full"|"global", "random_weights": true|false}
+     "global_discrepancy", "error", "stage": "full"|"global", "random_weights": true|false,
+     "provenance": {...}}
 
 ``stage`` says which head gave ``p_fake``: "global" when the cascade's global-only head was sure
 enough to skip the objects (then ``objects`` is empty), else "full".
@@ -20,11 +21,18 @@ and whatever shows the record should say so. It comes from the models' own ``des
 (``random_weights``, from the mark in their config), as loaded now or as recorded in the head.
 
 ``discrepancy`` is 1 - cos(I_i, T_i) for an object and 1 - cos(I0, T0) for the whole image.
+
+``provenance`` is what the image file itself declares about how it was made (C2PA Content
+Credentials, IPTC/XMP digital source type, generator text chunks, EXIF, the Stable Diffusion
+watermark; see :mod:`tidy_detect.provenance` and docs/provenance.md). It is read from the file's
+bytes beside the models and never enters ``p_fake`` or ``label``; records made without the file
+(from a store, from decoded images, from in-memory PIL images) say it was not read.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -34,15 +42,22 @@ from PIL import Image
 
 from tidy_detect.config import (MODEL_KINDS, ExtractionConfig, FeatureConfig, ModelConfig, RepresentationConfig,
                                 RuntimeConfig)
+from tidy_detect.data import sources
 from tidy_detect.data.inputs import ImageItem
 from tidy_detect.errors import CheckpointError, ConfigError, ImageError
 from tidy_detect.features import discrepancy
 from tidy_detect.features.extractor import ExtractionSummary, Extractor, iter_decoded, rows_for_batch
 from tidy_detect.features.store import DTYPE_HINT, extraction_mismatches
-from tidy_detect.head import DiscrepancyHead
+from tidy_detect.head import DiscrepancyHead, OneClassHead, load_head
 from tidy_detect.images import LoadedImage, load_image
+from tidy_detect.provenance import ProvenanceOptions, not_read, read_provenance
+from tidy_detect.provenance.content_credentials import unavailable as c2pa_unavailable
+from tidy_detect.provenance.watermark import unavailable as watermark_unavailable
 
 MODEL_OVERRIDES = ("clip", "captioner", "captioner_model", "grounder", "grounder_model")
+NOT_FROM_FILES = "these records were scored without the image files (from stored features)"
+NOT_FROM_BYTES = ("predict_loaded takes decoded images, not files; pass provenance= (records from "
+                  "tidy_detect.provenance.read_provenance) to include it")
 
 
 def config_from_extraction(extraction: dict[str, Any], runtime: RuntimeConfig | None = None,
@@ -131,7 +146,7 @@ class Cascade:
     """The fast path: a global-only head scores every image; only images whose score falls in
     ``band`` (the uncertain ones) get grounding, local features and the full head."""
 
-    head: DiscrepancyHead
+    head: DiscrepancyHead | OneClassHead
     metadata: dict[str, Any]
     band: tuple[float, float] = (0.2, 0.8)
     images: int = 0
@@ -145,8 +160,9 @@ class Cascade:
 class Detector:
     """A head with its extractor. Build with :meth:`load`; call :meth:`predict`."""
 
-    def __init__(self, head: DiscrepancyHead, metadata: dict[str, Any], extractor: Extractor,
-                 threshold: float = 0.5, cascade: Cascade | None = None) -> None:
+    def __init__(self, head: DiscrepancyHead | OneClassHead, metadata: dict[str, Any], extractor: Extractor,
+                 threshold: float = 0.5, cascade: Cascade | None = None,
+                 provenance: ProvenanceOptions | None = None) -> None:
         if not 0.0 <= threshold <= 1.0:
             raise ConfigError(f"threshold must be in [0, 1], got {threshold!r}")
         self.head = head
@@ -155,6 +171,8 @@ class Detector:
         self.threshold = threshold
         self.representation = _rep(metadata)
         self.cascade = cascade
+        # Evidence read beside the score (never an input to it); the environment's choice by default.
+        self.provenance = provenance if provenance is not None else ProvenanceOptions.from_env()
         # What the head recorded and what runs now: a head trained before the mark was recorded
         # still learns it from the models loaded today.
         self.random_weight_models = random_weight_models(metadata.get("extraction") or {}, extractor.extraction)
@@ -172,11 +190,14 @@ class Detector:
     def load(cls, head_path: str | Path, *, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
              num_workers: int = 2, threshold: float = 0.5, compile: bool = False,
              cascade_head: str | Path | None = None, band: tuple[float, float] = (0.2, 0.8),
-             accept_dtype: bool = False, speedups: bool = True, **model_overrides: str | None) -> "Detector":
+             accept_dtype: bool = False, speedups: bool = True, provenance: ProvenanceOptions | None = None,
+             **model_overrides: str | None) -> "Detector":
         """Load a head and the models it was trained with.
 
         Args:
-            head_path: the ``.safetensors`` checkpoint written by ``tidy-detect train``.
+            head_path: a head file of ``tidy-detect train`` or ``tidy-detect calibrate`` (one-class), or
+                a Hugging Face hub reference ``ORG/REPO[@REV][/FILE.safetensors]`` (see
+                :func:`tidy_detect.sharing.resolve_head`; a local path of that name wins).
             device, batch_size, num_workers, compile: runtime choices (any value is compatible).
             speedups: run tidy-detect's CPU speed-ups of the models (same results; false runs
                 transformers' own code, as does ``TIDY_DETECT_SPEEDUPS=off``).
@@ -187,20 +208,24 @@ class Detector:
                 images it scores outside ``band`` skip grounding and the full head.
             model_overrides: ``clip``, ``captioner``, ``captioner_model``, ``grounder``, ``grounder_model``
                 to load the same checkpoints from elsewhere (e.g. a local folder).
+            provenance: which provenance checks run on every image's file (default:
+                :meth:`ProvenanceOptions.from_env`, every check unless ``TIDY_DETECT_PROVENANCE``
+                says otherwise); they never change a score.
 
         Raises:
             CheckpointError: unreadable head, or overridden models that give other features.
             ModelLoadError: models that cannot be found.
+            ConfigError: a bad provenance choice in the environment (mode or trust anchors).
         """
-        head, metadata = DiscrepancyHead.load(head_path)
-        cascade = Cascade(*DiscrepancyHead.load(cascade_head), band=band) if cascade_head else None
+        head, metadata = load_head(head_path)
+        cascade = Cascade(*load_head(cascade_head), band=band) if cascade_head else None
         runtime = RuntimeConfig(device=device, dtype=dtype, batch_size=batch_size, num_workers=num_workers,
                                 compile=compile, speedups=speedups,
                                 **recorded_dtypes(metadata["extraction"], dtype))
         config = config_from_extraction(metadata["extraction"], runtime, **model_overrides)
         extractor = Extractor(config).load()
         check_compatible(metadata["extraction"], extractor.extraction, f"head {head_path}", accept_dtype)
-        return cls(head, metadata, extractor, threshold, cascade)
+        return cls(head, metadata, extractor, threshold, cascade, provenance)
 
     def info(self) -> dict[str, Any]:
         """What the head is and was trained on (for `--format json` headers and the web API)."""
@@ -215,21 +240,51 @@ class Detector:
                 "package_version": meta.get("package_version"),
                 "random_weights": bool(self.random_weight_models),
                 "random_weight_models": list(self.random_weight_models)}
+        info["provenance"] = self.provenance_info()
         if self.cascade is not None:
             info["cascade"] = {"band": list(self.cascade.band), "images": self.cascade.images,
                                "escalated": self.cascade.escalated,
                                "fraction_escalated": round(self.cascade.fraction_escalated, 4)}
         return info
 
+    def provenance_info(self) -> dict[str, Any]:
+        """Which provenance checks run, and why any cannot (for `--format json` headers and /v1/info)."""
+        options = self.provenance
+        return {"mode": options.mode, "trust_anchors": options.trust_source,
+                "c2pa": c2pa_unavailable() or "available",
+                "watermark": (watermark_unavailable() or "available") if options.watermark else "off"}
+
+    def read_provenance(self, source: str | Path | bytes) -> dict[str, Any]:
+        """The provenance record of one image file: a path, an archive member or table row
+        (``ARCHIVE!/MEMBER``, ``FILE!/ROW``), or the file's bytes. Never raises for bad files."""
+        if not self.provenance.enabled:
+            return not_read("turned off (provenance mode 'off')")
+        if isinstance(source, str) and sources.is_identity(source):
+            try:
+                data, _ = sources.read_item(source, max_bytes=self.provenance.limits.max_file_bytes)
+            except Exception as exc:  # the record of the image itself says why it cannot be read
+                record = not_read("the item cannot be read")
+                record["error"] = str(exc)[:self.provenance.limits.max_string]
+                return record
+            return read_provenance(data, self.provenance)
+        return read_provenance(source, self.provenance)
+
     # -- scoring -----------------------------------------------------------------------------
 
     def score_rows(self, rows: Sequence[dict[str, Any]], stages: Sequence[str] | None = None,
-                   p_override: dict[int, float] | None = None) -> list[dict[str, Any]]:
+                   p_override: dict[int, float] | None = None,
+                   provenance: Sequence[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """Detection records for store rows (from the extractor or read back from a store).
 
         ``p_override`` gives scores already decided (the cascade's global head), by row index;
-        ``stages`` says which head scored each row ("full" or "global").
+        ``stages`` says which head scored each row ("full" or "global"); ``provenance`` gives each
+        row's provenance record (default: not read, since rows carry no file).
+
+        Raises:
+            ConfigError: ``provenance`` of another length than ``rows``.
         """
+        if provenance is not None and len(provenance) != len(rows):
+            raise ConfigError(f"got {len(provenance)} provenance records for {len(rows)} rows")
         p_override = p_override or {}
         ok = [i for i, r in enumerate(rows) if r.get("error") is None]
         p_fake = np.zeros(len(rows))
@@ -257,15 +312,18 @@ class Detector:
                               objects=_object_records(row), global_discrepancy=round(float(global_disc[i]), 4),
                               error=None, stage=stages[i] if stages else "full")
             record["random_weights"] = bool(self.random_weight_models)
+            record["provenance"] = provenance[i] if provenance is not None else not_read(NOT_FROM_FILES)
             records.append(record)
         return records
 
     def score_batch(self, batch: Sequence[tuple[ImageItem, Any, float]],
-                    summary: ExtractionSummary | None = None) -> list[dict[str, Any]]:
-        """Records for one decoded batch (see :func:`tidy_detect.features.extractor.iter_decoded`), in order."""
+                    summary: ExtractionSummary | None = None,
+                    provenance: Sequence[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """Records for one decoded batch (see :func:`tidy_detect.features.extractor.iter_decoded`), in
+        order; ``provenance`` as in :meth:`score_rows`."""
         summary = summary if summary is not None else ExtractionSummary(total=len(batch))
         if self.cascade is None:
-            return self.score_rows(rows_for_batch(self.extractor, batch, summary))
+            return self.score_rows(rows_for_batch(self.extractor, batch, summary), provenance=provenance)
         rows = rows_for_batch(self.extractor, batch, summary, local=False)
         ok = [i for i, r in enumerate(rows) if r.get("error") is None]
         stages = ["global"] * len(rows)
@@ -283,13 +341,26 @@ class Detector:
                 self.extractor.add_local([rows[i] for i in uncertain], [batch[i][1] for i in uncertain])
                 for i in uncertain:
                     stages[i] = "full"
-        return self.score_rows(rows, stages, decided)
+        return self.score_rows(rows, stages, decided, provenance)
 
     def detect_items(self, items: Sequence[ImageItem], summary: ExtractionSummary | None = None
                      ) -> Iterator[list[dict[str, Any]]]:
-        """Records for image items (paths on disk), batch by batch, in order."""
-        for batch in iter_decoded(items, self.extractor):
-            yield self.score_batch(batch, summary)
+        """Records for image items (paths on disk, archive members, table rows), batch by batch, in
+        order. Each file's provenance is read in worker threads while the models run."""
+        workers = max(1, self.extractor.config.runtime.num_workers)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tidy-provenance") as pool:
+            for batch in iter_decoded(items, self.extractor):
+                pending = [pool.submit(self.read_provenance, item.path) for item, _, _ in batch]
+                records = self.score_batch(batch, summary)
+                for record, future in zip(records, pending):
+                    record["provenance"] = future.result()
+                yield records
+
+    def provenance_for(self, items: Sequence[ImageItem]) -> list[dict[str, Any]]:
+        """The provenance records of image items, in order (read in worker threads)."""
+        workers = max(1, self.extractor.config.runtime.num_workers)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tidy-provenance") as pool:
+            return list(pool.map(self.read_provenance, [item.path for item in items]))
 
     def predict(self, images: Iterable[str | Path | bytes | Image.Image],
                 captions: Sequence[str | None] | None = None, names: Sequence[str] | None = None
@@ -298,14 +369,20 @@ class Detector:
 
         Args:
             images: what to score; a bad image gives a record with ``error`` set, not an exception.
+                Paths and bytes also get the file's provenance; a PIL image has no file, so its
+                record says provenance was not read.
             captions: captions to use with the ``provided`` captioner (one per image).
             names: how to call in-memory images in records and messages (default ``<image N>``).
+
+        Raises:
+            ConfigError: as many captions as images are needed.
         """
         images = list(images)
         captions = list(captions) if captions is not None else [None] * len(images)
         if len(captions) != len(images):
             raise ConfigError(f"got {len(captions)} captions for {len(images)} images")
         entries: list[tuple[str, LoadedImage | ImageError]] = []
+        provenance = []
         max_pixels = self.extractor.config.runtime.max_pixels
         for k, source in enumerate(images):
             if isinstance(source, (str, Path)):
@@ -317,10 +394,16 @@ class Detector:
             except ImageError as exc:
                 loaded = exc
             entries.append((name, loaded))
-        return self.predict_loaded(entries, captions)
+            if isinstance(source, Image.Image):
+                provenance.append(not_read("an in-memory PIL image carries no file; pass its path or bytes"))
+            else:
+                provenance.append(self.read_provenance(bytes(source) if isinstance(source, (bytearray, memoryview))
+                                                       else source))
+        return self.predict_loaded(entries, captions, provenance=provenance)
 
     def predict_loaded(self, entries: Sequence[tuple[str, LoadedImage | ImageError]],
-                       captions: Sequence[str | None] | None = None) -> list[dict[str, Any]]:
+                       captions: Sequence[str | None] | None = None,
+                       provenance: Sequence[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """Detection records for images already decoded (by :func:`tidy_detect.images.load_image`), in order.
 
         Args:
@@ -328,17 +411,26 @@ class Detector:
                 by :func:`tidy_detect.images.reduce_for_models`) or the ``ImageError`` its decoding
                 raised, which becomes a record with ``error`` set.
             captions: captions to use with the ``provided`` captioner (one per entry).
+            provenance: each entry's provenance record (from :meth:`read_provenance` on its file);
+                without it the records say provenance was not read.
+
+        Raises:
+            ConfigError: as many captions (and provenance records) as entries are needed.
         """
         captions = list(captions) if captions is not None else [None] * len(entries)
         if len(captions) != len(entries):
             raise ConfigError(f"got {len(captions)} captions for {len(entries)} images")
+        if provenance is not None and len(provenance) != len(entries):
+            raise ConfigError(f"got {len(provenance)} provenance records for {len(entries)} images")
+        provenance = list(provenance) if provenance is not None else [not_read(NOT_FROM_BYTES) for _ in entries]
         decoded = [(ImageItem(name, caption=caption), loaded, 0.0)
                    for (name, loaded), caption in zip(entries, captions)]
         records = []
         summary = ExtractionSummary(total=len(decoded))
-        batch_size = self.extractor.config.runtime.batch_size
+        batch_size = self.extractor.batch_size  # resolved by the extractor (runtime.batch_size may be unset)
         for start in range(0, len(decoded), batch_size):
-            records.extend(self.score_batch(decoded[start:start + batch_size], summary))
+            records.extend(self.score_batch(decoded[start:start + batch_size], summary,
+                                            provenance[start:start + batch_size]))
         return records
 
 

@@ -12,6 +12,18 @@ Checkpoints are ``HEAD.safetensors`` (weights, with all metadata as JSON in the 
 header) plus a readable ``HEAD.json`` copy of that metadata. No pickle. ``load`` checks the
 header size, every metadata field it or detection relies on, and the tensors' names, shapes and
 dtypes before it builds anything, so a damaged or hand-edited file is one clear ``CheckpointError``.
+
+A head file is of one of two kinds, named by its metadata field ``head.kind``:
+
+- ``mlp`` (absent in heads written before the field existed): the trained :class:`DiscrepancyHead`;
+- ``one-class``: the training-free :class:`OneClassHead` of ``tidy-detect calibrate``, which scores
+  the image-caption discrepancy against a threshold set on real images only. It holds no tensors:
+  its two numbers (threshold and scale) are in the metadata. Written as format version 2, so that
+  an older tidy-detect says it must be upgraded instead of misreading it; MLP heads are still
+  written as version 1.
+
+:func:`load_head` reads either kind, from a local file or a Hugging Face hub reference (see
+:mod:`tidy_detect.sharing`); both give ``predict_proba`` columns ``[p_real, p_fake]``.
 """
 
 from __future__ import annotations
@@ -31,11 +43,18 @@ import numpy as np
 from tidy_detect.config import GLOBAL_VIEWS, RepresentationConfig
 from tidy_detect.errors import CheckpointError, ConfigError, NotFittedError
 from tidy_detect.evaluate.metrics import detection_metrics
+from tidy_detect.sharing import local_head_file, resolve_head
 
 log = logging.getLogger(__name__)
 
 HEAD_FORMAT = "tidy-detect-head"
-HEAD_FORMAT_VERSION = 1
+HEAD_FORMAT_VERSION = 2  # the newest version this code reads
+MLP_FORMAT_VERSION = 1  # MLP heads need nothing of version 2: older readers keep reading them
+ONE_CLASS_FORMAT_VERSION = 2
+HEAD_KINDS = ("mlp", "one-class")
+# Representations whose vector is a discrepancy of image and caption (I0 and T0 alone are not).
+ONE_CLASS_REPRESENTATIONS = ("global", "local", "both")
+ONE_CLASS_SCORE = "half-squared-norm"
 SELECT_CHOICES = ("last", "best-val")
 PRECISIONS = ("auto", "float32", "bfloat16")
 
@@ -274,9 +293,9 @@ class DiscrepancyHead:
             path = path.with_suffix(".safetensors")
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {
-            "format": HEAD_FORMAT, "format_version": HEAD_FORMAT_VERSION, "package_version": __version__,
+            "format": HEAD_FORMAT, "format_version": MLP_FORMAT_VERSION, "package_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "head": {**self.get_params(), "precision_used": getattr(self, "precision_", None),
+            "head": {"kind": "mlp", **self.get_params(), "precision_used": getattr(self, "precision_", None),
                      "n_features": int(self.n_features_in_),
                      "chosen_epoch": int(self.chosen_epoch_), "classes": [0, 1],
                      "proba_columns": ["p_real", "p_fake"]},
@@ -315,11 +334,7 @@ class DiscrepancyHead:
         import torch
         from safetensors import safe_open
 
-        path = Path(path)
-        if not path.is_file() and path.with_suffix(".safetensors").is_file():
-            path = path.with_suffix(".safetensors")
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no such head checkpoint; train one with `tidy-detect train`")
+        path = local_head_file(path)
         _check_header_size(path)
         try:
             handle = safe_open(str(path), framework="pt")
@@ -331,6 +346,9 @@ class DiscrepancyHead:
                 raise CheckpointError(f"{path}: a safetensors file without tidy-detect metadata; "
                                       f"not a head checkpoint")
             meta = validate_metadata(raw, path, pipeline=pipeline)
+            if meta["head"].get("kind", "mlp") != "mlp":
+                raise CheckpointError(f"{path}: a {meta['head']['kind']} head, not an MLP head; load it with "
+                                      f"tidy_detect.head.load_head, which reads every kind")
             hidden, n_features = meta["head"]["hidden"], meta["head"]["n_features"]
             layout = {name: (tuple(handle.get_slice(name).get_shape()), handle.get_slice(name).get_dtype())
                       for name in handle.keys()}
@@ -355,6 +373,247 @@ class DiscrepancyHead:
         head.history_ = meta.get("history", [])
         head.chosen_epoch_ = meta["head"].get("chosen_epoch", head.epochs)
         return head, meta
+
+
+class OneClassHead:
+    """A detector that needs no fake images: the image-caption discrepancy, thresholded on reals.
+
+    The score of a row is ``s = ||X||^2 / 2`` for its representation vector ``X``. For the
+    ``global`` representation on L2-normalised embeddings, ``X = |I0 - T0|`` and
+    ``s = 1 - cos(I0, T0)`` exactly: the image-caption dissimilarity of the paper's Fig. 1b, where
+    real images agree with their captions more than generated ones do. For ``local`` (the mean of
+    the objects' ``|I_i - T_i|``) it is ``1 - cos`` of the one object when there is one, and at most
+    the objects' mean ``1 - cos`` otherwise; for ``both``, that of ``w1*D_g + w2*D_l``.
+
+    ``fit`` sets the threshold on real rows only, at the false-positive rate ``fpr``: the
+    ``ceil((1 - fpr)(n + 1))``-th smallest of the ``n`` real scores (the split-conformal quantile),
+    so that a new real image from the same distribution scores above it with probability at most
+    ``fpr``. ``p_fake = sigmoid((s - threshold) / scale)``: exactly 0.5 at the threshold, so the
+    usual rule ``p_fake > 0.5`` flags ``s > threshold``, and monotone in ``s`` (AP and AUC are those
+    of ``s``). ``scale`` puts the median real calibration image at ``p_fake = fpr``. The score is
+    therefore not a calibrated probability of being fake: no fake image was seen.
+
+    Args:
+        fpr: the target false-positive rate, in (0, 0.5).
+
+    Learned attributes (after ``fit``): ``threshold_``, ``scale_``, ``n_features_in_``,
+    ``n_calibration_``, ``classes_`` (``[0, 1]``).
+    """
+
+    kind = "one-class"
+    MIN_ABOVE = 5
+
+    def __init__(self, fpr: float = 0.05) -> None:
+        self.fpr = fpr
+
+    def get_params(self) -> dict[str, Any]:
+        return {"fpr": self.fpr}
+
+    def _validate_params(self) -> None:
+        _check(_is_number(self.fpr) and 0 < self.fpr < 0.5, f"fpr must be in (0, 0.5), got {self.fpr!r}")
+
+    @staticmethod
+    def discrepancy(X: np.ndarray) -> np.ndarray:
+        """The raw score ``||X||^2 / 2`` of each row (float64); ``1 - cos(I0, T0)`` for ``global``."""
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2:
+            raise ConfigError(f"X must be (N, d), got shape {X.shape}")
+        return 0.5 * np.einsum("ij,ij->i", X, X)
+
+    @staticmethod
+    def threshold_rank(n: int, fpr: float) -> int:
+        """The 1-based rank, among ``n`` sorted real scores, of the one that is the threshold."""
+        return math.ceil(round((1 - fpr) * (n + 1), 9))  # rounded: 0.95 * 100 is not exactly 95 in binary
+
+    @classmethod
+    def min_rows(cls, fpr: float) -> int:
+        """Fewest real scores :meth:`fit_scores` accepts at ``fpr``: enough that at least
+        ``MIN_ABOVE`` of them lie above the threshold, so that more than one or two images set it."""
+        n = math.ceil(round(cls.MIN_ABOVE / fpr, 9))
+        while n - cls.threshold_rank(n, fpr) < cls.MIN_ABOVE:
+            n += 1
+        return n
+
+    def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> "OneClassHead":
+        """Calibrate on the representation vectors ``X`` of real images (``y``, if given, must be all 0).
+
+        Returns:
+            self
+
+        Raises:
+            ConfigError: a bad ``fpr``, a fake label in ``y``, too few rows, or scores without spread.
+        """
+        X = np.asarray(X)
+        if y is not None and np.any(np.asarray(y) != 0):
+            raise ConfigError("a one-class head is calibrated on real images only (label 0); y holds other labels")
+        if X.ndim != 2 or not 1 <= X.shape[1] <= MAX_WIDTH:
+            raise ConfigError(f"X must be (N, d) with 1 <= d <= {MAX_WIDTH}, got shape {X.shape}")
+        return self.fit_scores(self.discrepancy(X), X.shape[1])
+
+    def fit_scores(self, scores: np.ndarray, n_features: int) -> "OneClassHead":
+        """Calibrate on the scores (:meth:`discrepancy`) of real images with ``n_features``-wide vectors.
+
+        Returns:
+            self
+
+        Raises:
+            ConfigError: a bad ``fpr``, fewer than :meth:`min_rows` scores, non-finite scores, or
+                scores without spread (the threshold equals the median).
+        """
+        self._validate_params()
+        scores = np.sort(np.asarray(scores, dtype=np.float64).ravel())
+        n = len(scores)
+        if n < self.min_rows(self.fpr):
+            raise ConfigError(f"calibrating at fpr {self.fpr:g} needs at least {self.min_rows(self.fpr)} real "
+                              f"rows (so that at least {self.MIN_ABOVE} lie above the threshold), got {n}")
+        if not np.isfinite(scores).all():
+            raise ConfigError("the real scores contain NaN or infinite values")
+        threshold = float(scores[self.threshold_rank(n, self.fpr) - 1])
+        median = float(np.median(scores))
+        if not threshold > median:
+            raise ConfigError(f"the real scores have no spread: the {1 - self.fpr:.0%} quantile ({threshold:.6g}) "
+                              f"equals the median; are the images or captions all the same?")
+        self.threshold_ = threshold
+        self.scale_ = (threshold - median) / math.log((1 - self.fpr) / self.fpr)
+        self.n_features_in_ = int(n_features)
+        self.n_calibration_ = n
+        self.classes_ = np.array([0, 1])
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "threshold_"):
+            raise NotFittedError("This OneClassHead is not calibrated yet; call fit(X) on real images or load a head "
+                                 "file first.")
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """``(s - threshold) / scale``: positive means fake, like :meth:`DiscrepancyHead.decision_function`."""
+        self._check_fitted()
+        X = np.asarray(X)
+        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
+            raise CheckpointError(f"the head takes {self.n_features_in_} features per row, got shape {X.shape}; "
+                                  f"was it calibrated on features of another CLIP model?")
+        return (self.discrepancy(X) - self.threshold_) / self.scale_
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """(N, 2) scores, columns ``[p_real, p_fake]``; ``p_fake`` is 0.5 exactly at the threshold."""
+        from scipy.special import expit
+
+        p_fake = expit(self.decision_function(X))
+        return np.stack([1.0 - p_fake, p_fake], axis=1)
+
+    def predict(self, X: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+        """1 (fake) where ``p_fake > threshold``, else 0 (at 0.5: where the score is over the threshold)."""
+        return (self.predict_proba(X)[:, 1] > threshold).astype(np.int64)
+
+    def save(self, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+        """Write ``path`` (.safetensors, no tensors: the numbers are in its metadata) and its ``.json`` twin.
+
+        Returns:
+            the safetensors path.
+
+        Raises:
+            NotFittedError: the head is not calibrated.
+        """
+        from safetensors.numpy import save as safetensors_bytes
+
+        from tidy_detect import __version__
+
+        self._check_fitted()
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path.with_suffix(".safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = json_safe({
+            "format": HEAD_FORMAT, "format_version": ONE_CLASS_FORMAT_VERSION, "package_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "head": {"kind": self.kind, "score": ONE_CLASS_SCORE, "fpr": self.fpr, "threshold": self.threshold_,
+                     "scale": self.scale_, "n_features": self.n_features_in_,
+                     "calibration_rows": self.n_calibration_, "classes": [0, 1],
+                     "proba_columns": ["p_real", "p_fake"]},
+            **(metadata or {}),
+        })
+        _write_atomic(path, safetensors_bytes({}, metadata={"tidy_detect": json.dumps(meta, allow_nan=False)}))
+        _write_atomic(path.with_suffix(".json"), (json.dumps(meta, indent=2, allow_nan=False) + "\n").encode("utf-8"))
+        return path
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any]) -> "OneClassHead":
+        """The head described by metadata that :func:`validate_metadata` accepted."""
+        section = meta["head"]
+        head = cls(fpr=section["fpr"])
+        head.threshold_ = float(section["threshold"])
+        head.scale_ = float(section["scale"])
+        head.n_features_in_ = int(section["n_features"])
+        head.n_calibration_ = int(section["calibration_rows"])
+        head.classes_ = np.array([0, 1])
+        return head
+
+    @classmethod
+    def load(cls, path: str | Path, *, pipeline: bool = True) -> tuple["OneClassHead", dict[str, Any]]:
+        """Read a one-class head file; returns (head, metadata).
+
+        Raises:
+            CheckpointError: missing or unreadable file, another kind of head, or a metadata field
+                that breaks its rule.
+        """
+        path = local_head_file(path)
+        meta = read_metadata(path, pipeline=pipeline)
+        if meta["head"].get("kind", "mlp") != cls.kind:
+            raise CheckpointError(f"{path}: a {meta['head'].get('kind', 'mlp')} head, not a one-class head; load it "
+                                  f"with tidy_detect.head.load_head, which reads every kind")
+        return cls.from_metadata(meta), meta
+
+
+def read_metadata(path: str | Path, *, pipeline: bool = True) -> dict[str, Any]:
+    """The checked metadata of a local head file of any kind, without building the head.
+
+    Also checks that the file holds the tensors its kind needs (a one-class head: none; an MLP:
+    it is checked again, with the shapes, when :meth:`DiscrepancyHead.load` builds it).
+
+    Raises:
+        CheckpointError: missing or unreadable file, not a head, or a metadata field that breaks its rule.
+    """
+    from safetensors import safe_open
+
+    path = local_head_file(path)
+    _check_header_size(path)
+    try:
+        handle = safe_open(str(path), framework="numpy")
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    with handle:
+        raw = (handle.metadata() or {}).get("tidy_detect")
+        names = sorted(handle.keys())
+    if raw is None:
+        raise CheckpointError(f"{path}: a safetensors file without tidy-detect metadata; not a head checkpoint")
+    meta = validate_metadata(raw, path, pipeline=pipeline)
+    if meta["head"].get("kind") == "one-class" and names:
+        raise CheckpointError(f"{path}: a one-class head holds no tensors (its threshold and scale are metadata); "
+                              f"this file has {', '.join(names[:5])}")
+    return meta
+
+
+def load_head(reference: str | Path, device: str = "cpu", *,
+              pipeline: bool = True) -> tuple["DiscrepancyHead | OneClassHead", dict[str, Any]]:
+    """Read a head of any kind from a local file or a Hugging Face hub reference; returns (head, metadata).
+
+    ``reference`` is a path (``.safetensors`` may be left off), or, when no such file exists,
+    ``ORG/REPO[@REVISION][/FILE.safetensors]`` on the hub (see :func:`tidy_detect.sharing.resolve_head`).
+    Both kinds give ``predict_proba(X)`` with columns ``[p_real, p_fake]``.
+
+    Args:
+        device: where an MLP head runs (a one-class head runs in NumPy).
+        pipeline: require ``representation`` and ``extraction`` (see :meth:`DiscrepancyHead.load`).
+
+    Raises:
+        CheckpointError: no such file or hub file, not downloadable (offline, say: the message
+            says what to do), or a damaged or foreign head file.
+    """
+    path = resolve_head(reference)
+    meta = read_metadata(path, pipeline=pipeline)
+    if meta["head"].get("kind", "mlp") == OneClassHead.kind:
+        return OneClassHead.from_metadata(meta), meta
+    return DiscrepancyHead.load(path, device, pipeline=pipeline)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -505,20 +764,13 @@ def validate_metadata(raw: str, path: str | Path, *, pipeline: bool = True) -> d
         top.text(key)
 
     head = top.section_of("head", required=True)
-    hidden = head.integer("hidden", 1, MAX_WIDTH, required=True)
-    n_features = head.integer("n_features", 1, MAX_WIDTH, required=True)
-    # The hyperparameters below do not change inference and older heads lack some of them
-    # (precision came later): absent means the default, present must be valid.
-    epochs = head.integer("epochs", 1, MAX_EPOCHS)
-    head.integer("batch_size", 1, MAX_BATCH_SIZE)
-    head.integer("seed", -2**63, 2**64 - 1)  # what torch.manual_seed accepts
-    head.number("lr", "a number > 0", lambda v: v > 0)
-    head.number("weight_decay", "a number >= 0", lambda v: v >= 0)
-    head.choice("select", SELECT_CHOICES)
-    head.boolean("balance")
-    head.choice("precision", PRECISIONS)
-    head.choice("precision_used", ("float32", "bfloat16"), nullable=True)
-    head.integer("chosen_epoch", 1, epochs or MAX_EPOCHS)
+    kind = head.choice("kind", HEAD_KINDS) or "mlp"  # heads from before the field are MLPs
+    if kind == "one-class":
+        if version < ONE_CLASS_FORMAT_VERSION:
+            top.fail("format_version", f">= {ONE_CLASS_FORMAT_VERSION} for a one-class head", version)
+        n_features = _check_one_class(head)
+    else:
+        n_features = _check_mlp(head)
     head.get("classes", "[0, 1]", lambda v: v == [0, 1] and all(_is_int(x) for x in v), False)
     head.get("proba_columns", '["p_real", "p_fake"]', lambda v: v == ["p_real", "p_fake"], False)
     dim = top.integer("dim", 1, MAX_WIDTH)
@@ -532,6 +784,9 @@ def validate_metadata(raw: str, path: str | Path, *, pipeline: bool = True) -> d
         training.get("data", "a JSON object or null", lambda v: v is None or isinstance(v, dict), False)
     top.section_of("metrics")
 
+    if kind == "one-class" and "representation" not in meta:
+        raise CheckpointError(f"{path}: metadata field representation is missing; a one-class head's score is "
+                              f"defined by it")
     for key in ("representation", "extraction"):
         if pipeline and key not in meta:
             raise CheckpointError(f"{path}: metadata field {key} is missing; detection needs it (heads from "
@@ -540,10 +795,43 @@ def validate_metadata(raw: str, path: str | Path, *, pipeline: bool = True) -> d
     representation = top.section_of("representation")
     if representation is not None:
         _check_representation(representation)
+        if kind == "one-class":
+            representation.choice("kind", ONE_CLASS_REPRESENTATIONS, required=True)
+            representation.get("normalize", "true for a one-class head (its score is 1 - cos on unit vectors)",
+                               lambda v: v is True, True)
     extraction = top.section_of("extraction")
     if extraction is not None:
         _check_extraction(extraction, n_features)
     return meta
+
+
+def _check_mlp(head: _Fields) -> int:
+    head.integer("hidden", 1, MAX_WIDTH, required=True)
+    n_features = head.integer("n_features", 1, MAX_WIDTH, required=True)
+    # The hyperparameters below do not change inference and older heads lack some of them
+    # (precision came later): absent means the default, present must be valid.
+    epochs = head.integer("epochs", 1, MAX_EPOCHS)
+    head.integer("batch_size", 1, MAX_BATCH_SIZE)
+    head.integer("seed", -2**63, 2**64 - 1)  # what torch.manual_seed accepts
+    head.number("lr", "a number > 0", lambda v: v > 0)
+    head.number("weight_decay", "a number >= 0", lambda v: v >= 0)
+    head.choice("select", SELECT_CHOICES)
+    head.boolean("balance")
+    head.choice("precision", PRECISIONS)
+    head.choice("precision_used", ("float32", "bfloat16"), nullable=True)
+    head.integer("chosen_epoch", 1, epochs or MAX_EPOCHS)
+    return n_features
+
+
+def _check_one_class(head: _Fields) -> int:
+    """The fields :meth:`OneClassHead.from_metadata` builds the head from; all required."""
+    n_features = head.integer("n_features", 1, MAX_WIDTH, required=True)
+    head.choice("score", (ONE_CLASS_SCORE,), required=True)
+    head.number("fpr", "a number in (0, 0.5)", lambda v: 0 < v < 0.5, required=True)
+    head.number("threshold", "a number >= 0", lambda v: v >= 0, required=True)
+    head.number("scale", "a number > 0", lambda v: v > 0, required=True)
+    head.integer("calibration_rows", 1, 2**63 - 1, required=True)
+    return n_features
 
 
 def _check_representation(rep: _Fields) -> None:

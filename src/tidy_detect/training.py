@@ -34,7 +34,7 @@ def open_stores(paths: Sequence[str | Path], role: str = "training") -> list[Fea
     for other in stores[1:]:
         if other.fingerprint != first.fingerprint:
             diffs = config_differences(first.extraction, other.extraction)
-            raise StoreError(f"{role} stores {first.path} and {other.path} were made with different extraction "
+            raise StoreError(f"{role} stores {first.uri} and {other.uri} were made with different extraction "
                              f"configs and cannot be mixed: {'; '.join(diffs[:5])}")
     return stores
 
@@ -59,7 +59,7 @@ class DataSummary:
 def load_labeled(stores: Sequence[FeatureStore], representation: RepresentationConfig
                  ) -> tuple[FeatureArrays, DataSummary]:
     """Labelled, error-free rows of all stores as one representation matrix, with a summary."""
-    parts, summary = [], DataSummary([str(s.path) for s in stores])
+    parts, summary = [], DataSummary([s.uri for s in stores])
     for store in stores:
         counts = store.summary()
         summary.skipped_errors += counts["errors"]
@@ -75,6 +75,19 @@ def load_labeled(stores: Sequence[FeatureStore], representation: RepresentationC
         entry = summary.groups.setdefault(str(group), {"real": 0, "fake": 0})
         entry["fake" if label == 1 else "real"] += 1
     return data, summary
+
+
+def pipeline_metadata(stores: Sequence[FeatureStore], representation: RepresentationConfig) -> dict[str, Any]:
+    """What a head file records so that detection can rebuild its input: the representation, and
+    the stores' extraction config (with its fingerprint and dimension), which loading checks
+    against the models."""
+    return {
+        "representation": {"kind": representation.kind, "w1": representation.w1, "w2": representation.w2,
+                           "normalize": representation.normalize},
+        "extraction": stores[0].extraction,
+        "fingerprint": stores[0].fingerprint,
+        "dim": stores[0].dim,
+    }
 
 
 @dataclass
@@ -116,7 +129,7 @@ def train_head(store_paths: Sequence[str | Path], out: str | Path, *,
         val_stores = open_stores(val_paths, role="validation")
         if val_stores[0].fingerprint != stores[0].fingerprint:
             diffs = config_differences(stores[0].extraction, val_stores[0].extraction)
-            raise StoreError(f"validation store {val_stores[0].path} was made with another extraction config than "
+            raise StoreError(f"validation store {val_stores[0].uri} was made with another extraction config than "
                              f"the training stores: {'; '.join(diffs[:5])}")
         val, val_summary = load_labeled(val_stores, representation)
     if head_params.get("precision", "auto") == "auto" and (stores[0].extraction.get("clip") or {}).get("dtype") == "float32":
@@ -130,11 +143,7 @@ def train_head(store_paths: Sequence[str | Path], out: str | Path, *,
         metrics["val"] = detection_metrics(val.label, head.predict_proba(val.X)[:, 1])
     seconds = time.perf_counter() - started
     metadata = {
-        "representation": {"kind": representation.kind, "w1": representation.w1, "w2": representation.w2,
-                           "normalize": representation.normalize},
-        "extraction": stores[0].extraction,
-        "fingerprint": stores[0].fingerprint,
-        "dim": stores[0].dim,
+        **pipeline_metadata(stores, representation),
         "training": {"data": summary.to_dict(), "validation": val_summary.to_dict() if val_summary else None,
                      "seconds": round(seconds, 3)},
         "metrics": metrics,

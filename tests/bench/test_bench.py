@@ -83,3 +83,130 @@ def test_pipeline_run_refuses_an_unknown_mode():
 
     with pytest.raises(ValueError, match="mode must be 'optimized' or 'naive', got 'fast'"):
         pipeline_run("fast", 1, 1, "float32")
+
+
+# -- the GPU bench's code, run on the CPU with tiny architectures under the real names ----------
+
+@pytest.fixture
+def tiny_archs(tmp_path, monkeypatch):
+    from tests.bench.tiny_archs import write_tiny_archs
+
+    folder = write_tiny_archs(tmp_path / "archs")
+    monkeypatch.setenv(archs.ARCH_DIR_ENV, str(folder))  # child processes inherit it
+    return folder
+
+
+def test_tiny_archs_replace_the_bundled_ones_by_name(tiny_archs):
+    assert archs.arch_dir() == tiny_archs and "clip-vit-l-14" in archs.arch_names()
+    model, processor = archs.build("clip-vit-l-14", dtype="bfloat16", device="cpu")
+    assert sum(p.numel() for p in model.parameters()) < 2_000_000
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and processor is not None
+
+
+@pytest.mark.slow
+def test_the_gpu_bench_runs_its_sections_on_the_cpu(tiny_archs):
+    from tidy_detect.bench.gpu import format_gpu_report, run_gpu_bench
+
+    said = []
+    report = run_gpu_bench(["peak", "fast", "stages", "head", "switches"], device="cpu", images=2,
+                           stages=["clip-vit-l-14"], head=(256, 16, 2), peak_size=128,
+                           switches=["clip_cuda_graphs", "caption_static_cache"], say=said.append)
+    assert set(report["peak"]) == {"bfloat16", "float32"} and all(v > 0 for v in report["peak"].values())
+    stages = report["stages"]
+    assert set(stages) == {"clip-vit-l-14@float32", "clip-vit-l-14@bfloat16"}
+    for result in stages.values():
+        assert result["images_per_second"] > 0 and result["gflop_per_image"] > 0
+        assert result["fraction_of_peak"] == pytest.approx(result["gflops"] / report["peak"][result["dtype"]])
+        assert result["memory_per_image_mib_measured"] is None  # device statistics exist on GPUs only
+        assert result["memory_per_image_mib_computed"] > 0
+    fast = report["fast"]["clip_bfloat16"]
+    assert fast["global_only_images_per_second"] > 0 and fast["clip_image_images_per_second"] > 0
+    assert report["head"]["device"] == "cpu" and report["head"]["rows"] == 256
+    # CUDA graphs cannot run on the CPU: a switch that fails is recorded, and the bench goes on.
+    assert "CUDA graphs need a CUDA device" in report["switches"]["clip_cuda_graphs"]["error"]
+    assert report["switches"]["caption_static_cache"]["speedup"] > 0
+    targets = report["targets"]
+    assert targets["paper_images_per_second"]["met"] is None  # the pipeline was not run: not measured
+    assert targets["head_seconds"]["measured"] == report["head"]["seconds"]
+    text = format_gpu_report(report)
+    assert "| clip-vit-l-14 | bfloat16 |" in text and "Switch clip_cuda_graphs: failed" in text
+    assert set(report["section_seconds"]) == {"peak", "fast", "stages", "head", "switches"}
+
+
+@pytest.mark.slow
+def test_the_gpu_pipeline_compares_optimised_and_naive_runs_in_their_own_processes(tiny_archs):
+    from tidy_detect.bench.gpu import Budget, _pipeline
+    from tidy_detect.bench.run import preset_archs, synthetic_images
+
+    found = _pipeline(synthetic_images(2), None, "bfloat16", "cpu", preset_archs("paper"), 1, Budget(None),
+                      lambda message: None)
+    assert found["archs"] == {"clip": "clip-vit-l-14", "captioner": "blip2-opt-2.7b",
+                              "grounder": "grounding-dino-base"}
+    assert found["optimized"]["dtypes"]["clip"] == "float32"  # the preset's precision policy
+    assert found["optimized_clip_bfloat16"]["dtypes"]["clip"] == "bfloat16"
+    assert found["naive"]["dtypes"] == {"clip": "float32", "captioner": "float32", "grounder": "float32"}
+    assert found["naive"]["images"] == 1 and found["naive"]["batch_size"] == 1
+    for name in ("optimized", "optimized_clip_bfloat16"):
+        assert found[name]["speedup_over_naive"] == pytest.approx(
+            found[name]["images_per_second"] / found["naive"]["images_per_second"])
+
+
+def test_a_time_budget_skips_what_would_start_after_it():
+    from tidy_detect.bench.gpu import Budget
+
+    budget = Budget(0.0)
+    assert not budget.allows("pipeline.naive", 60)
+    assert budget.skipped[0]["what"] == "pipeline.naive" and "time budget" in budget.skipped[0]["why"]
+    assert Budget(None).allows("anything", 1e9)
+
+
+def test_targets_are_judged_on_this_runs_figures_only():
+    from tidy_detect.bench.gpu import format_gpu_report, targets
+
+    report = {"machine": {"device": "cuda:0", "gpu": "GPU", "gpu_memory_gib": 139.8, "multiprocessors": 132,
+                          "torch": "2", "cuda": "13", "transformers": "5", "cpus": 16, "tf32_matmul": False},
+              "preset": "paper", "objects_per_image": 4, "caption_tokens": 20,
+              "peak": {"bfloat16": 780_000.0, "float16": 790_000.0, "float32": 50_000.0},
+              "stages": {"clip-vit-l-14@bfloat16": {"arch": "clip-vit-l-14", "dtype": "bfloat16", "batch_size": 256,
+                                                    "images_per_second": 2000.0, "gflop_per_image": 162.0,
+                                                    "gflops": 324_000.0, "fraction_of_peak": 324_000 / 780_000,
+                                                    "memory_per_image_mib_measured": 9.0,
+                                                    "memory_per_image_mib_computed": 10.5}},
+              "pipeline": {"optimized": {"images_per_second": 80.0, "speedup_over_naive": 25.0, "batch_size": 128,
+                                         "dtypes": {"clip": "float32"}},
+                           "optimized_clip_bfloat16": {"images_per_second": 120.0, "speedup_over_naive": 37.5,
+                                                       "batch_size": 128, "dtypes": {"clip": "bfloat16"}},
+                           "naive": {"images_per_second": 3.2, "batch_size": 1, "dtypes": {"clip": "float32"}}},
+              "head": {"rows": 80000, "dim": 768, "epochs": 50, "precision": "bfloat16", "device": "cuda:0",
+                       "seconds": 6.0}}
+    found = targets(report)
+    assert found["clip_fraction_of_bf16_peak"]["met"] is False
+    assert found["paper_images_per_second"] == {"target": 100.0, "measured": 120.0, "met": True,
+                                                "clip_dtype": "bfloat16"}
+    assert found["paper_speedup_over_naive"]["met"] is True and found["head_seconds"]["met"] is False
+    assert found["global_only_images_per_second"]["met"] is None  # not measured: neither met nor failed
+    report["targets"] = found
+    text = format_gpu_report(report)
+    assert "GPU: GPU (140 GiB, 132 SMs)" in text and "| clip-vit-l-14 | bfloat16 | 256 | 2000.0 | – |" in text
+    assert "| paper_images_per_second | 100 | 120 | yes |" in text
+    assert "| global_only_images_per_second | 300 | not measured | – |" in text
+
+
+def test_presets_map_to_bench_architectures():
+    from tidy_detect.bench.run import preset_archs
+    from tidy_detect.errors import ConfigError
+
+    assert preset_archs("paper") == {"clip": "clip-vit-l-14", "captioner": "blip2-opt-2.7b",
+                                     "grounder": "grounding-dino-base", "clip_dtype": "float32"}
+    assert preset_archs("fast")["grounder"] is None
+    with pytest.raises(ConfigError, match="--preset llava: its captioner 'llava-hf/llava-1.5-7b-hf' has no real-size"):
+        preset_archs("llava")
+
+
+def test_bench_cli_refuses_gpu_sections_on_the_cpu_and_a_missing_gpu():
+    runner = CliRunner()
+    bad = runner.invoke(app, ["bench", "--device", "cpu", "--sections", "switches"])
+    assert bad.exit_code == 2 and "unknown section 'switches'" in bad.output
+    if not torch.cuda.is_available():
+        missing = runner.invoke(app, ["bench", "--device", "cuda"])
+        assert missing.exit_code == 2 and "no CUDA GPU is visible" in missing.output

@@ -103,3 +103,42 @@ def test_cli_inspect_and_layouts(tmp_path):
     assert result.exit_code == 2 and "Unknown layout 'nope'. Known: auto," in result.output
     result = runner.invoke(app, ["datasets", "layouts"])
     assert result.exit_code == 0 and "diffusionforensics" in result.output
+
+
+def test_every_input_kind_is_inspected(tmp_path):
+    from tests.conftest import make_tree
+    from tests.data.conftest import make_parquet, make_saved_dataset, make_shards, make_tar, make_zip, tree_files
+    from tidy_detect.cli import command, out
+    from tidy_detect.data.layouts import datasets_for_inputs, merge_datasets
+    from tidy_detect.data.sources import SourceOptions
+
+    root = tmp_path / "bench"
+    make_tree(root, {"progan": 3, "dalle": 2})
+    files = tree_files(root)
+    want = {"dalle": (2, 2), "progan": (3, 3)}
+    cases = {  # input -> (layout, container, options)
+        str(make_parquet(files, tmp_path / "bench.parquet")): ("columns", "parquet", None),
+        str(make_saved_dataset(files, tmp_path / "saved")): ("columns", "datasets folder",
+                                                             SourceOptions(group_column="generator")),
+        make_shards(files, tmp_path / "shards", per_shard=4): ("webdataset", "3 × tar", None),
+        str(make_zip(files, tmp_path / "bench.zip")): ("cnndetection", "zip", None),
+        str(make_tar(files, tmp_path / "bench.tar.gz")): ("cnndetection", "tar.gz", None),
+    }
+    for path, (layout, container, options) in cases.items():
+        dataset = merge_datasets(datasets_for_inputs([path], "auto", options=options), path)
+        report = inspect_dataset(dataset, probe=2)
+        assert (report["layout"], report["container"], report["items"]) == (layout, container, 10), path
+        assert {g: (v["real"], v["fake"]) for g, v in report["groups"].items()} == want, path
+        assert all(v["probed"] == {"real": {"PNG": 2}, "fake": {"PNG": 2}} for v in report["groups"].values()), path
+        json.dumps(report)
+    app = typer.Typer()
+    app.command("noop")(lambda: None)
+    register(app, command, out)
+    result = CliRunner().invoke(app, ["datasets", "inspect", str(tmp_path / "saved"), "--group-column", "generator",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["container"] == "datasets folder" and set(report["groups"]) == {"dalle", "progan"}
+    assert any("--probe" in note for note in report["notes"])  # table rows have no suffixes
+    result = CliRunner().invoke(app, ["datasets", "inspect", str(tmp_path / "saved"), "--label-column", "nope"])
+    assert result.exit_code == 3 and "no column 'nope' (--label-column)" in result.output

@@ -14,7 +14,7 @@ import pytest
 
 from tidy_detect.config import load_preset
 from tidy_detect.data.inputs import collect_inputs
-from tidy_detect.data.sources import read_item
+from tidy_detect.data.sources import SourceOptions, read_item
 from tidy_detect.errors import ImageTooLargeError, InputError
 from tidy_detect.features.extractor import Extractor, extract
 from tidy_detect.features.store import FeatureStore
@@ -135,25 +135,92 @@ def test_members_are_never_written_and_traversal_names_are_only_names(tree, tmp_
     assert not (tmp_path.parent / "escape").exists()
 
 
-@pytest.mark.parametrize("suffix", ["zip", "tar.gz", "tar"])
-def test_a_truncated_archive_is_an_input_error_or_error_rows(tree, tmp_path, suffix):
+@pytest.mark.parametrize("suffix", ["zip", "tar.gz", "tar", "parquet", "arrow"])
+@pytest.mark.parametrize("keep", [0.3, 0.6, "boundary"])
+def test_a_truncated_source_is_refused_whole_before_extraction(tree, tmp_path, suffix, keep):
     whole = {"zip": lambda p: _zip(tree, p), "tar.gz": lambda p: _tar(p, _files(tree)),
-             "tar": lambda p: _tar(p, _files(tree), "w")}[suffix](tmp_path / f"t.{suffix}")
+             "tar": lambda p: _tar(p, _files(tree), "w"), "parquet": lambda p: _parquet(tree, p),
+             "arrow": lambda p: _arrow_stream(tree, p)}[suffix](tmp_path / f"t.{suffix}")
     data = whole.read_bytes()
-    whole.write_bytes(data[:len(data) // 2])
-    try:
-        items = collect_inputs([whole])
-    except InputError as exc:
-        assert str(whole) in str(exc)
-        return
-    from tidy_detect.errors import ImageError
-    outcomes = []
-    for item in items:
-        try:
-            outcomes.append(len(read_item(item.path)[0]))
-        except ImageError as exc:
-            outcomes.append(exc.kind)
-    assert "corrupt" in outcomes or len(items) < 6
+    if keep == "boundary":  # cut where a member ends: the listing alone cannot see it
+        cut = {"tar": 512 + 512 * -(-len(_files(tree)[0][1]) // 512)}.get(suffix, len(data) - 8)
+    else:
+        cut = int(len(data) * keep)
+    whole.write_bytes(data[:cut])
+    with pytest.raises(InputError, match="truncated") as caught:
+        collect_inputs([whole])
+    assert str(whole) in str(caught.value)
+    with pytest.raises(InputError):
+        extract([whole], tmp_path / "store")  # refused before any model loads or store is made
+    assert not (tmp_path / "store").exists()
+
+
+def _arrow_stream(tree, path):
+    files = _files(tree)
+    table = pa.table({"image": [data for _, data in files], "label": [1 if "1_fake" in n else 0 for n, _ in files]})
+    with pa.ipc.new_stream(str(path), table.schema) as writer:
+        writer.write_table(table, max_chunksize=2)
+    return path
+
+
+def test_a_damaged_zip_member_is_an_error_row(extractor, tree, tmp_path):
+    source = _zip(tree, tmp_path / "bench.zip")
+    data = bytearray(source.read_bytes())
+    info = zipfile.ZipFile(source).infolist()[2]
+    start = info.header_offset + 30 + len(info.filename) + 200
+    data[start:start + 16] = bytes(16)  # inside the member's data: its CRC no longer matches
+    source.write_bytes(bytes(data))
+    summary = extract([source], tmp_path / "store", extractor=extractor)
+    assert (summary.processed, summary.errors) == (5, 1)
+    rows = {r["path"]: r for r in FeatureStore(tmp_path / "store").rows(["path", "error", "error_kind"])}
+    bad = rows[f"{source}!/{info.filename}"]
+    assert bad["error_kind"] == "corrupt" and "CRC" in bad["error"]
+
+
+def test_webdataset_columns_name_json_fields_and_the_image_extension(tree, tmp_path):
+    members = []
+    for i, (name, data) in enumerate(_files(tree)):
+        members += [(f"s{i:03d}.png", data), (f"s{i:03d}.seg.png", data), (f"s{i:03d}.cls", b"0"),
+                    (f"s{i:03d}.json", json.dumps({"is_fake": int("1_fake" in name), "model": name.split("/")[0],
+                                                   "prompt": f"p{i}"}).encode())]
+    shard = _tar(tmp_path / "shard.tar", members, "w")
+    assert len(collect_inputs([shard])) == 12  # both images of every sample, labelled by .cls
+    options = SourceOptions(image_column="png", label_column="is_fake", group_column="model",
+                            caption_column="prompt")
+    items = collect_inputs([shard], options=options)
+    assert [i.path.rsplit("!/", 1)[1] for i in items] == [f"s{i:03d}.png" for i in range(6)]
+    assert [(i.label, i.group, i.caption) for i in items] == [
+        (1 if "1_fake" in n else 0, n.split("/")[0], f"p{k}") for k, (n, _) in enumerate(_files(tree))]
+    with pytest.raises(InputError, match=r"no sample has the field 'label2' \(--label-column\).*fields there: "
+                                         r"is_fake, model, prompt"):
+        collect_inputs([shard], options=SourceOptions(label_column="label2"))
+    with pytest.raises(InputError, match=r"no image member with the extension 'jpg'.*there: png, seg.png"):
+        collect_inputs([shard], options=SourceOptions(image_column="jpg"))
+
+
+def test_a_second_image_column_is_part_of_the_identity(tree, tmp_path):
+    from tidy_detect.data import sources
+
+    files = _files(tree)
+    table = pa.table({"real": [d for _, d in files], "fake": [d[::-1] for _, d in files]})
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(table, path, row_group_size=2)
+    default = collect_inputs([path])
+    chosen = collect_inputs([path], options=SourceOptions(image_column="fake"))
+    assert default[3].path == f"{path}!/3" and chosen[3].path == f"{path}!/fake/3"
+    sources._cache.clear()  # a fresh process (a Ray worker) reads the identity alone
+    assert read_item(chosen[3].path)[0] == files[3][1][::-1] and read_item(default[3].path)[0] == files[3][1]
+    with pytest.raises(InputError, match="holds int64, not images"):
+        pq.write_table(pa.table({"image": [b"x"], "n": [1]}), tmp_path / "n.parquet")
+        collect_inputs([tmp_path / "n.parquet"], options=SourceOptions(image_column="n"))
+
+
+def test_a_packed_folder_reads_as_the_folder(tree, tmp_path):
+    want = [(i.label, i.group) for i in collect_inputs([tree])]
+    packed = _tar(tmp_path / "bench.tar.gz", [(f"bench/{n}", d) for n, d in _files(tree)])
+    assert [(i.label, i.group) for i in collect_inputs([packed])] == want
+    other = _tar(tmp_path / "other.tar.gz", [(f"bench/{n}", d) for n, d in _files(tree)])
+    assert {i.group for i in collect_inputs([other])} == {"bench"}  # a folder of another name is a group
 
 
 def test_the_command_line_extracts_an_archive(tiny_preset, tree, tmp_path):
@@ -171,8 +238,6 @@ def test_the_command_line_extracts_an_archive(tiny_preset, tree, tmp_path):
 
 @pytest.mark.parametrize("kind", ["parquet", "arrow-stream", "arrow-file"])
 def test_tables_map_class_names_and_read_rows_in_any_order(tree, tmp_path, kind):
-    from tidy_detect.data.sources import SourceOptions
-
     files = _files(tree)
     names = {b"huggingface": json.dumps({"info": {"features": {"y": {"names": ["fake", "real"],
                                                                     "_type": "ClassLabel"}}}}).encode()}
@@ -206,3 +271,36 @@ def test_a_rewritten_archive_redoes_only_the_members_that_changed(extractor, tre
             archive.writestr(name, buffer.getvalue() if k == 0 else data)
     again = extract([source], tmp_path / "store", extractor=extractor)
     assert (again.hashed, again.changed, again.processed, again.skipped) == (6, 1, 1, 5)
+
+
+def test_a_row_without_bytes_is_an_error_row_naming_its_path(tmp_path):
+    from tidy_detect.errors import ImageNotFoundError
+
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({"image": pa.array([{"bytes": b"abc", "path": "a.png"}, {"bytes": None, "path": "/old/b.png"},
+                                         None], type=image)})
+    pq.write_table(table, tmp_path / "t.parquet")
+    items = collect_inputs([tmp_path / "t.parquet"])
+    assert read_item(items[0].path)[0] == b"abc"
+    with pytest.raises(ImageNotFoundError, match=r"holds no bytes \(only a path: '/old/b.png'\)"):
+        read_item(items[1].path)
+    with pytest.raises(ImageNotFoundError, match="the image column is empty"):
+        read_item(items[2].path)
+
+
+@pytest.mark.slow
+def test_an_untouched_source_is_skipped_without_reading_a_byte(extractor, tree, tmp_path):
+    import time
+
+    sources = [_zip(tree, tmp_path / "bench.zip"), _parquet(tree, tmp_path / "bench.parquet")]
+    time.sleep(2.1)  # older than the racy window: the stat read is the stat to trust
+    for source in sources:
+        store = tmp_path / f"store-{source.suffix[1:]}"
+        extract([source], store, extractor=extractor)
+        again = extract([source], store, extractor=extractor)
+        assert (again.skipped, again.hashed, again.processed) == (6, 0, 0)
+        rows = FeatureStore(store).rows(["path", "num_bytes"])
+        assert all(r["num_bytes"] == len(read_item(r["path"])[0]) for r in rows)  # the member's size, not the file's
+        source.touch()  # touched, same content: hashed, found unchanged, restat'ed
+        again = extract([source], store, extractor=extractor)
+        assert (again.hashed, again.changed, again.processed) == (6, 0, 0)

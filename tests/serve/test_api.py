@@ -24,7 +24,7 @@ from tidy_detect.serve import ServeSettings, create_app  # noqa: E402
 from tests.serve.conftest import error_of, files, image_bytes, png_bomb  # noqa: E402
 
 RECORD_KEYS = {"path", "sha256", "width", "height", "p_fake", "label", "caption", "objects", "global_discrepancy", "stage",
-               "error", "random_weights"}
+               "error", "random_weights", "provenance"}
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,8 @@ def test_predict_is_predict_loaded_after_decoding(served):
     detector = served["detector"]
     data = image_bytes(seed=4)
     loaded = load_image(data, name="x.png")
-    assert detector.predict([data], names=["x.png"]) == detector.predict_loaded([("x.png", loaded)])
+    assert detector.predict([data], names=["x.png"]) == detector.predict_loaded(
+        [("x.png", loaded)], provenance=[detector.read_provenance(data)])
 
 
 # -- pixel budgets ----------------------------------------------------------------------------------------
@@ -124,7 +125,8 @@ def test_reduced_images_report_original_size_and_boxes(served):
         record = client.post("/v1/detect", files=files(("wide.png", data))).json()["records"][0]
     assert record["error"] is None and (record["width"], record["height"]) == (1800, 300)
     view = served["detector"].extractor.clip.view_size
-    expected = served["detector"].predict_loaded([("wide.png", reduce_for_models(load_image(data), 256, view))])[0]
+    expected = served["detector"].predict_loaded([("wide.png", reduce_for_models(load_image(data), 256, view))],
+                                                 provenance=[served["detector"].read_provenance(data)])[0]
     assert record == expected  # what the models saw is the reduced image, scored the same way
     boxes = [o["box"] for o in record["objects"]]
     assert boxes, "the tiny grounder (box threshold 0) should find something"

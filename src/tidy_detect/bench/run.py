@@ -15,6 +15,10 @@ What it measures (all on real-size architectures with random weights, see :mod:`
 - ``head``: training the MLP head on 80,000 x 768 features for 50 epochs;
 - ``eval``: peak memory of evaluating a 1,000,000-row store, streamed, in a child process.
 
+:mod:`tidy_detect.bench.gpu` is the GPU bench (the same sections on the device, plus the GPU
+switches and the issue's targets), built on the functions here. ``preset`` picks the pipeline's
+architectures from a preset (``paper``: BLIP-2 OPT-2.7B + Grounding DINO base + CLIP ViT-L/14).
+
 The machine is shared and noisy: compare figures measured in the same run, and medians.
 """
 
@@ -134,25 +138,71 @@ def _features(threshold: float = 0.0):
     return FeatureConfig(caption_max_tokens=CAPTION_TOKENS, box_threshold=threshold, text_threshold=threshold)
 
 
-def build_adapter(kind: str, arch: str, dtype: str, optimize: bool, seed: int = 0) -> Any:
-    """A real adapter (the classes extraction uses) around a random-weight real-size model."""
+def build_adapter(kind: str, arch: str, dtype: str, optimize: bool, seed: int = 0, device: str = "cpu",
+                  **switches: bool) -> Any:
+    """A real adapter (the classes extraction uses) around a random-weight real-size model, on
+    ``device``; ``switches``: ``compile``/``cuda_graphs`` for CLIP, ``static_cache`` for a captioner."""
     from tidy_detect.bench.archs import build
     from tidy_detect.models.captioners import Blip2Captioner, BlipCaptioner
     from tidy_detect.models.clip import ClipEncoder
     from tidy_detect.models.grounders import GroundingDinoGrounder, Owlv2Grounder
 
     # Built straight in the run's dtype: BLIP-2 in float32 and bfloat16 at once would not fit in memory.
-    components = build(arch, dtype=dtype, seed=seed)
+    components = build(arch, dtype=dtype, seed=seed, device=device)
     if kind == "clip":
-        return ClipEncoder(f"random:{arch}", dtype=dtype, optimize=optimize, components=components,
-                           cache_size=65536 if optimize else 0)
+        return ClipEncoder(f"random:{arch}", device=device, dtype=dtype, optimize=optimize, components=components,
+                           cache_size=65536 if optimize else 0, compile=switches.get("compile", False),
+                           cuda_graphs=switches.get("cuda_graphs", False))
     cls = {"blip-large": BlipCaptioner, "blip2-opt-2.7b": Blip2Captioner, "grounding-dino-base": GroundingDinoGrounder,
            "grounding-dino-tiny": GroundingDinoGrounder, "owlv2-base": Owlv2Grounder}[arch]
-    adapter = cls(arch, f"random:{arch}", features=_features(), device="cpu", dtype=dtype, optimize=optimize,
-                  components=components)
+    extra = {"static_cache": True} if switches.get("static_cache") else {}
+    adapter = cls(arch, f"random:{arch}", features=_features(), device=device, dtype=dtype, optimize=optimize,
+                  components=components, **extra)
     if kind == "captioner":
         adapter.min_tokens = CAPTION_TOKENS  # random weights may emit EOS early; fix the work per image
     return adapter
+
+
+# The bench architecture of each checkpoint a preset may name (bench/archs).
+ARCH_OF_CHECKPOINT = {
+    "openai/clip-vit-large-patch14": "clip-vit-l-14", "openai/clip-vit-base-patch16": "clip-vit-b-16",
+    "Salesforce/blip2-opt-2.7b": "blip2-opt-2.7b", "Salesforce/blip-image-captioning-large": "blip-large",
+    "IDEA-Research/grounding-dino-base": "grounding-dino-base", "IDEA-Research/grounding-dino-tiny": "grounding-dino-tiny",
+    "google/owlv2-base-patch16-ensemble": "owlv2-base",
+}
+CPU_PIPELINE = {"clip": "clip-vit-l-14", "captioner": "blip-large", "grounder": "grounding-dino-base"}
+
+
+def preset_archs(preset: str) -> dict[str, Any]:
+    """The bench architectures of a preset's models, and the precision it asks for CLIP:
+    ``{"clip": ..., "captioner": ..., "grounder": ... or None, "clip_dtype": ...}``.
+
+    Raises:
+        UnknownNameError: an unknown preset.
+        ConfigError: a preset naming a checkpoint with no bench architecture (the message lists
+            the presets and checkpoints that have one).
+    """
+    from tidy_detect.config import load_preset
+    from tidy_detect.errors import ConfigError
+    from tidy_detect.models.components import CAPTIONERS, GROUNDERS
+
+    config = load_preset(preset)
+    models = config.models
+    captioner = models.captioner_model or CAPTIONERS.get(models.captioner).default_model
+    grounder = None if models.grounder == "none" else (models.grounder_model or GROUNDERS.get(models.grounder).default_model)
+    found = {"clip": models.clip, "captioner": captioner, "grounder": grounder}
+    archs: dict[str, Any] = {}
+    for kind, checkpoint in found.items():
+        if checkpoint is None:
+            archs[kind] = None
+            continue
+        arch = ARCH_OF_CHECKPOINT.get(checkpoint)
+        if arch is None:
+            raise ConfigError(f"--preset {preset}: its {kind} {checkpoint!r} has no real-size architecture to bench; "
+                              f"the bench has: {', '.join(sorted(ARCH_OF_CHECKPOINT))}")
+        archs[kind] = arch
+    archs["clip_dtype"] = config.runtime.clip_dtype
+    return archs
 
 
 def _stage_call(kind: str, adapter: Any, images: list[Any]) -> Callable[[], Any]:
@@ -203,21 +253,30 @@ def bench_stage(arch: str, images: list[Any], batch_size: int, dtype: str) -> di
     return result
 
 
-def make_extractor(dtype: str, optimize: bool, grounder: str | None, batch_size: int, captioner: str = "blip-large"):
-    """An Extractor assembled from real-size random-weight adapters (no loading from disk)."""
+def make_extractor(dtype: str, optimize: bool, grounder: str | None, batch_size: int | None,
+                   captioner: str = "blip-large", *, device: str = "cpu", clip: str = "clip-vit-l-14",
+                   clip_dtype: str | None = None, prepare_ahead: str = "auto", **switches: bool):
+    """An Extractor assembled from real-size random-weight adapters (no loading from disk), on
+    ``device``; CLIP in ``clip_dtype`` (default: ``dtype``). ``batch_size`` None: chosen for the
+    device as extraction chooses it (from the free memory on a GPU)."""
     from tidy_detect.config import ExtractionConfig, RuntimeConfig
     from tidy_detect.features.extractor import Extractor
     from tidy_detect.models.grounders import NoGrounder
 
-    extractor = Extractor(ExtractionConfig(features=_features(),
-                                           runtime=RuntimeConfig(dtype=dtype, batch_size=batch_size)))
-    extractor.device, extractor.dtype = "cpu", dtype
-    extractor.dtypes = {kind: dtype for kind in ("clip", "captioner", "grounder")}
-    extractor.clip = build_adapter("clip", "clip-vit-l-14", dtype, optimize)
-    extractor.captioner = build_adapter("captioner", captioner, dtype, optimize)
-    extractor.grounder = (build_adapter("grounder", grounder, dtype, optimize) if grounder
-                          else NoGrounder("none", None, features=_features(), device="cpu", dtype=dtype))
+    clip_dtype = clip_dtype or dtype
+    runtime = RuntimeConfig(device=device, dtype=dtype, clip_dtype=clip_dtype, batch_size=batch_size,
+                            prepare_ahead=prepare_ahead, compile=switches.get("compile", False),
+                            cuda_graphs=switches.get("cuda_graphs", False),
+                            static_cache=switches.get("static_cache", False))
+    extractor = Extractor(ExtractionConfig(features=_features(), runtime=runtime))
+    extractor.device, extractor.dtype = device, dtype
+    extractor.dtypes = {"clip": clip_dtype, "captioner": dtype, "grounder": dtype}
+    extractor.clip = build_adapter("clip", clip, clip_dtype, optimize, device=device, **switches)
+    extractor.captioner = build_adapter("captioner", captioner, dtype, optimize, device=device, **switches)
+    extractor.grounder = (build_adapter("grounder", grounder, dtype, optimize, device=device) if grounder
+                          else NoGrounder("none", None, features=_features(), device=device, dtype=dtype))
     extractor.phrases = FixedPhrases(PHRASES if grounder else ())
+    extractor.plan_batches()
     return extractor
 
 
@@ -228,17 +287,33 @@ def _loaded(images: list[Any], first: int = 0) -> list[Any]:
 
 
 def run_optimized(extractor: Any, images: list[Any], first: int = 0) -> float:
-    """Seconds for the batched extractor over ``images`` (as ``tidy-detect extract`` runs it);
-    ``first`` numbers the images (their names and content hashes) from there."""
+    """Seconds for the batched extractor over ``images`` (as ``tidy-detect extract`` runs it:
+    batches of its resolved size, each batch's inputs prepared during the previous one where the
+    extractor prepares ahead); ``first`` numbers the images (their names and content hashes) from
+    there."""
     from tidy_detect.data.inputs import ImageItem
+    from tidy_detect.features.extractor import with_prepared
 
     loaded = _loaded(images, first)
     items = [ImageItem(f"/bench/{k}.png") for k in range(first, first + len(images))]
-    size = extractor.config.runtime.batch_size
+    size = extractor.batch_size
+    batches = [[(item, image, 0.0) for item, image in zip(items[i:i + size], loaded[i:i + size])]
+               for i in range(0, len(items), size)]
     started = time.perf_counter()
-    for start in range(0, len(items), size):
-        extractor.process(items[start:start + size], loaded[start:start + size])
+    for batch, prepared in with_prepared(extractor, iter(batches)):
+        extra = {"prepared": prepared} if prepared is not None else {}
+        extractor.process([b[0] for b in batch], [b[1] for b in batch], **extra)
+    _synchronize(extractor.device)
     return time.perf_counter() - started
+
+
+def _synchronize(device: str) -> None:
+    from tidy_detect.models.device import is_cuda
+
+    if is_cuda(device):
+        import torch
+
+        torch.cuda.synchronize(device)
 
 
 def run_naive(extractor: Any, images: list[Any]) -> float:
@@ -258,88 +333,161 @@ def run_naive(extractor: Any, images: list[Any]) -> float:
     return time.perf_counter() - started
 
 
-def pipeline_run(mode: str, images: int, batch_size: int, dtype: str) -> dict[str, Any]:
-    """One path of the pipeline comparison, as its own process runs it (see :func:`bench_pipeline`)."""
+def pipeline_run(mode: str, images: int, batch_size: int | None, dtype: str, device: str = "cpu",
+                 archs: dict[str, Any] | None = None, clip_dtype: str | None = None) -> dict[str, Any]:
+    """One path of the pipeline comparison, as its own process runs it (see :func:`bench_pipeline`).
+
+    ``archs``: ``{"clip", "captioner", "grounder"}`` architectures (default: CLIP ViT-L/14,
+    BLIP-large, Grounding DINO base); ``clip_dtype``: CLIP's precision on the optimised path
+    (default ``dtype``). The naive path is float32, one image, crop and text at a time.
+
+    Raises:
+        ValueError: an unknown mode.
+    """
     import torch
 
+    if mode not in ("optimized", "naive"):
+        raise ValueError(f"mode must be 'optimized' or 'naive', got {mode!r}")
+    archs = {**CPU_PIPELINE, **(archs or {})}
     torch.set_flush_denormal(True)
     pictures = synthetic_images(images)
-    # Throughput as in a long run: each path first does two units of its own work (batches, or
-    # single images for the naive path) on other images, so kernels are initialised and the
-    # process has grown to its working set (the optimised one's allocator stops taking page
-    # faults after its second batch), while the text cache holds nothing of the measured images.
-    warm_up = synthetic_images(2 * batch_size, seed=1)
+    models = {"clip": archs["clip"], "captioner": archs["captioner"], "grounder": archs["grounder"]}
     if mode == "optimized":
-        extractor = make_extractor(dtype, True, "grounding-dino-base", batch_size)
+        extractor = make_extractor(dtype, True, models["grounder"], batch_size, models["captioner"], device=device,
+                                   clip=models["clip"], clip_dtype=clip_dtype)
+        # Throughput as in a long run: each path first does two units of its own work (batches,
+        # or single images for the naive path) on other images, so kernels are initialised and
+        # the process has grown to its working set (the optimised one's allocator stops taking
+        # page faults after its second batch), while the text cache holds nothing of the
+        # measured images. On a GPU one batch does it (kernels and allocator blocks are ready).
+        warm_up = synthetic_images((1 if device != "cpu" else 2) * extractor.batch_size, seed=1)
         run_optimized(extractor, warm_up, first=len(pictures))
         extractor.clip._cache.clear()
         extractor.stage_seconds = {k: 0.0 for k in extractor.stage_seconds}
+        _reset_peak(device)
         seconds = run_optimized(extractor, pictures)
         stages = {k: round(v, 3) for k, v in extractor.stage_seconds.items() if v}
-    elif mode == "naive":
-        extractor = make_extractor("float32", False, "grounding-dino-base", 1)
-        run_naive(extractor, warm_up[:2])
-        seconds, stages = run_naive(extractor, pictures), {}
+        used = extractor.batch_size
     else:
-        raise ValueError(f"mode must be 'optimized' or 'naive', got {mode!r}")
-    return {"seconds": seconds, "stage_seconds": stages, "peak_rss_mb": _peak_rss_mb()}
+        extractor = make_extractor("float32", False, models["grounder"], 1, models["captioner"], device=device,
+                                   clip=models["clip"])
+        run_naive(extractor, synthetic_images(2, seed=1))
+        _reset_peak(device)
+        seconds, stages, used = run_naive(extractor, pictures), {}, 1
+        _synchronize(device)
+    return {"seconds": seconds, "stage_seconds": stages, "peak_rss_mb": _peak_rss_mb(), "batch_size": used,
+            "peak_device_mb": _peak_device_mb(device), "archs": models,
+            "dtypes": dict(extractor.dtypes)}
+
+
+def _reset_peak(device: str) -> None:
+    from tidy_detect.models.device import is_cuda
+
+    if is_cuda(device):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_device_mb(device: str) -> float | None:
+    from tidy_detect.models.device import is_cuda
+
+    if not is_cuda(device):
+        return None
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20
 
 
 _PIPELINE_CHILD = """
 import json, sys
 from tidy_detect.bench.run import pipeline_run
-print(json.dumps(pipeline_run(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])))
+print(json.dumps(pipeline_run(**json.loads(sys.argv[1]))))
 """
 
 
-def bench_pipeline(images: list[Any], batch_size: int, dtype: str) -> dict[str, Any]:
-    """The full pipeline, optimised vs naive, on the same images.
+def pipeline_child(timeout: float | None = None, **spec: Any) -> dict[str, Any]:
+    """:func:`pipeline_run` in a fresh Python process; its JSON result.
+
+    Raises:
+        RuntimeError: the child failed (its last lines of output are in the message) or ran past
+            ``timeout`` seconds.
+    """
+    try:
+        out = subprocess.run([sys.executable, "-c", _PIPELINE_CHILD, json.dumps(spec)], capture_output=True,
+                             text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"the pipeline run {spec.get('mode')} took more than {timeout:.0f} s") from None
+    if out.returncode != 0:
+        tail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-8:])
+        raise RuntimeError(f"the pipeline run {spec.get('mode')} failed (exit {out.returncode}):\n{tail}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_pipeline(images: list[Any], batch_size: int | None, dtype: str, device: str = "cpu",
+                   archs: dict[str, Any] | None = None, naive_images: int | None = None,
+                   clip_dtype: str | None = None, timeout: float | None = None) -> dict[str, Any]:
+    """The full pipeline, optimised vs naive, on the same images (the naive path on the first
+    ``naive_images`` of them when given: it is the slow one; rates are compared per image).
 
     Each path runs in a fresh process, as a user's run would: the optimised one with everything
     tidy-detect does when it loads models (process-wide settings included, such as the
     allocator's, see :func:`tidy_detect.models.optimize.reuse_freed_memory`), the naive one with
     none of it, and neither inherits the other's memory state."""
+    archs = {**CPU_PIPELINE, **{k: v for k, v in (archs or {}).items() if k in CPU_PIPELINE}}
+    count = {"optimized": len(images), "naive": min(naive_images or len(images), len(images))}
     results = {}
     for mode in ("optimized", "naive"):
-        out = subprocess.run([sys.executable, "-c", _PIPELINE_CHILD, mode, str(len(images)), str(batch_size), dtype],
-                             check=True, capture_output=True, text=True)
-        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        results[mode] = pipeline_child(timeout, mode=mode, images=count[mode], batch_size=batch_size, dtype=dtype,
+                                       device=device, archs=archs, clip_dtype=clip_dtype)
     optimized, naive = results["optimized"]["seconds"], results["naive"]["seconds"]
-    return {"images": len(images), "objects_per_image": len(PHRASES), "caption_tokens": CAPTION_TOKENS,
-            "optimized_seconds": optimized, "optimized_images_per_second": len(images) / optimized,
+    optimized_rate, naive_rate = count["optimized"] / optimized, count["naive"] / naive
+    return {"images": len(images), "naive_images": count["naive"], "objects_per_image": len(PHRASES),
+            "caption_tokens": CAPTION_TOKENS, "archs": archs, "device": device,
+            "dtypes": results["optimized"]["dtypes"], "batch_size": results["optimized"]["batch_size"],
+            "optimized_seconds": optimized, "optimized_images_per_second": optimized_rate,
             "optimized_stage_seconds": results["optimized"]["stage_seconds"],
-            "optimized_peak_rss_mb": results["optimized"]["peak_rss_mb"], "naive_seconds": naive,
-            "naive_images_per_second": len(images) / naive, "naive_peak_rss_mb": results["naive"]["peak_rss_mb"],
-            "speedup": naive / optimized}
+            "optimized_peak_rss_mb": results["optimized"]["peak_rss_mb"],
+            "optimized_peak_device_mb": results["optimized"]["peak_device_mb"], "naive_seconds": naive,
+            "naive_images_per_second": naive_rate, "naive_peak_rss_mb": results["naive"]["peak_rss_mb"],
+            "naive_peak_device_mb": results["naive"]["peak_device_mb"], "speedup": optimized_rate / naive_rate}
 
 
-def bench_fast_path(images: list[Any], batch_size: int, dtype: str) -> dict[str, Any]:
-    """Global-only extraction against one CLIP ViT-L/14 image pass plus captioning."""
-    extractor = make_extractor(dtype, True, None, batch_size)
-    run_optimized(extractor, synthetic_images(2 * batch_size, seed=1), first=len(images))  # warm-up, as above
+def bench_fast_path(images: list[Any], batch_size: int | None, dtype: str, device: str = "cpu",
+                    captioner: str = "blip-large", clip_dtype: str | None = None) -> dict[str, Any]:
+    """Global-only extraction against one CLIP ViT-L/14 image pass plus captioning; the CLIP
+    image pass alone (UniFD's whole cost) is also given as images/s."""
+    extractor = make_extractor(dtype, True, None, batch_size, captioner, device=device, clip_dtype=clip_dtype)
+    size = extractor.batch_size
+    warm = (1 if device != "cpu" else 2) * size
+    run_optimized(extractor, synthetic_images(warm, seed=1), first=len(images))  # warm-up, as above
     extractor.clip._cache.clear()
     fast = run_optimized(extractor, images)
-    batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+    batches = [images[i:i + size] for i in range(0, len(images), size)]
     caption = sum(_median_time(lambda b=b: extractor.captioner.caption(b), 1) for b in batches)
     clip = sum(_median_time(lambda b=b: extractor.clip.encode_global(b), 1) for b in batches)
-    return {"images": len(images), "global_only_seconds": fast, "caption_seconds": caption,
-            "clip_image_seconds": clip, "ratio": fast / (caption + clip)}
+    return {"images": len(images), "batch_size": size, "dtypes": dict(extractor.dtypes), "captioner": captioner,
+            "global_only_seconds": fast, "global_only_images_per_second": len(images) / fast,
+            "caption_seconds": caption, "clip_image_seconds": clip,
+            "clip_image_images_per_second": len(images) / clip, "ratio": fast / (caption + clip)}
 
 
-def bench_head(rows: int = 80_000, dim: int = 768, epochs: int = 50) -> dict[str, Any]:
-    """Wall time of training the head on random features of the paper's size."""
+def bench_head(rows: int = 80_000, dim: int = 768, epochs: int = 50, device: str = "cpu") -> dict[str, Any]:
+    """Wall time of training the head on random features of the paper's size, on ``device``
+    (the features start in host memory, as ``tidy-detect train`` has them)."""
     from tidy_detect.head import DiscrepancyHead
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(rows, dim)).astype(np.float32)
     y = rng.integers(0, 2, rows)
     X[y == 1] += 0.05
-    head = DiscrepancyHead(epochs=epochs)
+    head = DiscrepancyHead(epochs=epochs, device=device)
     started = time.perf_counter()
     head.fit(X, y)
+    _synchronize(device)
     seconds = time.perf_counter() - started
     return {"rows": rows, "dim": dim, "epochs": epochs, "seconds": seconds, "precision": head.precision_,
-            "seconds_per_epoch": seconds / epochs}
+            "seconds_per_epoch": seconds / epochs, "device": device}
 
 
 def write_synthetic_store(path: Path, rows: int, dim: int = 768, shard_rows: int = 50_000, seed: int = 0) -> Path:
@@ -413,13 +561,21 @@ def bench_eval(rows: int = 1_000_000, workdir: Path | None = None) -> dict[str, 
 
 def run_bench(sections: Sequence[str] = SECTIONS, *, images: int = 8, batch_size: int = 8,
               stages: Sequence[str] = STAGE_ARCHS, eval_rows: int = 1_000_000, dtype: str | None = None,
-              say: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the chosen sections; returns every figure (also what ``tidy-detect bench`` prints)."""
+              say: Callable[[str], None] | None = None, preset: str | None = None) -> dict[str, Any]:
+    """Run the chosen sections on the CPU; returns every figure (also what ``tidy-detect bench``
+    prints). ``preset`` takes the pipeline's architectures from a preset (:func:`preset_archs`);
+    GPUs have :func:`tidy_detect.bench.gpu.run_gpu_bench`.
+
+    Raises:
+        ConfigError: a preset without bench architectures.
+    """
     import torch
 
     from tidy_detect.models.loading import resolve_dtype
     from tidy_detect.models.optimize import speedups_enabled
 
+    archs = preset_archs(preset) if preset else None
+    batch_size = batch_size or 8
     say = say or (lambda message: None)
     torch.set_flush_denormal(True)
     dtype = dtype or resolve_dtype("auto", "cpu")
@@ -441,11 +597,14 @@ def run_bench(sections: Sequence[str] = SECTIONS, *, images: int = 8, batch_size
             report["stages"][arch] = result
             gc.collect()  # free this stage's model before the next one is built
     if "pipeline" in sections:
-        say("pipeline: optimised vs naive (CLIP ViT-L/14 + BLIP-large + Grounding DINO base, 4 objects)")
-        report["pipeline"] = bench_pipeline(pictures, batch_size, dtype)
+        chosen = {**CPU_PIPELINE, **{k: v for k, v in (archs or {}).items() if k in CPU_PIPELINE}}
+        say(f"pipeline: optimised vs naive ({chosen['clip']} + {chosen['captioner']} + {chosen['grounder']}, "
+            f"{len(PHRASES)} objects)")
+        report["pipeline"] = bench_pipeline(pictures, batch_size, dtype, archs=archs)
     if "fast" in sections:
         say("fast path: global only vs CLIP image pass + captioning")
-        report["fast"] = bench_fast_path(pictures, batch_size, dtype)
+        report["fast"] = bench_fast_path(pictures, batch_size, dtype,
+                                         captioner=(archs or CPU_PIPELINE)["captioner"])
     if "head" in sections:
         say("head training: 80,000 x 768, 50 epochs")
         report["head"] = bench_head()

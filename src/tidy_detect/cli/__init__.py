@@ -17,9 +17,11 @@ from __future__ import annotations
 # Imported for their commands, in the order `tidy-detect --help` lists them.
 from tidy_detect.cli import extract, train, detect, demo, bench  # noqa: F401, I001
 from tidy_detect.cli import datasets, evaluate, models, serve, store  # noqa: F401, I001
+from tidy_detect.cli import calibrate  # noqa: I001
 from tidy_detect.cli.app import app, command, err, out
 from tidy_detect.cli.options import build_extraction_config  # noqa: F401 - part of the package's API
 
+calibrate.register(app)
 evaluate.register(app)
 serve.register(app)
 datasets.register(app, command, out)

@@ -1,4 +1,4 @@
-"""``tidy-detect datasets``: list the dataset layouts and inspect a dataset folder.
+"""``tidy-detect datasets``: list the dataset layouts and inspect a dataset (any input kind).
 
 The package adds the sub-app with ``register(app, command, out)``.
 """
@@ -15,11 +15,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from tidy_detect.cli.options import LayoutOpt, SplitOpt, ExcludeOpt, PairingOpt  # noqa: F401
+from tidy_detect.cli.options import CaptionColumnOpt, GroupColumnOpt, ImageColumnOpt, LabelColumnOpt, source_options
 
 
 def register(app: typer.Typer, command: Callable[..., Any], out: Console) -> typer.Typer:
     """Add the ``datasets`` sub-app to ``app``, its commands wrapped by ``command`` and printing to ``out``."""
-    datasets_app = typer.Typer(help="Benchmark dataset layouts: list them, inspect a dataset folder.",
+    datasets_app = typer.Typer(help="Benchmark dataset layouts: list them, inspect a dataset.",
                                no_args_is_help=True)
     app.add_typer(datasets_app, name="datasets")
 
@@ -41,7 +42,9 @@ def register(app: typer.Typer, command: Callable[..., Any], out: Console) -> typ
     @command(datasets_app, "inspect",
          example="tidy-detect datasets inspect DATA/GenImage --probe 200")
     def inspect_cmd(
-        path: Path = typer.Argument(..., help="Dataset folder (or CSV manifest)."),
+        path: str = typer.Argument(..., help="Dataset folder, CSV manifest, zip/tar archive, WebDataset shards "
+                                              "(shard-{0000..0099}.tar), Parquet/Arrow file, datasets folder or "
+                                              "hf-dataset:ORG/NAME; local or behind s3://, gs://, hf://."),
         layout: str = LayoutOpt,
         split: Optional[str] = SplitOpt,
         exclude: Optional[List[Path]] = ExcludeOpt,
@@ -49,13 +52,19 @@ def register(app: typer.Typer, command: Callable[..., Any], out: Console) -> typ
         probe: int = typer.Option(0, "--probe", min=0, help="Open N files per class and group to read their "
                                                             "real format (default: file suffixes only)."),
         as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+        image_column: Optional[str] = ImageColumnOpt,
+        label_column: Optional[str] = LabelColumnOpt,
+        group_column: Optional[str] = GroupColumnOpt,
+        caption_column: Optional[str] = CaptionColumnOpt,
     ) -> None:
         """Print the detected layout and, per group, real/fake counts and file formats; warn about format bias."""
         from tidy_detect.data.inspect import inspect_dataset
-        from tidy_detect.data.layouts import parse_pairing, read_dataset
+        from tidy_detect.data.layouts import datasets_for_inputs, merge_datasets, parse_pairing
 
-        dataset = read_dataset(path, layout, split=split, exclude=exclude or None,
-                               pairing=parse_pairing(pairing or []) or None)
+        found = datasets_for_inputs([path], layout, split=split, exclude=exclude or None,
+                                    pairing=parse_pairing(pairing or []) or None,
+                                    options=source_options(image_column, label_column, group_column, caption_column))
+        dataset = merge_datasets(found, path)
         report = inspect_dataset(dataset, probe=probe)
         if as_json:
             out.print_json(json.dumps(report))
@@ -68,7 +77,8 @@ def register(app: typer.Typer, command: Callable[..., Any], out: Console) -> typ
 def print_report(report: dict[str, Any], out: Console) -> None:
     """The human-readable form of :func:`tidy_detect.data.inspect.inspect_dataset`'s report."""
     split = f", split {report['split']}" if report["split"] else ""
-    out.print(f"[bold]{escape(report['root'])}[/]: layout [bold]{report['layout']}[/]{split}; {report['items']} items, "
+    out.print(f"[bold]{escape(report['root'])}[/] ({escape(report.get('container', 'folder'))}): layout "
+              f"[bold]{report['layout']}[/]{split}; {report['items']} items, "
               f"{report['files']} files ({report['shared_files']} listed under several groups)",
               highlight=False, soft_wrap=True)
     probed = any("probed" in g for g in report["groups"].values())

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from tidy_detect.cli.app import app, command, err, out
 from tidy_detect.cli.options import (AllowDtypeOpt, FailOnErrorOpt, NoSpeedupsOpt, extraction_progress)
+from tidy_detect.cli.options import CaptionColumnOpt, GroupColumnOpt, ImageColumnOpt, INPUTS_HELP, LabelColumnOpt, source_options
 
 
 FORMATS = ("table", "json", "jsonl", "csv")
@@ -21,12 +22,12 @@ FORMATS = ("table", "json", "jsonl", "csv")
 @command(app, "detect",
          example="tidy-detect detect photos/ --head heads/tidy.safetensors --format table")
 def detect_cmd(
-    inputs: List[str] = typer.Argument(..., help="Images, folders or CSV manifests to score."),
-    head: Path = typer.Option(..., "--head", help="Head checkpoint (.safetensors) from `tidy-detect train`."),
+    inputs: List[str] = typer.Argument(..., help=INPUTS_HELP),
+    head: str = typer.Option(..., "--head", help="Head file (.safetensors) from `tidy-detect train` or `calibrate`, or a hub reference ORG/REPO (or ORG/REPO/FILE.safetensors, ORG/REPO@REVISION)."),
     fmt: Optional[str] = typer.Option(None, "--format", "-f", help="table, json, jsonl or csv (default: from --out, else table)."),
     threshold: float = typer.Option(0.5, "--threshold", help="p_fake above this is 'fake'."),
     out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the results here instead of stdout."),
-    save_store: Optional[Path] = typer.Option(None, "--save-store", help="Keep the features in this store; images already in it are not extracted again."),
+    save_store: Optional[str] = typer.Option(None, "--save-store", help="Keep the features in this store (a folder or a URI such as s3://bucket/prefix); images already in it are not extracted again."),
     clip: Optional[str] = typer.Option(None, "--clip", help="Load the head's CLIP from here (same checkpoint)."),
     captioner_model: Optional[str] = typer.Option(None, "--captioner-model", help="Load the head's captioner from here."),
     grounder_model: Optional[str] = typer.Option(None, "--grounder-model", help="Load the head's grounder from here."),
@@ -36,10 +37,17 @@ def detect_cmd(
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per model batch."),
     workers: int = typer.Option(2, "--workers", min=0, help="Image decoding threads."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile CLIP's vision tower (pays off on large runs)."),
-    cascade_head: Optional[Path] = typer.Option(None, "--cascade-head", help="Fast path: a global-only head (train with --representation global) scores every image first; only uncertain ones get objects and the full head."),
+    cascade_head: Optional[str] = typer.Option(None, "--cascade-head", help="Fast path: a global-only head (train with --representation global) scores every image first; only uncertain ones get objects and the full head."),
     band: str = typer.Option("0.2,0.8", "--band", help="The cascade's uncertainty band LOW,HIGH on the global head's p_fake."),
     fail_on_error: bool = FailOnErrorOpt,
     no_speedups: bool = NoSpeedupsOpt,
+    split: Optional[str] = typer.Option(None, "--split", help="The split of a datasets folder or hf-dataset: input that has several."),
+    image_column: Optional[str] = ImageColumnOpt,
+    label_column: Optional[str] = LabelColumnOpt,
+    group_column: Optional[str] = GroupColumnOpt,
+    caption_column: Optional[str] = CaptionColumnOpt,
+    provenance_mode: Optional[str] = typer.Option(None, "--provenance", help="What each file declares about its origin, reported beside the score (never in it): full (metadata, C2PA, the Stable Diffusion watermark), metadata (no watermark) or off. Default: TIDY_DETECT_PROVENANCE, else full."),
+    c2pa_trust: Optional[Path] = typer.Option(None, "--c2pa-trust", help="PEM file of root certificates a C2PA signer may chain to; only such signatures count as verified. Default: TIDY_DETECT_C2PA_TRUST_ANCHORS."),
 ) -> None:
     """Score images with a trained head and explain each score (caption, objects, discrepancies).
 
@@ -62,7 +70,11 @@ def detect_cmd(
     if cascade_head is not None and save_store is not None:
         raise ConfigError("--cascade-head skips objects for confident images, so it cannot fill a store of "
                           "full features; drop --save-store or --cascade-head")
-    items = collect_inputs(inputs)
+    from tidy_detect.provenance import ProvenanceOptions
+
+    provenance = ProvenanceOptions.from_env(provenance_mode, c2pa_trust)
+    items = collect_inputs(inputs, options=source_options(image_column, label_column, group_column, caption_column),
+                           split=split)
     if not items:
         from tidy_detect.errors import NothingProcessedError
 
@@ -72,7 +84,7 @@ def detect_cmd(
                              batch_size=batch_size, num_workers=workers,
                              threshold=threshold, compile=compile_, cascade_head=cascade_head, band=(low, high),
                              clip=clip, captioner_model=captioner_model, grounder_model=grounder_model,
-                             speedups=not no_speedups)
+                             speedups=not no_speedups, provenance=provenance)
     records = []
     with extraction_progress("detecting") as progress:
         if save_store is not None:
@@ -83,7 +95,8 @@ def detect_cmd(
                                                   accept_dtype=allow_dtype_mismatch)
             run_extraction(items, store, detector.extractor, progress=progress)
             rows = store.rows_for_paths(item.path for item in items)
-            records = detector.score_rows([rows[item.path] for item in items])
+            records = detector.score_rows([rows[item.path] for item in items],
+                                          provenance=detector.provenance_for(items))
         else:
             from tidy_detect.features.extractor import ExtractionSummary
 
@@ -119,23 +132,26 @@ def check_records(records: list, fail_on_error: bool) -> None:
 def write_records(records: list, fmt: str, out_file: Optional[Path]) -> None:
     """Print or save detection records in one of FORMATS."""
     from tidy_detect.detect import top_object
+    from tidy_detect.provenance import short_label
 
     if fmt == "table":
         random_weights = any(r.get("random_weights") for r in records)
         table = Table(show_lines=False,
                       title="[yellow]RANDOM-WEIGHT MODELS: verdicts are meaningless[/]" if random_weights else None)
-        for col in ("image", "verdict", "p_fake", "caption", "most telling object", "global"):
+        for col in ("image", "verdict", "p_fake", "caption", "most telling object", "global", "provenance"):
             table.add_column(col, overflow="fold")
         for r in records:
             name = Path(r["path"]).name if not r["path"].startswith("<") else r["path"]
+            origin = short_label(r.get("provenance"))
             if r["error"]:
-                table.add_row(name, "[red]error", "-", r["error"], "", "")
+                table.add_row(name, "[red]error", "-", r["error"], "", "", origin)
                 continue
             top = top_object(r)
             verdict = "[red]fake" if r["label"] == "fake" else "[green]real"
             caption = r["caption"] if len(r["caption"]) <= 70 else r["caption"][:67] + "..."
             table.add_row(name, verdict, f"{r['p_fake']:.3f}", caption,
-                          f"{top['phrase']} ({top['discrepancy']:.3f})" if top else "-", f"{r['global_discrepancy']:.3f}")
+                          f"{top['phrase']} ({top['discrepancy']:.3f})" if top else "-", f"{r['global_discrepancy']:.3f}",
+                          origin)
         if out_file:
             with out_file.open("w", encoding="utf-8") as handle:
                 Console(file=handle, width=160).print(table)
@@ -144,6 +160,10 @@ def write_records(records: list, fmt: str, out_file: Optional[Path]) -> None:
         errors = sum(1 for r in records if r["error"])
         fakes = sum(1 for r in records if r["label"] == "fake")
         err.print(f"{len(records)} images: {fakes} fake, {len(records) - fakes - errors} real, {errors} errors")
+        declared = sum(1 for r in records if (r.get("provenance") or {}).get("declares_ai") is True)
+        if declared:
+            err.print(f"provenance: {declared} of {len(records)} files declare generative AI in their own metadata "
+                      f"(see --format json for the evidence; it is not part of the verdict)", highlight=False)
         if random_weights:
             err.print("[bold yellow]random weights:[/] these models are the tiny test bundle (or others with random "
                       "weights); the verdicts above mean nothing about the images", highlight=False)
@@ -159,13 +179,14 @@ def write_records(records: list, fmt: str, out_file: Optional[Path]) -> None:
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(["path", "sha256", "p_fake", "label", "caption", "global_discrepancy", "n_objects",
-                         "top_object", "top_object_discrepancy", "objects", "error"])
+                         "top_object", "top_object_discrepancy", "objects", "error", "provenance_declares_ai",
+                         "provenance_verified", "provenance_summary", "provenance"])
         for r in records:
             top = top_object(r)
             writer.writerow([r["path"], r["sha256"] or "", "" if r["p_fake"] is None else r["p_fake"], r["label"] or "",
                              r["caption"] or "", "" if r["global_discrepancy"] is None else r["global_discrepancy"],
                              len(r["objects"]), top["phrase"] if top else "", top["discrepancy"] if top else "",
-                             json.dumps(r["objects"]), r["error"] or ""])
+                             json.dumps(r["objects"]), r["error"] or "", *_provenance_columns(r.get("provenance"))])
         text = buffer.getvalue()
     if out_file:
         out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -173,3 +194,13 @@ def write_records(records: list, fmt: str, out_file: Optional[Path]) -> None:
         err.print(f"wrote {len(records)} records to {out_file}")
     else:
         sys.stdout.write(text)
+
+
+def _provenance_columns(provenance: Optional[dict]) -> list:
+    """The CSV columns of a record's provenance: declares_ai and verified as true/false/empty, the
+    summary, and the whole record as JSON."""
+    if not provenance:
+        return ["", "", "", ""]
+    declares = provenance.get("declares_ai")
+    return ["" if declares is None else str(declares).lower(), str(bool(provenance.get("verified"))).lower(),
+            provenance.get("summary") or "", json.dumps(provenance)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import List, Optional
 
@@ -9,6 +10,7 @@ import typer
 
 from tidy_detect.cli.app import command, err, out
 from tidy_detect.cli.options import ExcludeOpt, PairingOpt, SplitOpt
+from tidy_detect.cli.options import CaptionColumnOpt, GroupColumnOpt, ImageColumnOpt, INPUTS_HELP, LabelColumnOpt, source_options
 
 
 def _parse_named(values: Optional[List[str]], option: str) -> dict[str, Path]:
@@ -55,14 +57,16 @@ def register(app: typer.Typer) -> None:
     @command(app, "eval",
          example="tidy-detect eval stores/cnn-test --head heads/tidy.safetensors --suite table1 --out results/table1")
     def eval_cmd(
-        stores: List[Path] = typer.Argument(..., help="Test feature stores."),
-        head: List[str] = typer.Option(..., "--head", help="Head checkpoint; repeat for several (mean ± std), "
-                                                           "or use {seed} with --seeds."),
+        stores: List[str] = typer.Argument(..., help="Test feature stores: folders or URIs (s3://bucket/prefix, ...)."),
+        head: List[str] = typer.Option(..., "--head", help="Head file or hub reference ORG/REPO (or ORG/REPO/FILE.safetensors, ORG/REPO@REVISION); "
+                                                           "repeat for several: trained heads (mean ± std over them, "
+                                                           "or use {seed} with --seeds) beside one-class heads of "
+                                                           "`tidy-detect calibrate`."),
         out_dir: Path = typer.Option(Path("results/eval"), "--out", "-o", help="Results folder."),
         suite: Optional[str] = typer.Option(None, "--suite", help="table1, table2, table3 or a suite TOML file."),
         column: Optional[List[str]] = typer.Option(None, "--column", help="LABEL=[LAYOUT:]GROUP: fill a suite column from another group, e.g. Deepfakes=whichfaceisreal (the paper's footnote) instead of CNNDetection's deepfake; repeatable."),
         threshold: float = typer.Option(0.5, "--threshold", help="ACC threshold on p_fake."),
-        calibrate_on: Optional[List[Path]] = typer.Option(None, "--calibrate-on", help="Validation store(s) for a calibrated threshold (reported in its own columns)."),
+        calibrate_on: Optional[List[str]] = typer.Option(None, "--calibrate-on", help="Validation store(s) for a calibrated threshold (reported in its own columns); folders or URIs."),
         bootstrap: int = typer.Option(0, "--bootstrap", min=0, help="Bootstrap resamples for 95% intervals (e.g. 1000)."),
         max_per_class: int = typer.Option(1000, "--max-per-class", min=1, help="At most N real and N fake per group and store."),
         all_rows: bool = typer.Option(False, "--all", help="Evaluate every row (no sampling)."),
@@ -70,7 +74,7 @@ def register(app: typer.Typer) -> None:
         seeds: Optional[str] = typer.Option(None, "--seeds", help="e.g. 0,1,2: expands {seed} in --head."),
         imports: Optional[List[str]] = typer.Option(None, "--import", help="NAME=CSV of another detector's per-image scores (path,score)."),
         plots: bool = typer.Option(True, "--plots/--no-plots", help="PR/ROC curves, cosine histogram and t-SNE."),
-        cascade_head: Optional[Path] = typer.Option(None, "--cascade-head", help="A global-only head: also report the cascade fast path (its accuracy and the fraction escalated), simulated on the stores."),
+        cascade_head: Optional[str] = typer.Option(None, "--cascade-head", help="A global-only head: also report the cascade fast path (its accuracy and the fraction escalated), simulated on the stores."),
         band: str = typer.Option("0.2,0.8", "--band", help="The cascade's uncertainty band LOW,HIGH."),
     ) -> None:
         """Evaluate heads on test stores: per-generator ACC/AP/AUC, paper tables, plots."""
@@ -99,9 +103,9 @@ def register(app: typer.Typer) -> None:
     @command(app, "robustness",
          example="tidy-detect robustness DATA/CNN_synth_testset --layout cnndetection --head heads/tidy.safetensors --out results/robustness")
     def robustness_cmd(
-        inputs: List[str] = typer.Argument(..., help="Test images: folders, files or CSV manifests."),
-        head: Path = typer.Option(..., "--head", help="Head checkpoint."),
-        out_dir: Path = typer.Option(Path("results/robustness"), "--out", "-o", help="Results folder (stores go in OUT/stores)."),
+        inputs: List[str] = typer.Argument(..., help="Test images. " + INPUTS_HELP),
+        head: str = typer.Option(..., "--head", help="Head file or hub reference ORG/REPO (or ORG/REPO/FILE.safetensors, ORG/REPO@REVISION)."),
+        out_dir: str = typer.Option("results/robustness", "--out", "-o", help="Results folder or URI (s3://bucket/prefix, ...); the stores go in OUT/stores."),
         noise: Optional[str] = typer.Option(None, "--noise", help="Gaussian noise sigmas on [0,1] (default 0.001,0.005,0.01)."),
         blur: Optional[str] = typer.Option(None, "--blur", help="Gaussian blur sigmas (default 1,2,3)."),
         jpeg: Optional[str] = typer.Option(None, "--jpeg", help="JPEG qualities (default 75,50,25)."),
@@ -121,6 +125,10 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(8, "--batch-size", min=1),
         exif: str = typer.Option("auto", "--exif", help="EXIF orientation: auto (ignored for benchmark layouts, as the peers read pixels; applied otherwise), apply or ignore."),
         no_speedups: bool = typer.Option(False, "--no-speedups", help="Run transformers' own model code instead of tidy-detect's CPU speed-ups (same results, slower). Also TIDY_DETECT_SPEEDUPS=off."),
+        image_column: Optional[str] = ImageColumnOpt,
+        label_column: Optional[str] = LabelColumnOpt,
+        group_column: Optional[str] = GroupColumnOpt,
+        caption_column: Optional[str] = CaptionColumnOpt,
     ) -> None:
         """Perturb test images (noise, blur, JPEG, ...), extract, evaluate and plot AP/ACC against severity."""
         from tidy_detect.data.layouts import parse_pairing
@@ -129,7 +137,9 @@ def register(app: typer.Typer) -> None:
         from tidy_detect.detect import Detector
         from tidy_detect.errors import ConfigError
         from tidy_detect.evaluate.robustness import run_robustness
+        from tidy_detect.sharing import resolve_head
 
+        head = resolve_head(head)  # once, so that the results name the local file
         given = {"noise": noise, "blur": blur, "jpeg": jpeg, "resize": resize, "webp": webp}
         kinds = [k.strip() for k in only.split(",")] if only else \
             ["noise", "blur", "jpeg", *[k for k in ("resize", "webp") if given[k] is not None]]
@@ -138,7 +148,9 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"--only: unknown perturbation {unknown[0]!r}; known: {', '.join(given)}")
         perturbations = [p for kind in kinds for p in parse_levels(kind, given[kind])]
         selection = select_inputs(inputs, layout=layout, split=split, exclude=exclude,
-                                  pairing=parse_pairing(pairing or []) or None, max_per_class=max_per_class, seed=seed)
+                                  pairing=parse_pairing(pairing or []) or None, max_per_class=max_per_class, seed=seed,
+                                  source_options=source_options(image_column, label_column, group_column,
+                                                                caption_column))
         detector = Detector.load(head, device=device, dtype=dtype, batch_size=batch_size, speedups=not no_speedups)
         from tidy_detect.features.extractor import resolve_exif
 
@@ -146,14 +158,16 @@ def register(app: typer.Typer) -> None:
                                 include_clean=clean, pairing=selection.pairing, detector=detector,
                                 exif=resolve_exif(exif, bool(selection.datasets)),
                                 say=lambda m: err.print(f"• {m}", highlight=False))
-        out.print((out_dir / "robustness.md").read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
-        err.print(f"results in {out_dir}; {len(result['stores'])} stores in {out_dir / 'stores'}")
+        from tidy_detect.features.storage import StoreLocation, join_uri
+
+        out.print(StoreLocation.parse(out_dir).read_text("robustness.md"), markup=False, highlight=False, soft_wrap=True)
+        err.print(f"results in {out_dir}; {len(result['stores'])} stores in {join_uri(out_dir, 'stores')}")
 
     @command(app, "ablate",
          example="tidy-detect ablate stores/progan-train --test stores/cnn-test --out results/ablation")
     def ablate_cmd(
-        train: List[Path] = typer.Argument(..., help="Training stores."),
-        test: List[Path] = typer.Option(..., "--test", help="Test store (repeat for several)."),
+        train: List[str] = typer.Argument(..., help="Training stores: folders or URIs (s3://bucket/prefix, ...)."),
+        test: List[str] = typer.Option(..., "--test", help="Test store, a folder or a URI (repeat for several)."),
         out_dir: Path = typer.Option(Path("results/ablation"), "--out", "-o", help="Results folder."),
         studies: str = typer.Option("modality,distance,weights", "--studies", help="Comma-separated: modality, distance, weights."),
         weights: str = typer.Option("1:0,1:0.5,1:1,0.5:1,0:1", "--weights", help="w1:w2 pairs for the weights study."),
@@ -179,8 +193,9 @@ def register(app: typer.Typer) -> None:
         sets = {}
         for spec in compare or []:
             name, sep, rest = spec.partition("=")
-            train_part, sep2, test_part = rest.partition(":")
-            if not (sep and sep2 and name and train_part and test_part):
+            between = re.search(r":(?!//)", rest)  # the ":" between the lists, not a URI's "scheme://"
+            train_part, test_part = (rest[:between.start()], rest[between.end():]) if between else (rest, "")
+            if not (sep and between and name and train_part and test_part):
                 raise ConfigError(f"--compare takes NAME=TRAIN[,TRAIN]:TEST[,TEST], got {spec!r}")
             sets[name] = (train_part.split(","), test_part.split(","))
         run_ablation(train, test, out_dir, studies=[s.strip() for s in studies.split(",") if s.strip()],

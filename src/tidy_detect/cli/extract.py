@@ -8,14 +8,15 @@ from typing import List, Optional
 import typer
 
 from tidy_detect.cli.app import app, command
-from tidy_detect.cli.options import (AllowDtypeOpt, BatchOpt, CaptionerDtypeOpt, CaptionerModelOpt, CaptionerOpt, ClipDtypeOpt, ClipOpt, DeviceOpt, DtypeOpt, ExcludeOpt, FailOnErrorOpt, GrounderDtypeOpt, GrounderModelOpt, GrounderOpt, MaxFileMbOpt, NoSpeedupsOpt, PairingOpt, PresetOpt, SplitOpt, _mib, build_extraction_config, extraction_progress, print_extraction_summary)
+from tidy_detect.cli.options import (AllowDtypeOpt, CaptionerDtypeOpt, CaptionerModelOpt, CaptionerOpt, ClipDtypeOpt, ClipOpt, DeviceOpt, DtypeOpt, ExcludeOpt, FailOnErrorOpt, GrounderDtypeOpt, GrounderModelOpt, GrounderOpt, MaxFileMbOpt, NoSpeedupsOpt, PairingOpt, PresetOpt, SplitOpt, _mib, build_extraction_config, extraction_progress, print_extraction_summary)
+from tidy_detect.cli.options import CaptionColumnOpt, GroupColumnOpt, ImageColumnOpt, INPUTS_HELP, LabelColumnOpt, source_options
 
 
 @command(app, "extract",
          example="tidy-detect extract DATA/CNNDetection --layout cnndetection --split train --per-label 40000 --preset paper --out stores/progan-train")
 def extract_cmd(
-    inputs: List[str] = typer.Argument(..., help="Image files, folders (recursive) or CSV manifests (path,label,group,caption)."),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Feature store folder (created, or resumed)."),
+    inputs: List[str] = typer.Argument(..., help=INPUTS_HELP),
+    out_dir: str = typer.Option(..., "--out", "-o", help="Feature store (created, or resumed): a folder, or a URI such as s3://bucket/prefix (gs://, hf://, file:// too); credentials from the environment or ~/.aws, never options."),
     preset: Optional[str] = PresetOpt,
     clip: Optional[str] = ClipOpt,
     captioner: Optional[str] = CaptionerOpt,
@@ -28,7 +29,7 @@ def extract_cmd(
     captioner_dtype: Optional[str] = CaptionerDtypeOpt,
     grounder_dtype: Optional[str] = GrounderDtypeOpt,
     allow_dtype_mismatch: bool = AllowDtypeOpt,
-    batch_size: Optional[int] = BatchOpt,
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per model batch (default: 8 on the CPU; on a GPU the largest that fits its free memory, by the per-stage memory model of docs/gpu.md)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Local engine: image decoding threads (default 2). Ray engine: extraction workers, each with its own copy of the models (default 2)."),
     engine: str = typer.Option("local", "--engine", help="Where extraction runs: local (this process) or ray (a Ray cluster; needs the distributed extra, see docs/distributed.md)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray engine: auto (this machine's cluster), HOST:PORT or ray://HOST:10001; unset starts a local cluster."),
@@ -56,6 +57,14 @@ def extract_cmd(
     max_file_mb: Optional[float] = MaxFileMbOpt,
     exif: str = typer.Option("auto", "--exif", help="EXIF orientation: auto (ignored for benchmark layouts, as the peers read pixels; applied otherwise), apply or ignore."),
     no_speedups: bool = NoSpeedupsOpt,
+    devices: Optional[str] = typer.Option(None, "--devices", help="Several devices of this machine, comma-separated (cuda:0,cuda:1): one process per device, each with its own copy of the models, writing one store (cpu,cpu runs two CPU processes). See docs/gpu.md."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="The first N GPUs (cuda:0 ... cuda:N-1), as --devices."),
+    static_cache: bool = typer.Option(False, "--static-cache", help="GPU switch: generate captions with a static KV cache where transformers supports it for the captioner (BLIP-2, LLaVA; on CUDA transformers then compiles the decoding step). Same captions; measure it with `tidy-detect bench --device cuda`."),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="GPU switch: replay CLIP's image tower from CUDA graphs (one per padded batch size). Same embeddings; measured by `tidy-detect bench --device cuda`."),
+    image_column: Optional[str] = ImageColumnOpt,
+    label_column: Optional[str] = LabelColumnOpt,
+    group_column: Optional[str] = GroupColumnOpt,
+    caption_column: Optional[str] = CaptionColumnOpt,
 ) -> None:
     """Extract captions, objects and CLIP embeddings of images into a feature store.
 
@@ -78,11 +87,27 @@ def extract_cmd(
                                      grounding_rule=grounding_rule, min_box_size=min_box_size,
                                      caption_max_tokens=caption_max_tokens, caption_prompt=caption_prompt,
                                      global_view=global_view, speedups=False if no_speedups else None)
+    config = config.updated(runtime={"devices": _devices(devices, gpus), "static_cache": static_cache or None,
+                                     "cuda_graphs": cuda_graphs or None})
     with extraction_progress("extracting") as progress:
         summary = extract_with_engine(engine, inputs, out_dir, config, ray_options=ray_options, limit=limit,
                                       progress=progress, retry_errors=retry_errors, layout=layout, split=split,
                                       exclude=exclude or None, pairing=parse_pairing(pairing or []) or None,
                                       max_per_class=max_per_class, per_class=per_class, seed=seed,
-                                      accept_dtype=allow_dtype_mismatch, exif=exif)
+                                      accept_dtype=allow_dtype_mismatch, exif=exif,
+                                      source_options=source_options(image_column, label_column, group_column,
+                                                                    caption_column))
     print_extraction_summary(summary)
     check_outcome(summary, fail_on_error)
+
+
+def _devices(devices: Optional[str], gpus: Optional[int]) -> Optional[tuple]:
+    """``--devices`` or ``--gpus`` as a tuple of devices (None when neither is given)."""
+    from tidy_detect.config import parse_devices
+    from tidy_detect.errors import ConfigError
+
+    if devices is not None and gpus is not None:
+        raise ConfigError("give --devices or --gpus, not both")
+    if gpus is not None:
+        return tuple(f"cuda:{k}" for k in range(gpus))
+    return parse_devices(devices) if devices is not None else None

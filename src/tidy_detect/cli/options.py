@@ -16,6 +16,28 @@ ExcludeOpt = typer.Option(None, "--exclude", help="Exclude list: a text file of 
                                                   "to skip (e.g. known corrupted files). Repeatable.")
 PairingOpt = typer.Option(None, "--pairing", help="FAKE=REAL: the real folder a fake folder pairs with "
                                                   "(unifd, diffusionforensics). Repeatable.")
+INPUTS_HELP = ("Image files, folders (recursive), CSV manifests, zip/tar archives, WebDataset shards (brace "
+               "patterns: shard-{0000..0099}.tar), Parquet/Arrow files, datasets folders or hf-dataset:ORG/NAME; "
+               "local, or behind s3://, gs://, hf:// URIs (credentials from the environment).")
+ImageColumnOpt = typer.Option(None, "--image-column", help="Tables (Parquet, Arrow, datasets): the image column "
+                              "(default: image or img, else the first column of image structs or bytes). WebDataset: "
+                              "the image extension to take (jpg, png).")
+LabelColumnOpt = typer.Option(None, "--label-column", help="Tables: the label column (default: label, if present; "
+                              "0/1, real/fake or ClassLabel names). WebDataset: the .json field (default: .cls, "
+                              "else the field label). A column named here must exist.")
+GroupColumnOpt = typer.Option(None, "--group-column", help="Tables: the group column, e.g. the generator (default: "
+                              "group, if present, else the dataset's name). WebDataset: the .json field.")
+CaptionColumnOpt = typer.Option(None, "--caption-column", help="Tables: the caption column (default: caption, if "
+                                "present). WebDataset: the .json field (default: .txt, else the field caption).")
+
+
+def source_options(image: Optional[str], label: Optional[str], group: Optional[str], caption: Optional[str]) -> Any:
+    """The :class:`~tidy_detect.data.sources.SourceOptions` of the column options (None when none is given)."""
+    if image is None and label is None and group is None and caption is None:
+        return None
+    from tidy_detect.data.sources import SourceOptions
+
+    return SourceOptions(image_column=image, label_column=label, group_column=group, caption_column=caption)
 
 
 def build_extraction_config(preset: Optional[str], clip: Optional[str], captioner: Optional[str],

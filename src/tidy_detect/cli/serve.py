@@ -19,7 +19,7 @@ import typer
 
 from tidy_detect.cli.app import command
 from tidy_detect.cli.options import NoSpeedupsOpt
-from tidy_detect.errors import CheckpointError, ConfigError, TidyError
+from tidy_detect.errors import ConfigError, TidyError
 from tidy_detect.serve.settings import ServeSettings
 
 SERVE_EXTRA_MESSAGE = "the web service needs the serve extra: pip install 'tidy-detect[serve]'"
@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
              epilog=f"Memory at the defaults: {defaults.memory_summary()}. See the README's "
                                   f"'Deployment' section for what to put in front of a public server.")
     def serve_cmd(
-        head: Path = typer.Option(..., "--head", help="Head checkpoint (.safetensors) from `tidy-detect train`."),
+        head: str = typer.Option(..., "--head", help="Head file (.safetensors) from `tidy-detect train` or `calibrate`, or a hub reference ORG/REPO (or ORG/REPO/FILE.safetensors, ORG/REPO@REVISION)."),
         host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
         port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port."),
         max_batch: int = typer.Option(8, "--max-batch", min=1, help="Most images per model call (1: no micro-batching)."),
@@ -121,7 +121,7 @@ def register(app: typer.Typer) -> None:
                    grounder_model=grounder_model, log_level=log_level, speedups=not no_speedups)
 
 
-def run_server(head: Path, *, host: str, port: int, log_level: str = "info", threshold: float = 0.5,
+def run_server(head: str | Path, *, host: str, port: int, log_level: str = "info", threshold: float = 0.5,
                device: str = "auto", dtype: str = "auto", clip: str | None = None,
                captioner_model: str | None = None, grounder_model: str | None = None, speedups: bool = True,
                **settings: Any) -> None:
@@ -140,9 +140,10 @@ def run_server(head: Path, *, host: str, port: int, log_level: str = "info", thr
     from tidy_detect.serve.app import create_app
     from tidy_detect.serve.server import bind_socket, build_server, raise_open_file_limit
 
+    from tidy_detect.sharing import resolve_head
+
     serve_settings = ServeSettings(**settings)
-    if not (head.is_file() or head.with_suffix(".safetensors").is_file()):
-        raise CheckpointError(f"{head}: no such head checkpoint; train one with `tidy-detect train`")
+    head = resolve_head(head)  # a missing local file or hub head fails here, before the port is taken
     open_files = raise_open_file_limit()  # before binding: every connection is an open file
     sock = bind_socket(host, port)
     bound_port = sock.getsockname()[1]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import typer
 from rich.table import Table
@@ -14,7 +13,7 @@ from tidy_detect.cli.app import command, out, store_app
 @command(store_app, "info",
          example="tidy-detect store info stores/progan-train")
 def store_info(
-    store: Path = typer.Argument(..., help="Feature store folder."),
+    store: str = typer.Argument(..., help="Feature store: a folder or a URI (s3://bucket/prefix, gs://, hf://, file://)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Counts (rows, errors, labels, groups) and the extraction config of a store."""
@@ -32,6 +31,7 @@ def store_info(
               f"({ex['captioner'].get('source')})  grounder: {ex['grounder'].get('name')} "
               f"({ex['grounder'].get('source')})", highlight=False)
     out.print(f"  labels: {summary['labels']}  without objects: {summary['no_objects']}")
+    out.print(f"  shards: {fs.shards_uri} ({len(fs.shards())} Parquet files)", highlight=False)
     if summary["error_kinds"]:
         out.print(f"  errors by kind: {summary['error_kinds']}")
     table = Table(title="groups", title_justify="left")
@@ -44,7 +44,7 @@ def store_info(
 
 @command(store_app, "compact",
          example="tidy-detect store compact stores/progan-train")
-def store_compact(store: Path = typer.Argument(..., help="Feature store folder.")) -> None:
+def store_compact(store: str = typer.Argument(..., help="Feature store: a folder or a URI (s3://bucket/prefix, ...).")) -> None:
     """Merge small shards into larger ones (safe to interrupt)."""
     from tidy_detect.features.store import FeatureStore
 

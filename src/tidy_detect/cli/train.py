@@ -14,7 +14,7 @@ from tidy_detect.cli.app import app, command, err, out
 @command(app, "train",
          example="tidy-detect train stores/progan-train --out heads/tidy.safetensors")
 def train_cmd(
-    stores: List[Path] = typer.Argument(..., help="Training feature stores (same extraction config)."),
+    stores: List[str] = typer.Argument(..., help="Training feature stores (same extraction config): folders or URIs (s3://bucket/prefix, ...)."),
     out_path: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write (HEAD.safetensors + HEAD.json)."),
     representation: str = typer.Option("both", "--representation", help="both, global, local, image or text."),
     w1: float = typer.Option(1.0, "--w1", help="Weight of the global distance D_g."),
@@ -27,7 +27,7 @@ def train_cmd(
     batch_size: int = typer.Option(256, "--batch-size", help="Examples per step."),
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation and shuffling."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="e.g. 0,1,2: one head per seed, saved as OUT-seedN.safetensors."),
-    val: Optional[List[Path]] = typer.Option(None, "--val", help="Validation store(s), scored every epoch."),
+    val: Optional[List[str]] = typer.Option(None, "--val", help="Validation store(s), scored every epoch (folders or URIs)."),
     select: str = typer.Option("last", "--select", help="last (paper) or best-val (best validation AP)."),
     balance: bool = typer.Option(False, "--balance", help="Weight the loss by inverse class frequency."),
     precision: str = typer.Option("auto", "--precision", help="Training matmuls: float32, bfloat16, or auto (float32 for float32 CLIP features, the paper's protocol; else bfloat16 where it is fast)."),
@@ -48,7 +48,7 @@ def train_cmd(
                   highlight=False)
 
 
-def _train_one(stores: List[Path], out_path: Path, rep: Any, val: Optional[List[Path]], epochs: int, lr: float,
+def _train_one(stores: List[str], out_path: Path, rep: Any, val: Optional[List[str]], epochs: int, lr: float,
                weight_decay: float, hidden: int, batch_size: int, seed: int, select: str, balance: bool,
                precision: str = "auto") -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -1,14 +1,24 @@
 """Command-line inputs -> a list of labelled image items.
 
-An INPUT is an image file, a folder (walked recursively) or a CSV manifest. In folders, a path part
-``0_real`` labels an image 0 and ``1_fake`` labels it 1 (the part nearest the file wins); ``group``
-is the first folder under INPUT that is not a label folder (e.g. the generator in a benchmark
-tree), or INPUT's own name when the images sit in label folders right under it.
+An INPUT is one of:
 
-Folders are walked with :func:`walk_tree`: symbolic links to folders and files are followed, but
-every real folder is entered once and every real file listed once (by device and inode), so a link
-back to a parent folder (a loop) or a second link to the same data never hangs a walk or lists an
-image twice.
+- an image file, or a folder walked recursively: a path part ``0_real`` labels an image 0 and
+  ``1_fake`` labels it 1 (the part nearest the file wins); ``group`` is the first folder under
+  INPUT that is not a label folder (e.g. the generator in a benchmark tree), or INPUT's own name
+  when the images sit in label folders right under it;
+- a CSV manifest (``path``, optional ``label``, ``group``, ``caption``, ``subgroup``);
+- a zip / tar archive, a WebDataset shard, a Parquet or Arrow file, read in place (see
+  :mod:`tidy_detect.data.sources`): members are labelled and grouped by the folder rules applied to
+  their path inside the file, and a sidecar's or a column's label and group win;
+- a Hugging Face ``datasets`` folder (``save_to_disk``, or the datasets cache) or a hub dataset
+  ``hf-dataset:ORG/NAME[:CONFIG]`` (see :mod:`tidy_detect.data.hub`);
+- any of these behind a filesystem URI, ``s3://``, ``gs://``, ``hf://``, ``file://`` (see
+  :mod:`tidy_detect.data.remote`);
+- a brace pattern, ``shards/shard-{0000..0099}.tar`` or ``{train,test}.parquet``, standing for
+  the names it expands to that exist, in order (see :func:`expand_braces`).
+
+Folders are walked with :func:`walk_tree` (see :mod:`tidy_detect.data.trees`): links are followed,
+but every real folder is entered once and every real file listed once.
 """
 
 from __future__ import annotations
@@ -16,27 +26,34 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from tidy_detect.data import sources
+from tidy_detect.data import hub, remote, sources, trees
 from tidy_detect.data.sources import SourceOptions, source_suffix
-from tidy_detect.errors import InputError
+from tidy_detect.data.trees import WalkCounts, walk_tree  # noqa: F401  (part of this module's API)
+from tidy_detect.errors import ConfigError, InputError
 from tidy_detect.images import is_image_path
 
 log = logging.getLogger(__name__)
 
 LABEL_FOLDERS = {"0_real": 0, "1_fake": 1}
-_LABEL_WORDS = {"0": 0, "real": 0, "1": 1, "fake": 1}
+# Label words of manifests, sidecars and table columns (class names such as GenImage's ai / nature).
+REAL_WORDS = ("0", "real", "nature", "natural", "human", "authentic")
+FAKE_WORDS = ("1", "fake", "ai", "generated", "synthetic")
+_LABEL_WORDS = {**{w: 0 for w in REAL_WORDS}, **{w: 1 for w in FAKE_WORDS}}
 MANIFEST_COLUMNS = ("path", "label", "group", "caption")
+MAX_PATTERN_NAMES = 1_000_000  # names one brace pattern may expand to
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million of them is a dataset, and each costs less
 class ImageItem:
     """One image to process: where it is and what is known about it."""
 
-    path: str  # absolute path
+    path: str  # absolute path, source identity (ARCHIVE!/MEMBER, FILE!/ROW) or URI
     label: int | None = None  # 0 real, 1 fake, None unknown
     group: str | None = None  # generator / dataset part
     caption: str | None = None  # given caption (used by the "provided" captioner)
@@ -50,65 +67,6 @@ class InputSummary:
     repeated_links: int = 0  # folders and files reached a second time through links, not listed again
 
 
-@dataclass
-class WalkCounts:
-    """What :func:`walk_tree` left out, and why."""
-
-    folder_loops: int = 0  # folders already entered (a link back up, or a second link to them)
-    repeated_files: int = 0  # files already listed under another name (a link or a hard link)
-
-    @property
-    def repeated(self) -> int:
-        return self.folder_loops + self.repeated_files
-
-
-def walk_tree(root: str | Path, counts: WalkCounts | None = None) -> Iterator[tuple[str, tuple[str, ...], list[str]]]:
-    """``(folder, its parts relative to root, visible file names)`` for every folder under ``root``.
-
-    Sorted (folders and files by name), hidden names skipped. Links are followed, but each real
-    folder is entered once and each real file listed once: identity is ``(st_dev, st_ino)``, so a
-    loop of links ends where it first comes back, and a file reached by two names keeps the first
-    one in walk order. A file that cannot be stat'ed (a dangling link) is listed as it is; reading
-    it later gives its error row.
-    """
-    counts = counts if counts is not None else WalkCounts()
-    base = str(root)
-    seen_folders: set[tuple[int, int]] = set()
-    seen_files: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
-        try:
-            st = os.stat(dirpath)
-            identity = (st.st_dev, st.st_ino)
-        except OSError:
-            identity = None
-        if identity is not None and identity in seen_folders:
-            counts.folder_loops += 1
-            log.info("%s: already walked (a link to a folder seen before); not entered again", dirpath)
-            dirnames[:] = []
-            continue
-        if identity is not None:
-            seen_folders.add(identity)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel_dir = os.path.relpath(dirpath, base)
-        parts = () if rel_dir == "." else tuple(rel_dir.split(os.sep))
-        names = []
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            try:
-                fst = os.stat(os.path.join(dirpath, name))
-                key = (fst.st_dev, fst.st_ino)
-            except OSError:
-                names.append(name)
-                continue
-            if key in seen_files:
-                counts.repeated_files += 1
-                continue
-            seen_files.add(key)
-            names.append(name)
-        yield dirpath, parts, names
-
-
 def label_from_parts(parts: Iterable[str]) -> int | None:
     """0 / 1 from the nearest ``0_real`` / ``1_fake`` folder name, else None."""
     label = None
@@ -119,31 +77,161 @@ def label_from_parts(parts: Iterable[str]) -> int | None:
 
 
 def parse_label(value: str | None, where: str) -> int | None:
-    """A manifest label: 0/1/real/fake (any case), empty for unknown."""
+    """A written label: 0/1/real/fake (any case; also ai, generated, synthetic for fake and
+    nature, natural, human, authentic for real), empty for unknown.
+
+    Raises:
+        InputError: any other value, naming ``where``.
+    """
     if value is None or value.strip() == "":
         return None
     key = value.strip().lower()
     if key not in _LABEL_WORDS:
-        raise InputError(f"{where}: label must be 0, 1, real or fake (or empty), got {value!r}")
+        raise InputError(f"{where}: label must be 0, 1, real or fake (also {', '.join(FAKE_WORDS[2:])} for fake; "
+                         f"{', '.join(REAL_WORDS[2:])} for real), or empty, got {value!r}")
     return _LABEL_WORDS[key]
 
 
-def walk_folder(root: Path, summary: InputSummary | None = None) -> Iterator[ImageItem]:
-    """Images under ``root`` in a stable (sorted) order, labelled and grouped from their path."""
-    root_abs = root.absolute()
+# ---------------------------------------------------------------------------------------------
+# INPUT strings: URIs, brace patterns
+
+def normalize_input(raw: str | Path) -> str:
+    """An INPUT as this module reads it: a URI or hub id unchanged, ``file://`` as a local path,
+    a local path with ``~`` expanded (relative paths stay relative)."""
+    text = str(raw)
+    if hub.is_hub_id(text) or remote.is_uri(text):
+        return text
+    return os.path.expanduser(remote.local_path(text))
+
+
+_RANGE = re.compile(r"^([+-]?\d+)\.\.([+-]?\d+)(?:\.\.([+-]?\d+))?$")
+
+
+def _matching_brace(text: str, start: int) -> int:
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+    return -1
+
+
+def _alternatives(inner: str) -> list[str] | None:
+    parts, depth, last = [], 0, 0
+    for i, ch in enumerate(inner):
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(inner[last:i])
+            last = i + 1
+    if parts:
+        return [*parts, inner[last:]]
+    found = _RANGE.match(inner)
+    if found is None:
+        return None
+    first, last_n = int(found.group(1)), int(found.group(2))
+    step = abs(int(found.group(3) or 1)) or 1
+    ends = [found.group(1).lstrip("+-"), found.group(2).lstrip("+-")]
+    width = max(len(e) for e in ends) if any(len(e) > 1 and e.startswith("0") for e in ends) else 0
+    count = abs(last_n - first) // step + 1
+    if count > MAX_PATTERN_NAMES:
+        raise InputError(f"{{{inner}}}: a range of {count:,} names is more than the {MAX_PATTERN_NAMES:,} a "
+                         f"pattern may stand for")
+    numbers = range(first, last_n + 1, step) if first <= last_n else range(first, last_n - 1, -step)
+    return [f"{'-' if n < 0 else ''}{abs(n):0{width}d}" for n in numbers]
+
+
+def expand_braces(text: str) -> list[str]:
+    """Brace expansion as the shell and WebDataset do it: ``{a,b}`` (each alternative),
+    ``{0000..0099}`` (every integer from one end to the other, zero-padded to the wider end when
+    either end has a leading zero) and ``{0..10..2}`` (with a step); nested and several groups
+    expand left to right (``a{1,2}b{x,y}`` -> a1bx a1by a2bx a2by). Braces that are neither
+    (``{x}``, ``{}``, unmatched) are kept as they are.
+
+    Raises:
+        InputError: more than :data:`MAX_PATTERN_NAMES` names.
+    """
+    start = 0
+    while True:
+        opening = text.find("{", start)
+        if opening < 0:
+            return [text]
+        closing = _matching_brace(text, opening)
+        if closing < 0:
+            return [text]
+        options = _alternatives(text[opening + 1:closing])
+        if options is None:
+            start = opening + 1
+            continue
+        head, tails = text[:opening], expand_braces(text[closing + 1:])
+        out = [head + option + tail for raw in options for option in expand_braces(raw) for tail in tails]
+        if len(out) > MAX_PATTERN_NAMES:
+            raise InputError(f"{text}: the pattern stands for more than {MAX_PATTERN_NAMES:,} names")
+        return out
+
+
+def _exists(name: str) -> bool:
+    if remote.is_uri(name):
+        try:
+            return remote.info(name) is not None
+        except (OSError, InputError):
+            return False
+    return os.path.exists(name)
+
+
+def expand_inputs(inputs: Iterable[str | Path]) -> list[str]:
+    """Every INPUT normalised (:func:`normalize_input`), brace patterns replaced by the names
+    they stand for that exist, in order (a name that exists as it is, braces and all, is kept as
+    it is). Missing names of a pattern are logged as a warning.
+
+    Raises:
+        InputError: a pattern none of whose names exists.
+    """
+    out: list[str] = []
+    for raw in inputs:
+        text = normalize_input(raw)
+        names = expand_braces(text) if "{" in text and not hub.is_hub_id(text) else [text]
+        if len(names) == 1 and names[0] == text or _exists(text):
+            out.append(text)
+            continue
+        if any(remote.is_uri(n) for n in names):
+            with ThreadPoolExecutor(max_workers=16, thread_name_prefix="tidy-pattern") as pool:
+                present = list(pool.map(_exists, names))
+        else:
+            present = [os.path.exists(n) for n in names]
+        found = [n for n, ok in zip(names, present) if ok]
+        if not found:
+            raise InputError(f"{raw}: the pattern matches no file (it stands for {len(names):,} names, from "
+                             f"{names[0]} to {names[-1]})")
+        if len(found) < len(names):
+            missing = [n for n, ok in zip(names, present) if not ok]
+            log.warning("%s: %d of the %d names do not exist (first: %s); reading the %d that do", raw,
+                        len(missing), len(names), missing[0], len(found))
+        out.extend(found)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders, manifests, sources
+
+def walk_folder(root: Path | trees.Node, summary: InputSummary | None = None) -> Iterator[ImageItem]:
+    """Images under ``root`` (a local folder, or an archive / remote folder's node) in a stable
+    (sorted) order, labelled and grouped from their path."""
+    if isinstance(root, Path):
+        root = root.absolute()
     counts = WalkCounts()
-    for dirpath, _, filenames in walk_tree(root_abs, counts):
-        for filename in filenames:
-            path = Path(dirpath) / filename
-            if not is_image_path(path):
-                if summary is not None:
-                    summary.ignored_files += 1
-                continue
-            rel_parts = path.relative_to(root_abs).parts[:-1]
-            group = next((p for p in rel_parts if p not in LABEL_FOLDERS), None)
-            if group is None:
-                group = root_abs.name
-            yield ImageItem(str(path), label_from_parts(rel_parts), group)
+    for path, parts, name in trees.walk_files(root, counts):
+        if not is_image_path(Path(name)):
+            if summary is not None:
+                summary.ignored_files += 1
+            continue
+        group = next((p for p in parts if p not in LABEL_FOLDERS), None)
+        yield ImageItem(path, label_from_parts(parts), group if group is not None else root.name)
     if summary is not None:
         summary.repeated_links += counts.repeated
 
@@ -152,7 +240,8 @@ def read_manifest(path: Path) -> list[ImageItem]:
     """Items from a CSV with a ``path`` column and optional ``label``, ``group``, ``caption``,
     ``subgroup`` (e.g. the LSUN class of a CNNDetection training image).
 
-    Relative paths are taken relative to the manifest's folder.
+    Relative paths are taken relative to the manifest's folder; URIs (``s3://...``) and source
+    identities (``/data/x.zip!/a.png``) are kept as written.
 
     Raises:
         InputError: unreadable file, no ``path`` column, an empty path or a bad label (with the line).
@@ -178,11 +267,15 @@ def read_manifest(path: Path) -> list[ImageItem]:
                     raise InputError(f"{path}, line {line}: the 'path' value is empty")
                 if "\0" in raw:
                     raise InputError(f"{path}, line {line}: the 'path' value contains a NUL character")
-                image = Path(raw).expanduser()
-                if not image.is_absolute():
-                    image = path.parent.absolute() / image
+                if remote.is_uri(raw):
+                    image = raw
+                else:
+                    local = Path(remote.local_path(raw)).expanduser()
+                    image = str(local if local.is_absolute() else path.parent.absolute() / local)
+                    if sources.SEPARATOR in raw and os.path.isabs(raw):
+                        image = raw  # an identity: its member name is kept exactly
                 items.append(ImageItem(
-                    str(image),
+                    image,
                     parse_label(row.get("label"), f"{path}, line {line}"),
                     (row.get("group") or "").strip() or None,
                     row.get("caption") if (row.get("caption") or "").strip() else None,
@@ -210,51 +303,145 @@ def _text_encoding(path: Path) -> str:
     return "utf-16" if start in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
 
 
-def items_from_source(path: Path, options: SourceOptions | None = None) -> Iterator[ImageItem]:
+def items_from_source(path: str | Path, options: SourceOptions | None = None, *, root_name: str | None = None,
+                      class_names: dict[str, list[str]] | None = None) -> Iterator[ImageItem]:
     """The images of a zip / tar / WebDataset shard / Parquet / Arrow file (see
-    :mod:`tidy_detect.data.sources`), labelled and grouped by the folder rules applied to the member's
-    path inside the file (the file's name without its suffix standing for INPUT's name); a label or
-    group given by a sidecar or a column wins."""
-    root_name = sources.source_stem(path)
-    for record in sources.list_source(path, options):
+    :mod:`tidy_detect.data.sources`), labelled and grouped by the folder rules applied to the
+    member's path inside the file (``root_name``, by default the file's name without its suffix,
+    standing for INPUT's name); a label or group given by a sidecar or a column wins.
+
+    Raises:
+        InputError: the source cannot be listed, or holds a label that is not a label word.
+    """
+    root_name = root_name or sources.source_stem(path)
+    for record in sources.iter_source(path, options, class_names):
         label = parse_label(record.label, record.identity) if record.label is not None else \
             label_from_parts(record.parts)
         group = record.group or next((p for p in record.parts if p not in LABEL_FOLDERS), None) or root_name
         yield ImageItem(record.identity, label, group, record.caption)
 
 
+def items_from_table_set(found: hub.TableSet, options: SourceOptions | None = None) -> list[ImageItem]:
+    """The rows of a ``datasets`` split (see :mod:`tidy_detect.data.hub`), grouped by the group
+    column or, without one, under the dataset's name.
+
+    Raises:
+        InputError: as :func:`items_from_source`, or the files hold fewer or more rows than the
+            dataset's info records for the split (an incomplete copy).
+    """
+    items: list[ImageItem] = []
+    for file in found.files:
+        items.extend(items_from_source(file, options, root_name=found.name, class_names=found.class_names))
+    if found.rows is not None and found.rows != len(items):
+        raise InputError(f"{found.root}: the split {found.split!r} has {len(items):,} rows in its files but the "
+                         f"dataset's info records {found.rows:,}: the copy is incomplete or truncated")
+    return items
+
+
+def input_kind(text: str) -> str:
+    """What an INPUT (after :func:`normalize_input`) is: ``hub``, ``datasets``, ``source``,
+    ``manifest``, ``folder``, ``file`` or ``missing``; URIs the same (a remote folder is
+    ``folder``). Asks a remote store when it has to.
+
+    Raises:
+        InputError: a URI that cannot be used (credentials in it, an unknown scheme).
+    """
+    if hub.is_hub_id(text):
+        return "hub"
+    if remote.is_uri(text):
+        remote.check_uri(text)
+        if source_suffix(text) and sources.is_source_file(text):
+            return "source"
+        try:
+            found = remote.info(text)
+        except OSError as exc:
+            raise InputError(f"{text}: cannot be reached ({exc}); check the URI, the network and the "
+                             f"credentials") from exc
+        if found is None:
+            return "missing"
+        if found.is_dir:
+            return "datasets" if hub.folder_kind(text) else "folder"
+        return "manifest" if text.lower().endswith(".csv") else "file"
+    path = Path(text)
+    if path.is_dir():
+        return "datasets" if hub.folder_kind(str(path)) else "folder"
+    if path.suffix.lower() == ".csv" and path.is_file():
+        return "manifest"
+    if source_suffix(path) and path.is_file():
+        return "source"
+    if path.is_file():
+        return "file"
+    return "missing" if not path.exists() else "other"
+
+
 def collect_inputs(inputs: Iterable[str | Path], summary: InputSummary | None = None,
-                   options: SourceOptions | None = None) -> list[ImageItem]:
-    """Expand every INPUT (file, folder, ``.csv`` manifest, or an archive / table source:
-    ``.zip``, ``.tar``, ``.tar.gz``, ``.tgz``, ``.parquet``, ``.arrow``, read in place with
-    ``options`` naming table columns) into image items, in order.
+                   options: SourceOptions | None = None, split: str | None = None) -> list[ImageItem]:
+    """Expand every INPUT (see the module docstring) into image items, in order.
 
     Files named directly are always included, whatever their suffix (a bad one becomes an error
     record later). Duplicate paths are kept once.
 
+    Args:
+        options: which columns of tables (fields of WebDataset samples) hold what.
+        split: the split of ``datasets`` folders and hub datasets.
+
     Raises:
-        InputError: an INPUT that does not exist, a bad manifest, or a source that cannot be listed.
+        InputError: an INPUT that does not exist, a pattern that matches nothing, a bad
+            manifest, or a source that cannot be listed.
+        ConfigError: ``split`` given but no INPUT has splits.
     """
     summary = summary if summary is not None else InputSummary()
     items: list[ImageItem] = []
     seen: set[str] = set()
-    for raw in inputs:
-        path = Path(raw).expanduser()
-        if path.is_dir():
-            found = walk_folder(path, summary)
-        elif path.suffix.lower() == ".csv" and path.is_file():
-            found = iter(read_manifest(path))
-        elif source_suffix(path) and path.is_file():
-            found = items_from_source(path, options)
-        elif path.is_file():
-            found = iter([ImageItem(str(path.absolute()))])
-        elif path.exists():
-            raise InputError(f"{raw}: neither a file nor a folder")
+    split_used = False
+    for text in expand_inputs(inputs):
+        kind = input_kind(text)
+        if kind in ("hub", "datasets"):
+            found: Iterable[ImageItem] = items_from_table_set(hub.table_set(text, split), options)
+            split_used = True
+        elif kind == "folder":
+            found = walk_folder(trees.open_tree(text) if remote.is_uri(text) else Path(text), summary)
+        elif kind == "manifest":
+            if remote.is_uri(text):
+                raise InputError(f"{text}: manifests are read from local files; copy it here (its paths may "
+                                 f"be URIs)")
+            found = iter(read_manifest(Path(text)))
+        elif kind == "source":
+            found = items_from_source(text, options)
+        elif kind == "file":
+            found = iter([ImageItem(text if remote.is_uri(text) else str(Path(text).absolute()))])
+        elif kind == "other":
+            raise InputError(f"{text}: neither a file nor a folder")
         else:
-            raise InputError(f"{raw}: no such file or folder")
+            raise InputError(f"{text}: no such file or folder")
         for item in found:
             if item.path not in seen:
                 seen.add(item.path)
                 items.append(item)
+    if split is not None and not split_used:
+        raise ConfigError(f"--split {split}: splits need a dataset layout (--layout auto or a name) or a datasets "
+                          f"folder / hub dataset among the inputs, and none is one")
     summary.images = len(items)
     return items
+
+
+__all__ = [
+    "FAKE_WORDS",
+    "ImageItem",
+    "InputSummary",
+    "LABEL_FOLDERS",
+    "REAL_WORDS",
+    "WalkCounts",
+    "collect_inputs",
+    "expand_braces",
+    "expand_inputs",
+    "input_kind",
+    "items_from_source",
+    "items_from_table_set",
+    "label_from_parts",
+    "normalize_input",
+    "parse_label",
+    "read_manifest",
+    "walk_folder",
+    "walk_tree",
+]

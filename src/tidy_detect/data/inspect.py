@@ -4,6 +4,12 @@ A class whose images are mostly one file format while the other class of the sam
 another (GenImage: real JPEG, fake PNG) lets a detector learn the format instead of the fakeness;
 such groups get a warning. Formats come from file suffixes, or, with ``probe``, from opening
 files with Pillow (content beats names: a ``.png`` holding JPEG data counts as JPEG).
+
+Every input kind is inspected the same way: folders, archives, WebDataset shards, tables,
+``datasets`` folders and hub datasets, locally or behind a URI. A probed archive member, table row
+or remote object is read through :mod:`tidy_detect.data.sources` (bounded like extraction), and its
+header identified from those bytes; table rows have no file names, so only probing tells their
+formats.
 """
 
 from __future__ import annotations
@@ -14,9 +20,11 @@ import random
 from pathlib import Path
 from typing import Any, Iterable
 
+from tidy_detect.data import sources
 from tidy_detect.data.inputs import ImageItem
-from tidy_detect.data.layouts import Dataset
+from tidy_detect.data.layouts import COLUMNS, Dataset
 from tidy_detect.errors import ConfigError
+from tidy_detect.images import DEFAULT_MAX_FILE_BYTES
 
 DOMINANT_SHARE = 0.9  # a class this much one format is "one format"
 UNREADABLE = "UNREADABLE"
@@ -39,14 +47,24 @@ def format_from_suffix(path: str | Path) -> str:
     return _extension_formats().get(suffix, suffix[1:].upper())
 
 
-def probe_format(path: str | Path) -> str:
+def probe_format(path: str | Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> str:
     """The format Pillow reads from the file's header, or ``UNREADABLE`` (also for FIFOs and
-    devices, which are never opened: reading them could block or never end)."""
+    devices, which are never opened: reading them could block or never end). An archive member,
+    table row or remote object (see :mod:`tidy_detect.data.sources`) is read, at most
+    ``max_bytes``, and identified from its bytes."""
+    import io
     import os
     import stat
 
     from PIL import Image
 
+    if sources.is_identity(str(path)):
+        try:
+            data, _ = sources.read_item(str(path), max_bytes=max_bytes)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.format or "UNKNOWN"
+        except Exception:  # any failure to identify is the answer here, not an error
+            return UNREADABLE
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             return UNREADABLE
@@ -95,8 +113,8 @@ def inspect_dataset(dataset: Dataset, probe: int = 0, seed: int = 0,
         share: how much of a class must be one format for the format warning.
 
     Returns:
-        ``{"name", "layout", "root", "split", "items", "files", "shared_files", "skipped",
-        "notes", "groups": {group: {"real", "fake", "unlabelled", "reals_from", "formats":
+        ``{"name", "layout", "root", "container", "split", "items", "files", "shared_files",
+        "skipped", "notes", "groups": {group: {"real", "fake", "unlabelled", "reals_from", "formats":
         {"real": {fmt: n}, "fake": {...}}, ["probed": {...}], ["subgroups": {sub: {"real", "fake"}}]}},
         "warnings": [{"group", "message"}]}``. Warnings use probed formats when probing.
 
@@ -138,16 +156,20 @@ def inspect_dataset(dataset: Dataset, probe: int = 0, seed: int = 0,
         if message:
             warnings.append({"group": group, "message": message})
         groups[group] = entry
+    notes = list(dataset.notes)
+    if dataset.layout == COLUMNS and not probe:
+        notes.append("table rows have no file names, so their formats show as NONE; --probe N reads them")
     return {
         "name": dataset.name,
         "layout": dataset.layout,
         "root": dataset.root,
+        "container": dataset.container,
         "split": dataset.split,
         "items": len(dataset.items),
         "files": len(dataset.unique_paths()),
         "shared_files": len(dataset.shared_paths()),
         "skipped": dict(dataset.skipped),
-        "notes": list(dataset.notes),
+        "notes": notes,
         "groups": groups,
         "warnings": warnings,
     }

@@ -43,6 +43,17 @@ rows) back into one item per (image, generator) given ``Dataset.pairing``.
 In walked trees a file is an image by its suffix, case-insensitively (``a.v2.final.PNG`` is one);
 hidden files and folders are skipped; items are sorted by (group, label, path), so the list does
 not depend on the order the file system lists folders in.
+
+**Where the tree is.** Every layout reads a local folder, a zip or tar archive (``bench.zip``,
+``GenImage.tar.gz``: the members' paths are the tree, and each image's path is its identity
+``ARCHIVE!/MEMBER``), or a folder behind a URI (``s3://bucket/CNNDetection``), exactly the same way
+(see :mod:`tidy_detect.data.trees`): the same labels, groups, subgroups, pairing and splits.
+
+**Sources without a tree layout.** ``--layout auto`` also takes the inputs whose labels are
+written in them rather than in folder names: a Parquet or Arrow file, a ``datasets`` folder or a hub
+dataset (layout ``columns``: label, group and caption columns, see :class:`SourceOptions`), and a
+zip or tar whose members match no layout but carry WebDataset sidecars (layout ``webdataset``).
+Naming a tree layout for them is an error.
 """
 
 from __future__ import annotations
@@ -53,8 +64,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
-from tidy_detect.data.inputs import LABEL_FOLDERS, ImageItem, InputSummary, WalkCounts, collect_inputs, walk_tree
+from tidy_detect.data import hub, remote, sources, trees
+from tidy_detect.data.inputs import LABEL_FOLDERS, ImageItem, InputSummary, collect_inputs, expand_inputs, \
+    input_kind, items_from_source, items_from_table_set, normalize_input
 from tidy_detect.data.sampling import list_counts, load_list
+from tidy_detect.data.sources import SourceOptions
+from tidy_detect.data.trees import Folder, WalkCounts, subfolders  # noqa: F401  (subfolders: part of this API)
 from tidy_detect.errors import ConfigError, InputError, UnknownNameError
 from tidy_detect.images import is_image_path
 
@@ -86,6 +101,10 @@ NO_LABEL_FOLDER = "outside a 0_real/1_fake folder"
 REALS_IN_FAKE_FOLDER = "in 0_real of a fake folder paired with another real folder"
 FAKES_IN_REAL_FOLDER = "in 1_fake of a shared real folder"
 REACHED_AGAIN = "folders or files reached again through links"
+# Pseudo-layouts: how inputs that carry their own labels were read (not registered tree readers).
+COLUMNS = "columns"
+WEBDATASET = "webdataset"
+SOURCE_LAYOUTS = (COLUMNS, WEBDATASET)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +131,7 @@ class Dataset:
     pairing: Mapping[str, str] = field(default_factory=dict)
     skipped: Mapping[str, int] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    container: str = "folder"  # folder, zip, tar, tar.gz, parquet, arrow, datasets folder, ... (on s3, ...)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -211,42 +231,30 @@ class ExcludeList:
 class Walker:
     """Lists the images under folders of one dataset and counts what it skips."""
 
-    def __init__(self, root: Path, exclude: ExcludeList | None = None) -> None:
+    def __init__(self, root: Folder, exclude: ExcludeList | None = None) -> None:
         self.root = root.absolute()
         self.exclude = exclude or ExcludeList()
         self.skipped: collections.Counter[str] = collections.Counter()
         self.notes: list[str] = []
 
-    def images(self, folder: Path) -> Iterator[tuple[str, tuple[str, ...]]]:
-        """``(absolute path, folders between folder and the file)`` of every image, sorted."""
+    def images(self, folder: Folder) -> Iterator[tuple[str, tuple[str, ...]]]:
+        """``(path, folders between folder and the file)`` of every image, sorted; ``path`` is an
+        absolute path, an archive identity or a URI (see :mod:`tidy_detect.data.trees`)."""
         counts = WalkCounts()
-        for dirpath, parts, filenames in walk_tree(folder.absolute(), counts):
-            for name in filenames:
-                path = os.path.join(dirpath, name)
-                if not is_image_path(Path(name)):
-                    self.skipped[NOT_AN_IMAGE] += 1
-                    continue
-                if self.exclude and self.exclude.matches(path, _posix_relative(path, self.root)):
-                    self.skipped[EXCLUDED] += 1
-                    continue
-                yield path, parts
+        for path, parts, name in trees.walk_files(folder.absolute(), counts):
+            if not is_image_path(Path(name)):
+                self.skipped[NOT_AN_IMAGE] += 1
+                continue
+            if self.exclude and self.exclude.matches(path, trees.relative_to(path, self.root)):
+                self.skipped[EXCLUDED] += 1
+                continue
+            yield path, parts
         if counts.repeated:
             self.skipped[REACHED_AGAIN] += counts.repeated
 
 
-def _posix_relative(path: str, root: Path) -> str:
-    return os.path.relpath(path, root).replace(os.sep, "/")
-
-
-def subfolders(folder: Path) -> list[str]:
-    """Names of the visible sub-folders of ``folder``, sorted (empty when it is not a folder)."""
-    try:
-        with os.scandir(folder) as entries:
-            return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    except OSError as exc:
-        raise InputError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from exc
+def _posix_relative(path: str, root: Folder) -> str:
+    return trees.relative_to(path, root)
 
 
 def _label_position(parts: Sequence[str]) -> tuple[int | None, int]:
@@ -259,7 +267,7 @@ def _label_position(parts: Sequence[str]) -> tuple[int | None, int]:
     return label, first
 
 
-def _choose_split(base: Path, split: str | None, splits: Sequence[str]) -> tuple[Path, str | None]:
+def _choose_split(base: Folder, split: str | None, splits: Sequence[str]) -> tuple[Folder, str | None]:
     """The folder of the requested split under ``base`` (or ``base`` when it holds no splits)."""
     present = [s for s in splits if (base / s).is_dir()]
     if split is not None:
@@ -298,7 +306,7 @@ class Layout:
 
     name: str
     reader: Reader
-    looks_like: Callable[[Path], bool]
+    looks_like: Callable[[Folder], bool]
     expects: str  # the tree it reads, for messages and `datasets layouts`
     options: frozenset[str] = frozenset()  # which of "split", "pairing" it takes
     is_file: bool = False
@@ -307,7 +315,7 @@ class Layout:
 LAYOUTS: dict[str, Layout] = {}
 
 
-def register_layout(name: str, *, looks_like: Callable[[Path], bool], expects: str,
+def register_layout(name: str, *, looks_like: Callable[[Folder], bool], expects: str,
                     options: Iterable[str] = (), is_file: bool = False) -> Callable[[Reader], Reader]:
     """Function decorator registering a reader ``reader(root, *, split, pairing, walker) -> Found``.
 
@@ -343,13 +351,13 @@ def get_layout(name: str) -> Layout:
 # ---------------------------------------------------------------------------------------------
 # Readers, in auto-detection order
 
-def _looks_like_manifest(root: Path) -> bool:
-    return root.is_file() and root.suffix.lower() == ".csv"
+def _looks_like_manifest(root: Folder) -> bool:
+    return isinstance(root, Path) and root.is_file() and root.suffix.lower() == ".csv"
 
 
 @register_layout("manifest", looks_like=_looks_like_manifest, is_file=True,
                  expects="a CSV file with columns path[,label,group,caption,subgroup]")
-def read_manifest_layout(root: Path, *, split: str | None, pairing: Mapping[str, str] | None,
+def read_manifest_layout(root: Folder, *, split: str | None, pairing: Mapping[str, str] | None,
                          walker: Walker) -> Found:
     items, seen = [], set()
     for item in load_list(root):
@@ -362,12 +370,12 @@ def read_manifest_layout(root: Path, *, split: str | None, pairing: Mapping[str,
     return Found(items, {g: g for g in groups}, keep_order=True)
 
 
-def _genimage_splits(folder: Path) -> list[str]:
+def _genimage_splits(folder: Folder) -> list[str]:
     return [s for s in GENIMAGE_SPLITS
             if any((folder / s / label).is_dir() for label in GENIMAGE_LABELS)]
 
 
-def _genimage_bases(root: Path) -> list[tuple[str, Path]]:
+def _genimage_bases(root: Folder) -> list[tuple[str, Folder]]:
     """(generator, folder holding train/val) pairs: ``root`` itself, ``<gen>`` or ``<gen>/<sub>``."""
     if _genimage_splits(root):
         return [(root.absolute().name, root)]
@@ -385,7 +393,7 @@ def _genimage_bases(root: Path) -> list[tuple[str, Path]]:
 @register_layout("genimage", looks_like=lambda root: root.is_dir() and bool(_genimage_bases(root)),
                  options=("split",),
                  expects="<generator>/[<sub>/]{train,val}/{ai,nature}/* (GenImage)")
-def read_genimage(root: Path, *, split: str | None, pairing: Mapping[str, str] | None,
+def read_genimage(root: Folder, *, split: str | None, pairing: Mapping[str, str] | None,
                   walker: Walker) -> Found:
     bases = _genimage_bases(root)
     if not bases:
@@ -408,19 +416,19 @@ def read_genimage(root: Path, *, split: str | None, pairing: Mapping[str, str] |
     return Found(items, {g: g for g, _ in bases}, split)
 
 
-def _df_sources(base: Path) -> list[str]:
+def _df_sources(base: Folder) -> list[str]:
     """Source folders under a split folder: those holding ``real`` and at least one generator."""
     return [s for s in subfolders(base)
             if DF_REAL in (gens := subfolders(base / s)) and len(gens) > 1]
 
 
-def _df_base(root: Path) -> Path:
+def _df_base(root: Folder) -> Folder:
     if (root / DF_IMAGES).is_dir() and not any((root / s).is_dir() for s in SPLITS) and not _df_sources(root):
         return root / DF_IMAGES
     return root
 
 
-def _looks_like_diffusionforensics(root: Path) -> bool:
+def _looks_like_diffusionforensics(root: Folder) -> bool:
     if not root.is_dir():
         return False
     base = _df_base(root)
@@ -429,7 +437,7 @@ def _looks_like_diffusionforensics(root: Path) -> bool:
 
 @register_layout("diffusionforensics", looks_like=_looks_like_diffusionforensics, options=("split", "pairing"),
                  expects="[images/]<split>/<source>/{real,<generator>...}/* (DiffusionForensics, DIRE)")
-def read_diffusionforensics(root: Path, *, split: str | None, pairing: Mapping[str, str] | None,
+def read_diffusionforensics(root: Folder, *, split: str | None, pairing: Mapping[str, str] | None,
                             walker: Walker) -> Found:
     base = _df_base(root)
     if base != root:
@@ -448,7 +456,7 @@ def read_diffusionforensics(root: Path, *, split: str | None, pairing: Mapping[s
     return Found(_paired_items(chosen, base, walker), chosen, split)
 
 
-def _merge_pairing(default: Mapping[str, str], pairing: Mapping[str, str] | None, base: Path,
+def _merge_pairing(default: Mapping[str, str], pairing: Mapping[str, str] | None, base: Folder,
                    what: str) -> dict[str, str]:
     """The default pairing with the user's entries on top; every user key must be a fake folder."""
     chosen = dict(default)
@@ -460,7 +468,7 @@ def _merge_pairing(default: Mapping[str, str], pairing: Mapping[str, str] | None
     return chosen
 
 
-def _paired_items(pairing: Mapping[str, str], base: Path, walker: Walker) -> list[ImageItem]:
+def _paired_items(pairing: Mapping[str, str], base: Folder, walker: Walker) -> list[ImageItem]:
     """Fakes of each group with the reals of the folder it pairs with, each folder walked once.
 
     A fake folder holds fakes in ``1_fake`` or directly; when it pairs with itself its reals are
@@ -497,7 +505,7 @@ def _paired_items(pairing: Mapping[str, str], base: Path, walker: Walker) -> lis
     return items
 
 
-def _looks_like_unifd(root: Path) -> bool:
+def _looks_like_unifd(root: Folder) -> bool:
     folders = set(subfolders(root))
     return bool(folders & set(UNIFD_PAIRING)) and bool(folders & set(UNIFD_PAIRING.values()))
 
@@ -505,7 +513,7 @@ def _looks_like_unifd(root: Path) -> bool:
 @register_layout("unifd", looks_like=_looks_like_unifd, options=("pairing",),
                  expects="<generator>/[1_fake/]* with shared <real>/[0_real/]* (UniFD diffusion_datasets: "
                          + ", ".join(f"{f}->{r}" for f, r in UNIFD_PAIRING.items()) + ")")
-def read_unifd(root: Path, *, split: str | None, pairing: Mapping[str, str] | None, walker: Walker) -> Found:
+def read_unifd(root: Folder, *, split: str | None, pairing: Mapping[str, str] | None, walker: Walker) -> Found:
     folders = subfolders(root)
     for fake in pairing or {}:
         if fake not in folders:
@@ -539,7 +547,7 @@ def read_unifd(root: Path, *, split: str | None, pairing: Mapping[str, str] | No
     return Found(_paired_items(chosen, root, walker), chosen)
 
 
-def _looks_like_cnndetection(root: Path) -> bool:
+def _looks_like_cnndetection(root: Folder) -> bool:
     if not root.is_dir():
         return False
     known = set(CNNDETECTION_CLASSES) | set(CNNDETECTION_GENERATORS)
@@ -550,14 +558,14 @@ def _looks_like_cnndetection(root: Path) -> bool:
     return False
 
 
-def _has_label_folder(folder: Path, depth: int) -> bool:
+def _has_label_folder(folder: Folder, depth: int) -> bool:
     names = subfolders(folder)
     if any(n in LABEL_FOLDERS for n in names):
         return True
     return depth > 1 and any(_has_label_folder(folder / n, depth - 1) for n in names)
 
 
-def _is_class_split(base: Path) -> bool:
+def _is_class_split(base: Folder) -> bool:
     """A training/validation split: every folder is an LSUN class (no generator folders)."""
     names = subfolders(base)
     return bool(names) and all(n in CNNDETECTION_CLASSES for n in names)
@@ -566,7 +574,7 @@ def _is_class_split(base: Path) -> bool:
 @register_layout("cnndetection", looks_like=_looks_like_cnndetection, options=("split",),
                  expects="[train|val/]<class>/{0_real,1_fake}/* or [test/]<generator>/[<class>/]{0_real,1_fake}/* "
                          "(CNNDetection / ForenSynths)")
-def read_cnndetection(root: Path, *, split: str | None, pairing: Mapping[str, str] | None,
+def read_cnndetection(root: Folder, *, split: str | None, pairing: Mapping[str, str] | None,
                       walker: Walker) -> Found:
     base, split = _choose_split(root, split, SPLITS)
     class_group = CNNDETECTION_TRAIN_GENERATOR if _is_class_split(base) else None
@@ -574,7 +582,7 @@ def read_cnndetection(root: Path, *, split: str | None, pairing: Mapping[str, st
     return Found(items, {g: g for g in {str(i.group) for i in items}}, split)
 
 
-def _label_folder_items(base: Path, walker: Walker, class_group: str | None = None) -> list[ImageItem]:
+def _label_folder_items(base: Folder, walker: Walker, class_group: str | None = None) -> list[ImageItem]:
     """Images in ``0_real``/``1_fake`` folders under ``base``, grouped by the folders above them.
 
     With ``class_group``, every image belongs to that group and the first folder is its subgroup
@@ -597,13 +605,13 @@ def _label_folder_items(base: Path, walker: Walker, class_group: str | None = No
     return items
 
 
-def _looks_like_generic(root: Path) -> bool:
+def _looks_like_generic(root: Folder) -> bool:
     return root.is_dir() and (root.name in LABEL_FOLDERS or _has_label_folder(root, depth=4))
 
 
 @register_layout("generic", looks_like=_looks_like_generic,
                  expects="any tree with 0_real/1_fake folders: [<group>/[<subgroup>/...]]{0_real,1_fake}/*")
-def read_generic(root: Path, *, split: str | None, pairing: Mapping[str, str] | None, walker: Walker) -> Found:
+def read_generic(root: Folder, *, split: str | None, pairing: Mapping[str, str] | None, walker: Walker) -> Found:
     if root.name in LABEL_FOLDERS:  # a label folder given itself: the label is the root's name
         group = root.absolute().parent.name
         items = [ImageItem(path, LABEL_FOLDERS[root.name], group) for path, _ in walker.images(root)]
@@ -615,8 +623,8 @@ def read_generic(root: Path, *, split: str | None, pairing: Mapping[str, str] | 
 # ---------------------------------------------------------------------------------------------
 # Entry points
 
-def detect_layout(root: str | Path) -> str:
-    """The layout of ``root``, for ``--layout auto``.
+def detect_layout(root: str | Path | Folder) -> str:
+    """The layout of ``root`` (a folder, a zip / tar archive, or a folder URI), for ``--layout auto``.
 
     The rules, tried in this order (the first that holds wins):
 
@@ -633,9 +641,7 @@ def detect_layout(root: str | Path) -> str:
     Raises:
         InputError: ``root`` does not exist, or matches no rule.
     """
-    path = Path(root).expanduser()
-    if not path.exists():
-        raise InputError(f"{root}: no such file or folder")
+    path = root if isinstance(root, trees.Node) else trees.open_tree(_root_text(root))
     for layout in LAYOUTS.values():
         if layout.looks_like(path):
             return layout.name
@@ -643,34 +649,62 @@ def detect_layout(root: str | Path) -> str:
                      f"folders found); pass --layout, one of: {', '.join(LAYOUTS)}")
 
 
+def _root_text(root: str | Path) -> str:
+    return normalize_input(root)
+
+
 def read_dataset(root: str | Path, layout: str = "auto", split: str | None = None,
                  exclude: Iterable[str | Path] | None = None, pairing: Mapping[str, str] | None = None,
-                 ) -> Dataset:
-    """Read a benchmark folder (or a CSV manifest) into a :class:`Dataset`.
+                 options: SourceOptions | None = None) -> Dataset:
+    """Read a benchmark folder (or a CSV manifest, an archive, a table) into a :class:`Dataset`.
 
     Args:
-        root: the dataset folder (see the module docstring for each layout's tree), or a CSV file
-            for ``manifest``.
+        root: the dataset folder (see the module docstring for each layout's tree), a zip / tar
+            archive holding that tree, either behind a URI (``s3://bucket/CNNDetection``), a CSV
+            file for ``manifest``; with ``auto`` also a Parquet / Arrow file, a ``datasets``
+            folder, a hub dataset ``hf-dataset:ORG/NAME`` (layout ``columns``) or WebDataset
+            shards (layout ``webdataset``).
         layout: a registered layout name, or ``auto`` (:func:`detect_layout`).
-        split: ``train``/``val``/``test`` for layouts with splits; needed when the root holds
-            several, and an error for layouts without splits.
+        split: ``train``/``val``/``test`` for layouts with splits, or the split of a
+            ``datasets`` dataset; needed when the root holds several, and an error for layouts
+            without splits.
         exclude: exclude-list files (one file name or relative path per line) of images to skip.
         pairing: fake folder -> real folder, on top of the layout's default (``unifd``,
             ``diffusionforensics`` only).
+        options: the columns of tables and fields of WebDataset samples (``columns``,
+            ``webdataset``).
 
     Returns:
-        The dataset; items sorted by (group, label, path), except a manifest's, kept in file order.
+        The dataset; items sorted by (group, label, path), except a manifest's and a table's, kept
+        in file order.
 
     Raises:
         UnknownNameError: an unknown layout (the message lists the known ones).
-        ConfigError: ``split``/``pairing`` given to a layout that does not take it.
-        InputError: a missing root, a tree that does not fit the layout, a bad pairing, an
-            unreadable exclude list, or no images found.
+        ConfigError: ``split``/``pairing``/``exclude`` given to a layout that does not take it.
+        InputError: a missing root, a tree that does not fit the layout, a tree layout named for
+            a table, a bad pairing, an unreadable exclude list, or no images found.
     """
-    path = Path(root).expanduser()
-    if not path.exists():
+    text = root if isinstance(root, trees.Node) else _root_text(root)
+    kind = "folder" if isinstance(text, trees.Node) else input_kind(text)
+    if kind in ("hub", "datasets") or (kind == "source" and sources.container_kind(text) in ("parquet", "arrow")):
+        if layout != "auto":
+            raise InputError(f"{root}: a table ({_kind_name(text, kind)}), whose labels are in its columns; "
+                             f"--layout {layout} reads folder trees: use --layout auto, or drop --layout")
+        return _columns_dataset(text, kind, split, exclude, pairing, options)
+    if kind == "missing":
         raise InputError(f"{root}: no such file or folder")
-    name = detect_layout(path) if layout == "auto" else layout
+    path = text if isinstance(text, trees.Node) else trees.open_tree(text)
+    if layout == "auto":
+        try:
+            name = detect_layout(path)
+        except InputError:
+            if isinstance(path, trees.Node) and path.tree.separator == sources.SEPARATOR:
+                found = _webdataset(path, split, exclude, pairing, options)
+                if found is not None:
+                    return found
+            raise
+    else:
+        name = layout
     spec = get_layout(name)
     for option, value in (("split", split), ("pairing", pairing)):
         if value and option not in spec.options:
@@ -697,7 +731,94 @@ def read_dataset(root: str | Path, layout: str = "auto", split: str | None = Non
         pairing=dict(sorted(found.pairing.items())),
         skipped=dict(sorted(walker.skipped.items())),
         notes=tuple(walker.notes),
+        container=_container_name(path),
     )
+
+
+def _kind_name(text: str, kind: str) -> str:
+    if kind == "hub":
+        return "hub dataset"
+    if kind == "datasets":
+        return "datasets folder"
+    return sources.container_kind(text) or kind
+
+
+def _container_name(path: Folder) -> str:
+    kind = trees.kind_of(path)
+    where = remote.scheme_of(str(path)) if isinstance(path, trees.Node) and remote.is_uri(str(path)) else None
+    return f"{kind} on {where}" if where and "folder" not in kind else kind
+
+
+def _no_tree_options(root: object, layout: str, exclude: Iterable[str | Path] | None,
+                     pairing: Mapping[str, str] | None) -> None:
+    if pairing:
+        raise ConfigError(f"pairing is used only by the layouts unifd, diffusionforensics; {root} is read as "
+                          f"{layout} (labels written in it)")
+    if exclude:
+        raise ConfigError(f"exclude lists name files of a folder tree; {root} is read as {layout} (rows or "
+                          f"samples with their own labels): filter it before, or read a tree layout")
+
+
+def _columns_dataset(text: str, kind: str, split: str | None, exclude: Iterable[str | Path] | None,
+                     pairing: Mapping[str, str] | None, options: SourceOptions | None) -> Dataset:
+    _no_tree_options(text, COLUMNS, exclude, pairing)
+    if kind in ("hub", "datasets"):
+        found = hub.table_set(text, split)
+        assert found is not None  # input_kind said it is one
+        items, name, chosen, container = items_from_table_set(found, options), found.name, found.split, found.kind
+    else:
+        if split:
+            raise ConfigError(f"split chooses a split of a layout or a datasets dataset; {text} is one table")
+        items, name, chosen = list(items_from_source(text, options)), sources.source_stem(text), None
+        container = sources.container_kind(text) or "table"
+    if remote.is_uri(text):
+        container = f"{container} on {remote.scheme_of(text)}"
+    if not items:
+        raise InputError(f"{text}: holds no rows")
+    groups = sorted({str(i.group) for i in items})
+    root = text if remote.is_uri(text) or hub.is_hub_id(text) else os.path.abspath(text)
+    return Dataset(name, COLUMNS, root, tuple(items), chosen, {g: g for g in groups}, {}, (), container)
+
+
+def _webdataset(path: trees.Node, split: str | None, exclude: Iterable[str | Path] | None,
+                pairing: Mapping[str, str] | None, options: SourceOptions | None) -> Dataset | None:
+    """An archive no tree layout fits, read by its WebDataset sidecars; None when no member has a
+    sidecar label (then it is unlabelled, and the layout error stands)."""
+    archive = path.tree.display
+    items = list(items_from_source(archive, options))
+    if not any(i.label is not None for i in items):
+        return None
+    _no_tree_options(archive, WEBDATASET, exclude, pairing)
+    if split:
+        raise ConfigError(f"split is used only by layouts with splits; {archive} is read as webdataset")
+    groups = sorted({str(i.group) for i in items})
+    return Dataset(sources.source_stem(archive), WEBDATASET, archive, tuple(items), None, {g: g for g in groups},
+                   {}, (), _container_name(path))
+
+
+def merge_datasets(datasets: Sequence[Dataset], root: str) -> Dataset:
+    """One dataset of several read alike (the shards of a brace pattern): items in order, skipped
+    counts summed; the layout and container of the first, with the count of files read.
+
+    Raises:
+        InputError: no datasets, or datasets read with different layouts.
+    """
+    if not datasets:
+        raise InputError(f"{root}: nothing to read")
+    if len(datasets) == 1:
+        return datasets[0]
+    layouts = sorted({d.layout for d in datasets})
+    if len(layouts) > 1:
+        raise InputError(f"{root}: its files are read with different layouts ({', '.join(layouts)}); inspect "
+                         f"them one by one")
+    skipped: collections.Counter[str] = collections.Counter()
+    for dataset in datasets:
+        skipped.update(dataset.skipped)
+    first = datasets[0]
+    pairing = {k: v for d in datasets for k, v in d.pairing.items()}
+    return Dataset(first.name, first.layout, root, tuple(i for d in datasets for i in d.items), first.split,
+                   dict(sorted(pairing.items())), dict(sorted(skipped.items())),
+                   tuple(n for d in datasets for n in d.notes), f"{len(datasets)} × {first.container}")
 
 
 def _item_order(item: ImageItem) -> tuple[str, int, str]:
@@ -732,21 +853,25 @@ def expand_pairing(items: Iterable[ImageItem], pairing: Mapping[str, str]) -> li
 
 def datasets_for_inputs(inputs: Iterable[str | Path], layout: str, *, split: str | None = None,
                         exclude: Iterable[str | Path] | None = None, pairing: Mapping[str, str] | None = None,
-                        ) -> list[Dataset]:
-    """:func:`read_dataset` of every INPUT (each root once), with the same options."""
-    roots = dict.fromkeys(str(Path(r).expanduser().absolute()) for r in inputs)
-    return [read_dataset(root, layout, split=split, exclude=exclude, pairing=pairing) for root in roots]
+                        options: SourceOptions | None = None) -> list[Dataset]:
+    """:func:`read_dataset` of every INPUT (each root once, brace patterns expanded), with the
+    same options."""
+    roots = dict.fromkeys(text if remote.is_uri(text) or hub.is_hub_id(text) else os.path.abspath(text)
+                          for text in expand_inputs(inputs))
+    return [read_dataset(root, layout, split=split, exclude=exclude, pairing=pairing, options=options)
+            for root in roots]
 
 
 def items_for_inputs(inputs: Iterable[str | Path], layout: str | None = None, *, split: str | None = None,
                      exclude: Iterable[str | Path] | None = None, pairing: Mapping[str, str] | None = None,
-                     summary: InputSummary | None = None) -> list[ImageItem]:
+                     summary: InputSummary | None = None, options: SourceOptions | None = None) -> list[ImageItem]:
     """Image items for extraction from a command's INPUTs: generic walking, or benchmark layouts.
 
     With ``layout=None`` this is :func:`tidy_detect.data.inputs.collect_inputs` (files, folders,
-    manifests; ``split``/``exclude``/``pairing`` must then be unset). Otherwise every INPUT is
-    read with :func:`read_dataset` and their ``extraction_items()`` are concatenated: each file
-    once (per group), shared reals under their real folder's name (see :func:`expand_pairing`).
+    manifests, archives, tables, datasets; ``split`` then only chooses the split of ``datasets``
+    inputs, and ``exclude``/``pairing`` must be unset). Otherwise every INPUT is read with
+    :func:`read_dataset` and their ``extraction_items()`` are concatenated: each file once (per
+    group), shared reals under their real folder's name (see :func:`expand_pairing`).
 
     Raises:
         ConfigError, UnknownNameError, InputError: as :func:`read_dataset`, and when dataset
@@ -754,10 +879,10 @@ def items_for_inputs(inputs: Iterable[str | Path], layout: str | None = None, *,
     """
     summary = summary if summary is not None else InputSummary()
     if layout is None:
-        if split or exclude or pairing:
-            raise ConfigError("split, exclude and pairing need a dataset layout (--layout auto or a name)")
-        return collect_inputs(inputs, summary)
-    datasets = datasets_for_inputs(inputs, layout, split=split, exclude=exclude, pairing=pairing)
+        if exclude or pairing:
+            raise ConfigError("exclude and pairing need a dataset layout (--layout auto or a name)")
+        return collect_inputs(inputs, summary, options, split)
+    datasets = datasets_for_inputs(inputs, layout, split=split, exclude=exclude, pairing=pairing, options=options)
     return items_for_datasets(datasets, summary)
 
 
@@ -801,6 +926,9 @@ __all__ = [
     "LAYOUTS",
     "Layout",
     "UNIFD_PAIRING",
+    "COLUMNS",
+    "SOURCE_LAYOUTS",
+    "WEBDATASET",
     "datasets_for_inputs",
     "detect_layout",
     "expand_pairing",
@@ -808,6 +936,7 @@ __all__ = [
     "items_for_datasets",
     "items_for_inputs",
     "layout_names",
+    "merge_datasets",
     "parse_pairing",
     "read_dataset",
     "register_layout",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from tidy_detect.data.inputs import ImageItem, InputSummary
+from tidy_detect.data.sources import SourceOptions
 from tidy_detect.errors import ConfigError, InputError
 
 
@@ -31,22 +32,28 @@ class Selection:
 def select_inputs(inputs: Iterable[str | Path], *, layout: str | None = None, split: str | None = None,
                   exclude: Iterable[str | Path] | None = None, pairing: Mapping[str, str] | None = None,
                   max_per_class: int | None = None, per_class: int | None = None, seed: int = 0,
-                  limit: int | None = None) -> Selection:
+                  limit: int | None = None, source_options: SourceOptions | None = None) -> Selection:
     """Read INPUTs and sample them.
 
     Args:
-        layout: None for generic walking (folders, files, manifests), else a layout name or "auto".
+        layout: None for generic walking (folders, files, manifests, archives, tables, datasets),
+            else a layout name or "auto".
         max_per_class: evaluation sampling: at most N real and N fake per generator.
         per_class: training subsets: exactly N real and N fake, spread over the classes
             (subgroups) of the training set.
         seed: the sampling seed.
         limit: keep at most this many images (in order, after sampling).
+        source_options: which columns of tables (fields of WebDataset samples) hold what.
 
     Raises:
         ConfigError: both sampling options, or dataset options without a layout.
         InputError, UnknownNameError: as the layout readers.
     """
-    from tidy_detect.data.layouts import datasets_for_inputs, expand_pairing, items_for_datasets, items_for_inputs
+    from tidy_detect.data.inputs import normalize_input
+    from tidy_detect.data.layouts import (SOURCE_LAYOUTS, datasets_for_inputs, expand_pairing, items_for_datasets,
+                                          items_for_inputs)
+    from tidy_detect.data.hub import is_hub_id
+    from tidy_detect.data.remote import is_uri
     from tidy_detect.data.sampling import sample_per_class, stratified_per_class
 
     inputs = list(inputs)
@@ -56,13 +63,15 @@ def select_inputs(inputs: Iterable[str | Path], *, layout: str | None = None, sp
     found_pairing: dict[str, str] = {}
     found_datasets: dict[str, str] = {}
     if layout is None:
-        items = items_for_inputs(inputs, None, split=split, exclude=exclude, pairing=pairing, summary=summary)
+        items = items_for_inputs(inputs, None, split=split, exclude=exclude, pairing=pairing, summary=summary,
+                                 options=source_options)
     else:
-        datasets = datasets_for_inputs(inputs, layout, split=split, exclude=exclude, pairing=pairing)
+        datasets = datasets_for_inputs(inputs, layout, split=split, exclude=exclude, pairing=pairing,
+                                       options=source_options)
         items = items_for_datasets(datasets, summary)
         for dataset in datasets:
             found_pairing.update({g: r for g, r in dataset.pairing.items() if g != r})
-            if dataset.layout in ("generic", "manifest"):
+            if dataset.layout in ("generic", "manifest", *SOURCE_LAYOUTS):
                 continue  # how the files were listed, not which benchmark they come from
             for group in sorted({str(item.group) for item in dataset.extraction_items()}):
                 if found_datasets.setdefault(group, dataset.layout) != dataset.layout:
@@ -83,5 +92,6 @@ def select_inputs(inputs: Iterable[str | Path], *, layout: str | None = None, sp
         items = items[:limit]
     if params:
         params["layout"] = layout
-        params["inputs"] = [str(Path(p).absolute()) for p in inputs]
+        params["inputs"] = [text if is_uri(text) or is_hub_id(text) else str(Path(text).absolute())
+                            for text in map(normalize_input, inputs)]
     return Selection(items, found_pairing, params, summary.ignored_files, datasets=found_datasets)

@@ -1,36 +1,57 @@
-"""Image sources read in place: zip and tar archives, WebDataset shards, Parquet and Arrow files.
+"""Image sources read in place: zip and tar archives, WebDataset shards, Parquet and Arrow files,
+on the local disk or behind a filesystem URI (see :mod:`tidy_detect.data.remote`).
 
 Every image of a source has an **identity**, a string that stands in ``ImageItem.path`` and in the
 store's ``path`` column:
 
-- an archive member: ``ARCHIVE!/MEMBER``, the archive's absolute path, ``!/``, and the member's name
-  exactly as the archive stores it (``/data/bench.zip!/progan/1_fake/img0.png``);
+- an archive member: ``ARCHIVE!/MEMBER``, the archive's absolute path or URI, ``!/``, and the
+  member's name exactly as the archive stores it (``/data/bench.zip!/progan/1_fake/img0.png``,
+  ``s3://bucket/bench.zip!/progan/1_fake/img0.png``);
 - a Parquet or Arrow row: ``FILE!/ROW``, ROW the row's number in the file from 0
-  (``/data/train.parquet!/17``).
+  (``/data/train.parquet!/17``), when the image is in the column chosen by default (see
+  :class:`SourceOptions`); ``FILE!/COLUMN/ROW`` when another column was named, so two image
+  columns of one table (a real and a fake image per row) are two images;
+- a remote image file: its URI (``s3://bucket/data/0_real/x.png``).
 
-An identity is split at the first ``!/`` whose left part names an existing file with a source
-suffix (``.zip``, ``.tar``, ``.tar.gz``, ``.tgz``, ``.parquet``, ``.arrow``); a path that exists as
-it is is always a plain file.
+An identity is split at the first ``!/`` whose left part names a file with a source suffix
+(``.zip``, ``.tar``, ``.tar.gz``, ``.tgz``, ``.parquet``, ``.arrow``): locally, an existing
+file, and a path that exists as it is is always a plain file; behind a URI, the suffix alone
+decides (asking the store would cost a request per image).
 
 Reading is bounded and never touches the disk beyond the source file: no member is extracted or
 written anywhere (so a member named ``../../etc/passwd`` is only a string), a member larger than the
 file-size limit is refused from the size the archive records before any byte of it is read, only
-regular members are listed (no links, devices or folders), and a damaged archive gives an
+regular members are listed (no links, devices or folders), and a damaged source gives an
 ``InputError`` when it cannot be listed and an error row (``corrupt``) for a member whose data
-cannot be read, never an internal error.
+cannot be read, never an internal error. A **truncated** source is refused whole when it is listed,
+before any extraction: a zip without its central directory, a tar without its end-of-archive
+blocks (or cut inside a member), a Parquet file without its footer, an Arrow stream without its
+end-of-stream marker.
+
+**How bytes are read.** Zip members and uncompressed tar members are read by position
+(``pread`` locally, one ranged request per member remotely), so threads read them in parallel;
+Parquet through the file's random access (ranged reads of the column chunks wanted); a compressed
+tar sequentially, by a few cursors that only move forward; a local Arrow file memory-mapped. Only
+the members being read are ever in memory, whatever the source's size.
+
+An archive made by packing a folder (``zip -r X.zip X``), whose members all sit under ``X/``,
+reads as that folder: ``X/`` is not a part of the members' paths for labels and groups.
 
 **Sidecars (WebDataset).** In a zip or tar, files sharing an image's *key* (its path up to the
 first dot of its name, as WebDataset groups a sample) describe it: ``KEY.cls`` holds its label
-(``0``/``1``/``real``/``fake``), ``KEY.json`` a ``label`` (and optionally a ``caption``) field, and
-``KEY.txt`` its caption. A label from a sidecar wins over the ``0_real``/``1_fake`` path parts.
-So WebDataset shards need no option: a shard is a tar whose samples have such sidecars.
+(``0``/``1``/``real``/``fake``), ``KEY.json`` a ``label``, ``caption`` and ``group`` field (the
+names :class:`SourceOptions` can change), and ``KEY.txt`` its caption. A label from a sidecar wins
+over the ``0_real``/``1_fake`` path parts. So WebDataset shards need no option: a shard is a tar
+whose samples have such sidecars.
 
-**Resume.** The stat recorded for an archive member is the archive file's own stat: an archive
-whose size, mtime, ctime and inode are unchanged has unchanged members, so a rerun skips them
-without reading a byte; when the archive was touched, every member's content is hashed and
+**Resume.** The stat recorded for an archive member is the archive file's own mtime, ctime and
+inode with the member's byte count: an archive whose mtime, ctime and inode are unchanged has
+unchanged members (any rewrite or replacement changes the ctime), so a rerun skips them without
+reading a byte; when the archive was touched, every member's content is hashed and
 compared (what :func:`tidy_detect.features.extractor.pending_items` does for a touched file), so a
 rewritten archive only redoes the members that really changed. A member's CRC would add nothing to
-this, and tar has none.
+this, and tar has none. Behind a URI the stat is the object's size and mtime (see
+:mod:`tidy_detect.data.remote`).
 
 This module reads containers and reports raw records (:class:`SourceRecord`); how path parts
 become labels and groups is :mod:`tidy_detect.data.inputs`'s rule, the same for every source.
@@ -40,10 +61,13 @@ from __future__ import annotations
 
 import bz2
 import collections
+import dataclasses
 import gzip
+import io
 import json
 import lzma
 import os
+import struct
 import tarfile
 import threading
 import time
@@ -51,8 +75,9 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
+from tidy_detect.data import remote
 from tidy_detect.errors import CorruptImageError, ImageNotFoundError, ImageTooLargeError, InputError, \
     UnsupportedImageError
 from tidy_detect.images import DEFAULT_MAX_FILE_BYTES, MIB, FileStat, is_image_path
@@ -65,23 +90,59 @@ SIDECARS = ("cls", "json", "txt")
 # A sidecar is a label or a caption: anything larger is not one, and is not read.
 MAX_SIDECAR_BYTES = 1 * MIB
 _BATCH_ROWS = 64  # Parquet rows decoded at a time when reading images (memory: one batch per cursor)
-_CURSORS = 4  # sequential readers kept per compressed archive or Parquet file (threads read out of order)
+_CURSORS = 4  # sequential readers kept per compressed archive or table (threads read out of order)
 _OPEN_SOURCES = 8
+# Archive listings kept after their container is closed (by members, all archives together): the
+# shards of a pattern are listed once when the inputs are collected and read later, after others
+# were opened; listing a tar again means reading it again.
+_LISTED_MEMBERS = 2_000_000
+_REMOTE_RECHECK_S = 5.0  # how often a remote container's stat is asked again while it is read
+_CHUNK = 1 * MIB  # sequential reads of a tar stream
+_LOOKBEHIND = 8192  # bytes a forward-only tar stream keeps behind its position (tarfile steps back 1)
+_ARROW_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # the end-of-stream marker every Arrow stream writer closes with
+_ZIP_HEADER_SLACK = 1024  # read with a member's local header: its name and extra field, usually all of it
 
 
 @dataclass(frozen=True)
 class SourceOptions:
-    """Which columns of a Parquet / Arrow file hold what. ``image_column=None`` picks the column
-    named ``image`` or ``img``, else the first column of image structs (``{"bytes", "path"}``, as
-    Hugging Face ``datasets`` writes them) or raw binary. Absent optional columns are ignored."""
+    """Which columns of a Parquet / Arrow file (or fields of a WebDataset sample) hold what.
+
+    A column left as None takes its default, and may be absent: ``label``, ``group``, ``caption``;
+    the image column defaults to the column named ``image`` or ``img``, else the first column of
+    image structs (``{"bytes", "path"}``, as Hugging Face ``datasets`` writes them) or raw binary.
+    A column named here must exist: a source without it is an ``InputError`` listing its columns.
+
+    In a WebDataset shard the columns are the sample's parts: ``image_column`` is the extension
+    of the image member to take (``jpg``, ``png``; by default every member with an image suffix),
+    and ``label_column`` / ``group_column`` / ``caption_column`` name fields of its ``.json``
+    sidecar. When named, the field wins over ``.cls`` / ``.txt``.
+    """
 
     image_column: str | None = None
-    label_column: str = "label"
-    group_column: str = "group"
-    caption_column: str = "caption"
+    label_column: str | None = None
+    group_column: str | None = None
+    caption_column: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.label_column or "label"
+
+    @property
+    def group(self) -> str:
+        return self.group_column or "group"
+
+    @property
+    def caption(self) -> str:
+        return self.caption_column or "caption"
+
+    def named(self) -> dict[str, str]:
+        """The columns given explicitly: ``{"--label-column": "y", ...}``."""
+        return {f"--{kind}-column": value for kind, value in (("image", self.image_column),
+                ("label", self.label_column), ("group", self.group_column), ("caption", self.caption_column))
+                if value is not None}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SourceRecord:
     """One image of a source, before the label and group rules of :mod:`tidy_detect.data.inputs`."""
 
@@ -92,92 +153,264 @@ class SourceRecord:
     caption: str | None = None
 
 
+_LONGEST_FIRST = tuple(sorted(SOURCE_SUFFIXES, key=len, reverse=True))
+
+
 def source_suffix(path: str | Path) -> str | None:
     """The source suffix of a file name (``.tar.gz`` before ``.gz``), or None."""
     name = str(path).lower()
-    return next((s for s in sorted(SOURCE_SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
+    return next((s for s in _LONGEST_FIRST if name.endswith(s)), None)
 
 
 def is_source_file(path: str | Path) -> bool:
-    return source_suffix(path) is not None and os.path.isfile(path)
+    """Whether ``path`` is a source file: an existing local file, or a URI, with a source suffix."""
+    if source_suffix(path) is None:
+        return False
+    if remote.is_uri(str(path)):
+        try:
+            found = remote.info(str(path), _REMOTE_RECHECK_S)
+        except (OSError, InputError):
+            return False
+        return found is not None and found.is_file
+    return os.path.isfile(path)
+
+
+def container_kind(path: str | Path) -> str | None:
+    """``zip``, ``tar``, ``tar.gz``, ``parquet`` or ``arrow`` for a source file name, else None."""
+    suffix = source_suffix(path)
+    return None if suffix is None else {".tgz": "tar.gz"}.get(suffix, suffix[1:])
 
 
 def source_stem(path: str | Path) -> str:
     """The file name without its source suffix (``bench.tar.gz`` -> ``bench``): a group's default."""
-    name = Path(path).name
+    name = remote.base_name(str(path)) if remote.is_uri(str(path)) else Path(path).name
     suffix = source_suffix(name)
     return name[:-len(suffix)] if suffix else Path(name).stem
 
 
+def _absolute(container: str | Path) -> str:
+    text = str(container)
+    return text if remote.is_uri(text) else os.path.abspath(text)
+
+
 def make_identity(container: str | Path, member: str | int) -> str:
-    return f"{os.path.abspath(container)}{SEPARATOR}{member}"
+    return f"{_absolute(container)}{SEPARATOR}{member}"
+
+
+# Local containers seen to be files with no folder "NAME!" beside them (so no path through them
+# can exist as it is): asked once a second, not for each of their million members.
+_plain_containers: dict[str, float] = {}
+_CONTAINER_RECHECK_S = 1.0
+
+
+def _is_plain_container(container: str) -> bool:
+    now = time.monotonic()
+    seen = _plain_containers.get(container)
+    if seen is not None and now - seen < _CONTAINER_RECHECK_S:
+        return True
+    if os.path.isfile(container) and not os.path.lexists(container + "!"):
+        if len(_plain_containers) > 4096:
+            _plain_containers.clear()
+        _plain_containers[container] = now
+        return True
+    return False
 
 
 def split_identity(path: str) -> tuple[str, str] | None:
-    """``(container, member)`` of a source identity, or None for a plain path."""
-    if SEPARATOR not in path or os.path.lexists(path):
+    """``(container, member)`` of a source identity, or None for a plain path or URI."""
+    if SEPARATOR not in path:
+        return None
+    uri = remote.is_uri(path)
+    at = path.find(SEPARATOR)
+    if not uri and _is_plain_container(path[:at]) and source_suffix(path[:at]):
+        return path[:at], path[at + len(SEPARATOR):]
+    if not uri and os.path.lexists(path):
         return None
     start = 0
     while (at := path.find(SEPARATOR, start)) >= 0:
         container = path[:at]
-        if source_suffix(container) and os.path.isfile(container):
+        if source_suffix(container) and (uri or os.path.isfile(container)):
             return container, path[at + len(SEPARATOR):]
         start = at + 1
     return None
 
 
 def is_identity(path: str) -> bool:
-    return split_identity(path) is not None
+    """Whether ``path`` is read through this module: a source member or a remote URI (not a plain
+    local file, which :func:`tidy_detect.images.load_image` reads itself)."""
+    return remote.is_uri(path) or split_identity(path) is not None
 
 
 # ---------------------------------------------------------------------------------------------
 # Public reading API (what the extractor calls)
 
-def list_source(path: str | Path, options: SourceOptions | None = None) -> list[SourceRecord]:
+def list_source(path: str | Path, options: SourceOptions | None = None,
+                class_names: dict[str, list[str]] | None = None) -> list[SourceRecord]:
     """The images of a source file, in the order the file stores them.
 
+    Args:
+        path: a local path or a URI.
+        options: which columns (sidecar fields) hold what.
+        class_names: ``{column: names}`` mapping integer labels to class names (a ``datasets``
+            folder's ``ClassLabel``), over what the file's own metadata says.
+
     Raises:
-        InputError: the file cannot be read or listed (not an archive, truncated before its
-            members could be listed, no image column, a bad sidecar), naming the file.
+        InputError: the file cannot be read or listed (not an archive, truncated, no image
+            column, a named column or field that is absent, a bad sidecar), naming the file.
     """
-    return _container(str(path), options).records()
+    return list(iter_source(path, options, class_names))
+
+
+def iter_source(path: str | Path, options: SourceOptions | None = None,
+                class_names: dict[str, list[str]] | None = None) -> Iterator[SourceRecord]:
+    """:func:`list_source`, one record at a time (a table's rows batch by batch).
+
+    Raises:
+        InputError: as :func:`list_source`; a table's damage may be found while iterating.
+    """
+    return _container(_absolute(path)).records(options or SourceOptions(), class_names or {})
+
+
+def archive_members(path: str | Path) -> list[str]:
+    """Every regular, visible member of a zip or tar (images and the rest), in archive order:
+    what a dataset layout walks inside the archive.
+
+    Raises:
+        InputError: as :func:`list_source`, or the file is a table.
+    """
+    container = _container(_absolute(path))
+    if not isinstance(container, _Archive):
+        raise InputError(f"{path}: a table, not an archive of files")
+    return container.member_names()
 
 
 def read_item(identity: str, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple[bytes, FileStat]:
-    """The bytes of one source image and the stat that stands for it (the container file's).
+    """The bytes of one source image and the stat that stands for it (the container file's, or a
+    remote object's own).
 
     Raises:
         ImageNotFoundError: the container or the member is gone. ImageTooLargeError: over
         ``max_bytes`` (for archive members, from the recorded size, before reading).
         CorruptImageError: the member's data cannot be read (a truncated or damaged archive).
         UnsupportedImageError: an encrypted member or an unsupported compression.
+        ImageError: a remote store cannot be reached.
     """
     split = split_identity(identity)
     if split is None:
+        if remote.is_uri(identity):
+            return remote.read_object(identity, max_bytes=max_bytes)
         raise ImageNotFoundError(f"{identity}: no such file or archive member")
     container, member = split
     try:
-        source = _container(container, None)
+        source, seen = _container_and_stat(container)
     except InputError as exc:
-        raise CorruptImageError(f"{identity}: {exc}") from exc
-    try:  # as read, with git's racy rule (see FileStat.of): a just-written archive is hashed next time
-        stat = FileStat.of(os.stat(container), time.time_ns())
-    except OSError as exc:
-        raise ImageNotFoundError(f"{identity}: the archive cannot be read ({exc.strerror or exc})") from exc
+        if remote.is_uri(container) or os.path.exists(container):
+            raise CorruptImageError(f"{identity}: {exc}") from exc
+        raise ImageNotFoundError(f"{identity}: the archive is gone") from exc
+    stat = FileStat.of(seen, time.time_ns()) if isinstance(seen, os.stat_result) else source.stat_now()
     data = source.read(member, max_bytes, identity)
     _check_size(len(data), max_bytes, identity)
-    return data, stat
+    return data, FileStat(len(data), stat.mtime_ns, stat.ctime_ns, stat.inode)
 
 
-def stat_item(path: str) -> FileStat | None:
-    """What resume compares for an identity (its container's stat now), None when it cannot be
-    stat'ed; for a plain path, the path's own stat."""
+def stat_item(path: str, recorded: FileStat | None = None) -> FileStat | None:
+    """What resume compares for a path now, None when it cannot be stat'ed.
+
+    A plain file's or remote object's own stat. A member's (see the module docstring): its
+    container's mtime, ctime and inode with the member's byte count, which is what the store
+    records (``num_bytes``); that count is taken from ``recorded`` (the stat the store holds for
+    the path), since a table row's size is not known without reading it, and it needs no
+    comparing: rewriting the container changes its ctime (locally) or its mtime (an object).
+    """
     split = split_identity(path)
     target = split[0] if split is not None else path
-    try:
-        return FileStat.of(os.stat(target))
-    except OSError:
-        return None
+    if remote.is_uri(target):
+        found = remote.stat(target)
+    else:
+        try:
+            found = FileStat.of(os.stat(target))
+        except OSError:
+            return None
+    if split is None or found is None:
+        return found
+    return dataclasses.replace(found, size=recorded.size if recorded is not None else found.size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a container's bytes are: a local file or a remote object
+
+class _Location:
+    """Opens, stats and reads by position one local file or remote object."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.remote = remote.is_uri(name)
+        self._fd: int | None = None
+        self._file: Any = None
+        self._lock = threading.Lock()
+
+    def stat(self, max_age_s: float = 0.0) -> tuple[tuple, FileStat]:
+        """(cache key, stat). Raises InputError when the file or object cannot be stat'ed."""
+        if self.remote:
+            try:
+                found = remote.info(self.name, max_age_s)
+            except OSError as exc:
+                raise InputError(f"{self.name}: cannot be read ({exc})") from exc
+            if found is None or not found.is_file:
+                raise InputError(f"{self.name}: no such object")
+            return (found.size, found.mtime_ns), remote.stat_of(found)
+        try:
+            st = os.stat(self.name)
+        except OSError as exc:
+            raise InputError(f"{self.name}: cannot be read ({exc.strerror or exc})") from exc
+        return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino), FileStat.of(st)
+
+    def stat_as_read(self) -> FileStat:
+        """The stat recorded with bytes read now (git's racy rule, see :meth:`FileStat.of`)."""
+        try:
+            if self.remote:
+                found = remote.info(self.name, _REMOTE_RECHECK_S)
+                if found is None:
+                    raise ImageNotFoundError(f"{self.name}: the object is gone")
+                return remote.stat_of(found, time.time_ns())
+            return FileStat.of(os.stat(self.name), time.time_ns())
+        except OSError as exc:
+            raise ImageNotFoundError(f"{self.name}: the archive cannot be read ({exc})") from exc
+
+    def random_file(self) -> Any:
+        """A new seekable binary file (the caller closes it)."""
+        return remote.open_random(self.name) if self.remote else open(self.name, "rb")
+
+    def stream(self) -> Any:
+        """A new sequential binary stream (the caller closes it)."""
+        return remote.open_stream(self.name) if self.remote else open(self.name, "rb")
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes from ``offset``; thread-safe, no shared position."""
+        with self._lock:
+            if self.remote and self._file is None:
+                self._file = remote.open_random(self.name)
+            elif not self.remote and self._fd is None:
+                self._fd = os.open(self.name, os.O_RDONLY)
+        if self.remote:
+            return self._file.read_at(size, offset)
+        chunks, got = [], 0
+        while got < size:
+            chunk = os.pread(self._fd, size - got, offset + got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,26 +420,70 @@ _cache: collections.OrderedDict[str, "_Container"] = collections.OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def _container(path: str, options: SourceOptions | None) -> "_Container":
-    path = os.path.abspath(path)
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
-    key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+def _container(path: str) -> "_Container":
+    return _container_and_stat(path)[0]
+
+
+def _container_and_stat(path: str) -> tuple["_Container", Any]:
+    """The open container of ``path`` and, for a local file, the ``os.stat`` that checked it is
+    unchanged (None for a remote one)."""
     with _cache_lock:
         found = _cache.get(path)
-        if found is not None and found.key == key and (options is None or found.options == options):
+    seen = None
+    if remote.is_uri(path):
+        if found is not None and time.monotonic() - found.checked < _REMOTE_RECHECK_S:
+            return found, None
+        key, _ = _Location(path).stat(_REMOTE_RECHECK_S)
+    else:
+        try:
+            seen = os.stat(path)
+        except OSError as exc:
+            raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+        key = (seen.st_size, seen.st_mtime_ns, seen.st_ctime_ns, seen.st_ino)
+    if found is not None and found.key == key:
+        found.checked = time.monotonic()
+        with _cache_lock:
             _cache.move_to_end(path)
-            return found
-    suffix = source_suffix(path)
-    kind = {".zip": _Zip, ".parquet": _Parquet, ".arrow": _Arrow}.get(suffix or "", _Tar)
-    made = kind(path, key, FileStat.of(st), options or (found.options if found else SourceOptions()))
+        return found, seen
+    return _open_container(path, key), seen
+
+
+def _open_container(path: str, key: tuple) -> "_Container":
+    location = _Location(path)
+    kind = {".zip": _Zip, ".parquet": _Parquet, ".arrow": _Arrow}.get(source_suffix(path) or "", _Tar)
+    made = kind(location, key)
     with _cache_lock:
-        _cache[path] = made
-        while len(_cache) > _OPEN_SOURCES:
-            _cache.popitem(last=False)[1].close()
-    return made
+        raced = _cache.get(path)
+        if raced is not None and raced.key == key:  # another thread opened it meanwhile: one is enough
+            keep, gone = raced, [made]
+        else:
+            if raced is not None:
+                del _cache[path]
+            _cache[path] = keep = made
+            gone = ([raced] if raced is not None else []) + \
+                [_cache.popitem(last=False)[1] for _ in range(max(0, len(_cache) - _OPEN_SOURCES))]
+    for container in gone:
+        container.close()
+    return keep
+
+
+_listings: collections.OrderedDict[tuple, tuple[int, Any]] = collections.OrderedDict()
+
+
+def _listing(path: str, key: tuple) -> Any:
+    with _cache_lock:
+        found = _listings.get((path, key))
+        if found is not None:
+            _listings.move_to_end((path, key))
+        return None if found is None else found[1]
+
+
+def _keep_listing(path: str, key: tuple, members: int, listing: Any) -> None:
+    with _cache_lock:
+        _listings[(path, key)] = (members, listing)
+        total = sum(n for n, _ in _listings.values())
+        while total > _LISTED_MEMBERS and len(_listings) > 1:
+            total -= _listings.popitem(last=False)[1][0]
 
 
 def _check_size(size: int, max_bytes: int, label: str) -> None:
@@ -233,106 +510,284 @@ def _member_parts(name: str) -> tuple[str, ...]:
 
 
 class _Container:
-    def __init__(self, path: str, key: tuple, stat: FileStat, options: SourceOptions) -> None:
-        self.path, self.key, self.stat, self.options = path, key, stat, options
+    def __init__(self, location: _Location, key: tuple) -> None:
+        self.location, self.key = location, key
+        self.path = location.name
+        self.checked = time.monotonic()
         self.lock = threading.Lock()
-        self._records: list[SourceRecord] | None = None
 
-    def records(self) -> list[SourceRecord]:
-        if self._records is None:
-            self._records = self.list()
-        return self._records
+    def records(self, options: SourceOptions, class_names: dict[str, list[str]]) -> Iterator[SourceRecord]:
+        # Not kept: the caller turns them into items, and a second list of a million would double
+        # the listing's memory; listing again reads only the archive's index or the small columns.
+        return iter(self.list(options, class_names))
 
-    def list(self) -> list[SourceRecord]:
+    def list(self, options: SourceOptions, class_names: dict[str, list[str]]) -> Iterable[SourceRecord]:
         raise NotImplementedError
 
     def read(self, member: str, max_bytes: int, label: str) -> bytes:
         raise NotImplementedError
 
+    def stat_now(self) -> FileStat:
+        return self.location.stat_as_read()
+
     def close(self) -> None:
-        pass
+        self.location.close()
 
 
 class _Archive(_Container):
     """Zip and tar: an index ``member -> where its data is`` and sidecars grouped by key."""
 
-    def _records_from(self, names: list[str], sidecars: dict[str, dict[str, bytes]]) -> list[SourceRecord]:
+    def member_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def sidecars(self) -> dict[str, dict[str, bytes]]:
+        raise NotImplementedError
+
+    def list(self, options: SourceOptions, class_names: dict[str, list[str]]) -> list[SourceRecord]:
+        names = [n for n in self.member_names() if is_image_path(PurePosixPath(n))]
+        if options.image_column is not None:
+            wanted = options.image_column.lower().lstrip(".")
+            found = sorted({_key_and_extension(n)[1] for n in names})
+            names = [n for n in names if _key_and_extension(n)[1] == wanted]
+            if not names:
+                raise InputError(f"{self.path}: no image member with the extension {wanted!r} (--image-column); "
+                                 f"image extensions there: {', '.join(found) or '(none)'}")
+        sidecars = self.sidecars()
+        self._check_fields(options, sidecars)
+        # A packed folder (``zip -r X.zip X``: every member under X/) reads as X, so X/ is no group.
+        stem = source_stem(self.path)
+        packed = all(_member_parts(n)[:1] == (stem,) for n in self.member_names())
         records = []
         for name in names:
             key, _ = _key_and_extension(name)
-            label, caption = self._describe(key, sidecars.get(key, {}))
-            records.append(SourceRecord(make_identity(self.path, name), _member_parts(name), label, None, caption))
+            label, group, caption = self._describe(key, sidecars.get(key, {}), options)
+            parts = _member_parts(name)[1:] if packed else _member_parts(name)
+            records.append(SourceRecord(make_identity(self.path, name), parts, label, group, caption))
         return records
 
-    def _describe(self, key: str, found: dict[str, bytes]) -> tuple[str | None, str | None]:
-        label = caption = None
-        where = f"{self.path}{SEPARATOR}{key}"
-        if "json" in found:
-            try:
-                meta = json.loads(found["json"].decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as exc:
-                raise InputError(f"{where}.json: not valid JSON ({exc})") from exc
-            if isinstance(meta, dict):
-                label = None if meta.get("label") is None else str(meta["label"])
-                caption = meta.get("caption") if isinstance(meta.get("caption"), str) else None
-        if "cls" in found:
+    def _check_fields(self, options: SourceOptions, sidecars: dict[str, dict[str, bytes]]) -> None:
+        named = {flag: value for flag, value in options.named().items() if flag != "--image-column"}
+        if not named:
+            return
+        fields: set[str] = set()
+        for key, found in sidecars.items():
+            if "json" in found:
+                meta = self._json(key, found["json"])
+                fields.update(meta if isinstance(meta, dict) else ())
+        for flag, value in named.items():
+            if value not in fields:
+                raise InputError(f"{self.path}: no sample has the field {value!r} ({flag}) in its .json sidecar; "
+                                 f"fields there: {', '.join(sorted(fields)) or '(no .json sidecars)'}")
+
+    def _json(self, key: str, raw: bytes) -> Any:
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise InputError(f"{self.path}{SEPARATOR}{key}.json: not valid JSON ({exc})") from exc
+
+    def _describe(self, key: str, found: dict[str, bytes], options: SourceOptions
+                  ) -> tuple[str | None, str | None, str | None]:
+        label = group = caption = None
+        meta = self._json(key, found["json"]) if "json" in found else None
+        meta = meta if isinstance(meta, dict) else {}
+
+        def field(name: str) -> str | None:
+            value = meta.get(name)
+            return None if value is None or isinstance(value, (dict, list)) else str(value)
+
+        label, group = field(options.label), field(options.group)
+        caption = meta.get(options.caption) if isinstance(meta.get(options.caption), str) else None
+        if "cls" in found and options.label_column is None:
             label = found["cls"].decode("utf-8", errors="replace").strip()
-        if "txt" in found:
+        if "txt" in found and options.caption_column is None:
             caption = found["txt"].decode("utf-8", errors="replace")
-        return label, (caption if caption and caption.strip() else None)
+        return label, group, (caption if caption and caption.strip() else None)
+
+
+# Fields of a zip local file header (zipfile's own struct layout, ``_FH_*`` indices).
+_FH_NAME_LENGTH, _FH_EXTRA_LENGTH = 10, 11
 
 
 class _Zip(_Archive):
+    """The central directory is read once with :mod:`zipfile`; members are then read by position
+    (their local header and data in one ``read_at``) and decompressed and CRC-checked by
+    ``zipfile.ZipExtFile``. Unlike ``ZipFile.open``, which holds one lock per archive for each read,
+    threads (and ranged requests to a remote archive) read in parallel."""
+
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
+        kept = _listing(self.path, self.key)
+        if kept is not None:
+            self.index, self._sidecars = kept
+            return
+        handle = None
         try:
-            self.zip = zipfile.ZipFile(self.path)
-            infos = self.zip.infolist()
+            handle = self.location.random_file()
+            with zipfile.ZipFile(handle) as archive:
+                infos = archive.infolist()
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-            raise InputError(f"{self.path}: not a readable zip archive ({exc}); it may be truncated") from exc
+            raise InputError(f"{self.path}: not a readable zip archive ({exc}); it may be truncated (a zip's "
+                             f"index is at its end)") from exc
+        finally:
+            if handle is not None:
+                handle.close()
         self.index = {info.filename: info for info in infos if not info.is_dir() and not _hidden(info.filename)}
+        self._sidecars: dict[str, dict[str, bytes]] | None = None
+        _keep_listing(self.path, self.key, len(self.index), (self.index, None))
 
-    def list(self) -> list[SourceRecord]:
-        names, sidecars = [], collections.defaultdict(dict)
-        for name, info in self.index.items():
-            key, extension = _key_and_extension(name)
-            if is_image_path(PurePosixPath(name)):
-                names.append(name)
-            elif extension in SIDECARS and info.file_size <= MAX_SIDECAR_BYTES:
-                sidecars[key][extension] = self.read(name, MAX_SIDECAR_BYTES, f"{self.path}{SEPARATOR}{name}")
-        return self._records_from(names, sidecars)
+    def member_names(self) -> list[str]:
+        return list(self.index)
+
+    def sidecars(self) -> dict[str, dict[str, bytes]]:
+        if self._sidecars is None:
+            found: dict[str, dict[str, bytes]] = collections.defaultdict(dict)
+            for name, info in self.index.items():
+                key, extension = _key_and_extension(name)
+                if extension in SIDECARS and info.file_size <= MAX_SIDECAR_BYTES:
+                    found[key][extension] = self.read(name, MAX_SIDECAR_BYTES, f"{self.path}{SEPARATOR}{name}")
+            self._sidecars = dict(found)
+            _keep_listing(self.path, self.key, len(self.index), (self.index, self._sidecars))
+        return self._sidecars
 
     def read(self, member: str, max_bytes: int, label: str) -> bytes:
         info = self.index.get(member)
         if info is None:
             raise ImageNotFoundError(f"{label}: no such member in the archive")
         _check_size(info.file_size, max_bytes, label)
+        if info.compress_size > max_bytes + max_bytes // 64 + 64 * 1024:  # deflate grows data by < 0.1%
+            raise ImageTooLargeError(f"{label}: the archive records {info.compress_size:,} compressed bytes, over "
+                                     f"the limit of {max_bytes:,} bytes; raise --max-file-mb if it is genuine")
+        if info.flag_bits & 0x1:
+            raise UnsupportedImageError(f"{label}: the member is encrypted")
         try:
-            with self.lock, self.zip.open(info) as handle:
+            wanted = zipfile.sizeFileHeader + _ZIP_HEADER_SLACK + info.compress_size
+            data = self.location.read_at(info.header_offset, wanted)
+            if len(data) < zipfile.sizeFileHeader:
+                raise zipfile.BadZipFile("the member's header is cut off")
+            header = struct.unpack(zipfile.structFileHeader, data[:zipfile.sizeFileHeader])
+            if header[0] != zipfile.stringFileHeader:
+                raise zipfile.BadZipFile("bad magic number for the member's header")
+            start = zipfile.sizeFileHeader + header[_FH_NAME_LENGTH] + header[_FH_EXTRA_LENGTH]
+            end = start + info.compress_size
+            if end > len(data) and len(data) == wanted:  # a long extra field: the rest of the data
+                data += self.location.read_at(info.header_offset + len(data), end - len(data))
+            if end > len(data):
+                raise EOFError(f"the archive ends {end - len(data):,} bytes before the end of this member")
+            if info.compress_type == zipfile.ZIP_STORED:  # images mostly are: the bytes as they lie, CRC-checked
+                payload = data[start:end]
+                if zlib.crc32(payload) != info.CRC:
+                    raise zipfile.BadZipFile(f"Bad CRC-32 for file {info.filename!r}")
+                return payload
+            with zipfile.ZipExtFile(io.BytesIO(data[start:end]), "r", info) as handle:
                 return handle.read(max_bytes + 1)  # the recorded size can lie: never read more
         except NotImplementedError as exc:
             raise UnsupportedImageError(f"{label}: {exc}") from exc
-        except RuntimeError as exc:  # an encrypted member
-            raise UnsupportedImageError(f"{label}: cannot be read ({exc})") from exc
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, lzma.LZMAError) as exc:
             raise CorruptImageError(f"{label}: the member's data cannot be read ({exc}); the archive may be "
                                     f"truncated or damaged") from exc
 
+
+class _Forward:
+    """A forward-only view of a sequential stream for :mod:`tarfile`'s ``r:`` mode: ``tell``,
+    ``seek`` ahead (reading and dropping, or seeking the underlying file when it can and the jump
+    is long), a step back within the last few KiB (tarfile steps back one byte between members),
+    and the last 512-byte block asked for (see :class:`_Watch`)."""
+
+    def __init__(self, raw: Any, seekable: bool = False, chunk: int = _CHUNK) -> None:
+        self.raw, self.seekable, self.chunk = raw, seekable, chunk
+        self.buffer = bytearray()
+        self.start = 0  # stream position of buffer[0]
+        self.pos = 0
+        self.eof = False
+        self.last_block: bytes | None = None
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 2:
+            raise io.UnsupportedOperation("a tar stream has no known end")
+        target = offset + (self.pos if whence == 1 else 0)
+        if target < self.start:
+            raise io.UnsupportedOperation(f"cannot seek back to {target} (stream at {self.pos})")
+        self.pos = target
+        return target
+
+    def read(self, size: int | None = -1) -> bytes:
+        want_end = None if size is None or size < 0 else self.pos + size
+        while not self.eof and (want_end is None or self.start + len(self.buffer) < want_end):
+            end = self.start + len(self.buffer)
+            if self.pos > end:  # data nobody reads lies between: skip it
+                gap = self.pos - end
+                if self.seekable and gap > self.chunk:
+                    self.raw.seek(self.pos)
+                    self.buffer, self.start = bytearray(), self.pos
+                    continue
+                chunk = self.raw.read(min(gap, self.chunk))
+                if not chunk:
+                    self.eof = True
+                    break
+                self.buffer, self.start = bytearray(), end + len(chunk)
+                continue
+            keep_from = max(self.start, self.pos - _LOOKBEHIND)
+            del self.buffer[:keep_from - self.start]
+            self.start = keep_from
+            chunk = self.raw.read(self.chunk)
+            if not chunk:
+                self.eof = True
+                break
+            self.buffer += chunk
+        at = self.pos - self.start
+        data = bytes(self.buffer[at:] if want_end is None else self.buffer[at:at + (want_end - self.pos)])
+        self.pos += len(data)
+        if size == tarfile.BLOCKSIZE:
+            self.last_block = data
+        return data
+
     def close(self) -> None:
-        self.zip.close()
+        self.raw.close()
 
 
-def _opener(path: str) -> Callable[[], Any] | None:
-    """How to open a tar's decompressed stream (None for an uncompressed tar), from its magic bytes."""
-    with open(path, "rb") as handle:
-        magic = handle.read(6)
-    if magic.startswith(b"\x1f\x8b"):
-        return lambda: gzip.open(path, "rb")
-    if magic.startswith(b"BZh"):
-        return lambda: bz2.open(path, "rb")
-    if magic.startswith(b"\xfd7zXZ"):
-        return lambda: lzma.open(path, "rb")
-    return None
+class _Watch:
+    """A local file as tarfile reads it, remembering the last 512-byte block asked for: where a
+    listing stopped, the end-of-archive block of zeros, or less (or a bad header) when the tar is
+    cut. tarfile itself takes a tar that just ends for a complete one."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.last_block: bytes | None = None
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = self.raw.read(size)
+        if size == tarfile.BLOCKSIZE:
+            self.last_block = data
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+class _Decompressed:
+    """A decompressing stream and the raw stream under it, closed together."""
+
+    def __init__(self, kind: str | None, raw: Any) -> None:
+        self.raw = raw
+        self.stream = {"gz": lambda: gzip.GzipFile(fileobj=raw, mode="rb"), "bz2": lambda: bz2.BZ2File(raw, "rb"),
+                       "xz": lambda: lzma.LZMAFile(raw, "rb"), None: lambda: raw}[kind]()
+
+    def read(self, size: int = -1) -> bytes:
+        return self.stream.read(size)
+
+    def close(self) -> None:
+        if self.stream is not self.raw:
+            self.stream.close()
+        self.raw.close()
 
 
 class _Cursors:
@@ -361,45 +816,90 @@ class _Cursors:
         self.cursors = []
 
 
-_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError, ValueError)
+_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError, ValueError, io.UnsupportedOperation)
+
+
+def _compression(magic: bytes) -> str | None:
+    if magic.startswith(b"\x1f\x8b"):
+        return "gz"
+    if magic.startswith(b"BZh"):
+        return "bz2"
+    if magic.startswith(b"\xfd7zXZ"):
+        return "xz"
+    return None
 
 
 class _Tar(_Archive):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         try:
-            self.open_stream = _opener(self.path)
+            self.compression = _compression(self.location.read_at(0, 6))
         except OSError as exc:
             raise InputError(f"{self.path}: cannot be read ({exc.strerror or exc})") from exc
         self.index: dict[str, tuple[int, int]] = {}  # member -> (data offset, size) in the tar stream
-        self.cursors = _Cursors(self.open_stream, lambda c: c.tell()) if self.open_stream else None
+        self._sidecars: dict[str, dict[str, bytes]] = {}
+        self._names: list[str] = []
+        self._listed = False
+        kept = _listing(self.path, self.key)
+        if kept is not None:
+            self.index, self._names, self._sidecars = kept
+            self._listed = True
+        self.cursors = _Cursors(self._open_cursor, lambda c: c.tell()) if self.compression else None
 
-    def list(self) -> list[SourceRecord]:
+    def _open_cursor(self) -> _Forward:
+        return _Forward(_Decompressed(self.compression, self.location.stream()))
+
+    def _listing_stream(self) -> Any:
+        if self.compression is not None:
+            return self._open_cursor()
+        if self.location.remote:  # ranged reads of 1 MiB, jumping over large members
+            return _Forward(self.location.random_file(), seekable=True)
+        return _Watch(open(self.path, "rb"))  # the OS seeks over members: only headers are read
+
+    def _list(self) -> None:
+        if self._listed:
+            return
         names, sidecars = [], collections.defaultdict(dict)
         listed = 0
+        stream = self._listing_stream()
         try:
-            with tarfile.open(self.path, "r:*") as tar:
+            with tarfile.open(fileobj=stream, mode="r:") as tar:
                 for member in tar:
                     listed += 1
                     if not member.isfile() or _hidden(member.name):
                         continue
                     name = member.name
-                    if name not in self.index and is_image_path(PurePosixPath(name)):
+                    if name not in self.index:
                         names.append(name)
                     self.index[name] = (member.offset_data, member.size)
                     key, extension = _key_and_extension(name)
                     if extension in SIDECARS and member.size <= MAX_SIDECAR_BYTES:
                         handle = tar.extractfile(member)
                         sidecars[key][extension] = handle.read() if handle else b""
+            block = stream.last_block
+            if listed and (block is None or len(block) < tarfile.BLOCKSIZE or block.count(0) != len(block)):
+                cut = "cut inside a header" if block else "cut after its last complete member"
+                raise InputError(f"{self.path}: the tar archive ends without its end-of-archive blocks ({cut}, "
+                                 f"after {listed} members): it is truncated; download or copy it again")
         except _TAR_ERRORS as exc:
             where = f" after {listed} members" if listed else ""
             raise InputError(f"{self.path}: not a readable tar archive{where} ({exc or type(exc).__name__}); "
                              f"it may be truncated or damaged") from exc
-        return self._records_from(names, sidecars)
+        finally:
+            stream.close()
+        self._names, self._sidecars, self._listed = names, dict(sidecars), True
+        _keep_listing(self.path, self.key, len(self.index), (self.index, self._names, self._sidecars))
+
+    def member_names(self) -> list[str]:
+        self._list()
+        return self._names
+
+    def sidecars(self) -> dict[str, dict[str, bytes]]:
+        self._list()
+        return self._sidecars
 
     def read(self, member: str, max_bytes: int, label: str) -> bytes:
-        if not self.index:
-            self.records()
+        self._list()
         where = self.index.get(member)
         if where is None:
             raise ImageNotFoundError(f"{label}: no such member in the archive")
@@ -407,9 +907,7 @@ class _Tar(_Archive):
         _check_size(size, max_bytes, label)
         try:
             if self.cursors is None:
-                with open(self.path, "rb") as handle:
-                    handle.seek(offset)
-                    data = handle.read(size)
+                data = self.location.read_at(offset, size)
             else:
                 with self.lock:
                     stream = self.cursors.at_or_before(offset)
@@ -425,34 +923,47 @@ class _Tar(_Archive):
 
     def close(self) -> None:
         if self.cursors is not None:
-            self.cursors.close()
+            with self.lock:
+                self.cursors.close()
+        super().close()
 
 
 # ---------------------------------------------------------------------------------------------
 # Tables: Parquet and Arrow
 
-def _image_column(schema: Any, options: SourceOptions, path: str) -> str:
+def _holds_images(field: Any) -> bool:
     import pyarrow as pa
 
+    kind = field.type
+    if pa.types.is_struct(kind):
+        return kind.get_field_index("bytes") >= 0
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+
+
+def _default_image_column(schema: Any) -> str | None:
+    names = list(schema.names)
+    for name in ("image", "img"):
+        if name in names and _holds_images(schema.field(name)):
+            return name
+    return next((f.name for f in schema if _holds_images(f)), None)
+
+
+def _image_column(schema: Any, options: SourceOptions, path: str) -> str:
     names = list(schema.names)
     if options.image_column is not None:
         if options.image_column not in names:
-            raise InputError(f"{path}: no image column {options.image_column!r}; columns: {', '.join(names)}")
+            raise InputError(f"{path}: no image column {options.image_column!r} (--image-column); columns: "
+                             f"{', '.join(names)}")
+        if not _holds_images(schema.field(options.image_column)):
+            kind = schema.field(options.image_column).type
+            raise InputError(f"{path}: the column {options.image_column!r} holds {kind}, not images (a struct with "
+                             f"a 'bytes' field, or binary)")
         return options.image_column
-
-    def holds_images(field: Any) -> bool:
-        kind = field.type
-        if pa.types.is_struct(kind):
-            return kind.get_field_index("bytes") >= 0
-        return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
-
-    for name in ("image", "img"):
-        if name in names and holds_images(schema.field(name)):
-            return name
-    found = next((f.name for f in schema if holds_images(f)), None)
+    found = _default_image_column(schema)
     if found is None:
         raise InputError(f"{path}: no image column (a struct with a 'bytes' field, as Hugging Face datasets "
-                         f"writes images, or a binary column); columns: {', '.join(names) or '(none)'}")
+                         f"writes images, or a binary column); columns: {', '.join(names) or '(none)'}; "
+                         f"name one with --image-column")
     return found
 
 
@@ -470,29 +981,72 @@ def _class_names(schema: Any, column: str) -> list[str] | None:
     return [str(n) for n in names] if isinstance(names, list) else None
 
 
-def _image_bytes(value: Any, label: str) -> bytes:
-    if isinstance(value, dict):
-        data = value.get("bytes")
-        if data is None:
-            where = f" (only a path: {value['path']!r})" if value.get("path") else ""
-            raise ImageNotFoundError(f"{label}: the image column holds no bytes{where}")
-        return bytes(data)
-    if value is None:
+def _image_bytes(array: Any, index: int, label: str) -> bytes:
+    """The image bytes of one cell of an image column (a struct's ``bytes`` field, or binary),
+    read from the Arrow array itself: no other field and no other row is converted."""
+    cell = array[index]
+    if not cell.is_valid:
         raise ImageNotFoundError(f"{label}: the image column is empty")
-    return bytes(value)
+    if hasattr(cell, "keys"):  # a struct
+        data = cell["bytes"]
+        if not data.is_valid:
+            path = cell["path"].as_py() if "path" in cell.keys() else None
+            where = f" (only a path: {path!r})" if path else ""
+            raise ImageNotFoundError(f"{label}: the image column holds no bytes{where}")
+        return data.as_py()
+    return cell.as_py()
 
 
 class _Table(_Container):
     """Rows of record batches: listing reads the small columns (and the images' ``path`` field),
     never the image bytes; reading gets one image at a time."""
 
-    def _describe_batches(self, schema: Any, batches: Iterator[Any]) -> list[SourceRecord]:
+    schema: Any
+
+    @property
+    def default_image(self) -> str | None:
+        if not hasattr(self, "_default_image"):
+            self._default_image = _default_image_column(self.schema)
+        return self._default_image
+
+    def _member(self, column: str, row: int) -> str:
+        return str(row) if column == self.default_image else f"{column}/{row}"
+
+    def _split_member(self, member: str, label: str) -> tuple[str, int]:
+        column, _, row = member.rpartition("/")
+        if not row.isdigit():
+            raise ImageNotFoundError(f"{label}: not a row number")
+        if not column:
+            column = self.default_image or ""
+            if not column:
+                raise ImageNotFoundError(f"{label}: the table has no image column")
+        elif column not in self.schema.names:
+            raise ImageNotFoundError(f"{label}: the table has no column {column!r}")
+        return column, int(row)
+
+    def _small_columns(self, options: SourceOptions, image: str) -> list[str]:
+        names = list(self.schema.names)
+        for flag, value in options.named().items():
+            if value not in names:
+                raise InputError(f"{self.path}: no column {value!r} ({flag}); columns: {', '.join(names)}")
+        return [c for c in dict.fromkeys((options.label, options.group, options.caption)) if c in names and c != image]
+
+    def _describe_batches(self, batches: Iterator[Any], image: str, options: SourceOptions,
+                          class_names: dict[str, list[str]], what: str) -> Iterator[SourceRecord]:
+        """The rows' records, batch by batch: a million rows never exist twice (records and items)."""
         import pyarrow as pa
 
-        options = self.options
-        image = _image_column(schema, options, self.path)
-        names = _class_names(schema, options.label_column)
-        records, row = [], 0
+        try:
+            yield from self._records_of(batches, image, options, class_names)
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"{self.path}: the {what} file cannot be read ({exc}); it may be truncated") from exc
+
+    def _records_of(self, batches: Iterator[Any], image: str, options: SourceOptions,
+                    class_names: dict[str, list[str]]) -> Iterator[SourceRecord]:
+        import pyarrow as pa
+
+        names = class_names.get(options.label) or _class_names(self.schema, options.label)
+        row = 0
         for batch in batches:
             columns = {name: batch.column(name).to_pylist() for name in batch.schema.names if name != image}
             paths = [None] * batch.num_rows
@@ -500,26 +1054,56 @@ class _Table(_Container):
                 column = batch.column(image)
                 if pa.types.is_struct(column.type) and column.type.get_field_index("path") >= 0:
                     paths = column.field("path").to_pylist()  # the struct's path only, never its bytes
+            elif f"{image}.path" in batch.schema.names:
+                paths = columns.pop(f"{image}.path")
             empty = [None] * batch.num_rows
-            labels, groups, captions = (columns.get(c, empty) for c in (options.label_column, options.group_column,
-                                                                          options.caption_column))
+            labels, groups, captions = (columns.get(c, empty) for c in (options.label, options.group, options.caption))
             for i in range(batch.num_rows):
-                parts = _member_parts(paths[i]) if isinstance(paths[i], str) else ()
+                # A relative path is read like a member's; an absolute one is where the image was
+                # on the machine that wrote the table, and its folders mean nothing here.
+                parts = _member_parts(paths[i]) if isinstance(paths[i], str) and not paths[i].startswith("/") else ()
                 label, group, caption = labels[i], groups[i], captions[i]
                 if isinstance(label, int) and not isinstance(label, bool) and names and 0 <= label < len(names):
                     label = names[label]
-                records.append(SourceRecord(make_identity(self.path, row), parts,
-                                            None if label is None else str(label),
-                                            None if group is None else str(group),
-                                            caption if isinstance(caption, str) and caption.strip() else None))
+                yield SourceRecord(make_identity(self.path, self._member(image, row)), parts,
+                                   None if label is None else str(label), None if group is None else str(group),
+                                   caption if isinstance(caption, str) and caption.strip() else None)
                 row += 1
-        self.rows = row
-        return records
 
-    def _row(self, member: str, label: str) -> int:
-        if not member.isdigit():
-            raise ImageNotFoundError(f"{label}: not a row number")
-        return int(member)
+
+def _batch_cursor(batches: Iterator[Any], column: str, closer: Any = None) -> list[Any]:
+    # [first row of the current batch, its images' bytes (None where absent), their paths (structs
+    # with one) or None, the batch iterator, what to close]
+    return [0, [], None, (b.column(column) if hasattr(b, "column") else b for b in batches), closer]
+
+
+def _batch_values(array: Any) -> tuple[list[Any], list[Any] | None]:
+    """A batch's image bytes as Python values, and the struct's paths: one conversion per batch
+    of the column's ``bytes`` only (``flatten`` nulls a null struct's fields too)."""
+    import pyarrow as pa
+
+    if not pa.types.is_struct(array.type):
+        return array.to_pylist(), None
+    fields = dict(zip((f.name for f in array.type), array.flatten()))
+    return fields["bytes"].to_pylist(), fields["path"].to_pylist() if "path" in fields else None
+
+
+def _advance(cursor: list[Any], row: int) -> tuple[Any, Any]:
+    """(bytes or None, path or None) of ``row``, moving the cursor forward batch by batch."""
+    while row >= cursor[0] + len(cursor[1]):
+        cursor[0] += len(cursor[1])
+        cursor[1], cursor[2] = _batch_values(next(cursor[3]))
+    at = row - cursor[0]
+    return cursor[1][at], (cursor[2][at] if cursor[2] is not None else None)
+
+
+def _cursor_bytes(found: tuple[Any, Any], label: str) -> bytes:
+    data, path = found
+    if data is None and path:
+        raise ImageNotFoundError(f"{label}: the image column holds no bytes (only a path: {path!r})")
+    if data is None:
+        raise ImageNotFoundError(f"{label}: the image column is empty")
+    return data
 
 
 class _Parquet(_Table):
@@ -528,109 +1112,178 @@ class _Parquet(_Table):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        self.handle = None
         try:
-            self.file = pq.ParquetFile(self.path)
-            self.image = _image_column(self.file.schema_arrow, self.options, self.path)
+            self.handle = self.location.random_file() if self.location.remote else None
+            # pre_buffer (pyarrow's default) keeps every row group's chunks of the columns read, i.e.
+            # the whole image column by the end: memory would grow with the dataset. Unbuffered, a
+            # row group's column chunk is one read (one ranged request remotely), dropped when done.
+            self.file = pq.ParquetFile(self.handle if self.handle is not None else self.path, pre_buffer=False)
+            self.schema = self.file.schema_arrow
         except (pa.ArrowException, OSError) as exc:
-            raise InputError(f"{self.path}: not a readable Parquet file ({exc})") from exc
-        self.cursors = _Cursors(self._open_cursor, lambda c: c[0])
+            raise InputError(f"{self.path}: not a readable Parquet file ({exc}); it may be truncated (a Parquet "
+                             f"file's footer is at its end)") from exc
+        self.cursors: dict[str, _Cursors] = {}
 
-    def _open_cursor(self) -> list[Any]:
-        # [first row of the current batch, the current batch's images, the batch iterator]
-        batches = self.file.iter_batches(batch_size=_BATCH_ROWS, columns=[self.image], use_threads=False)
-        return [0, [], batches]
+    def _open_cursor(self, column: str) -> list[Any]:
+        return _batch_cursor(self.file.iter_batches(batch_size=_BATCH_ROWS, columns=[column], use_threads=False),
+                             column)
 
-    def list(self) -> list[SourceRecord]:
+    def list(self, options: SourceOptions, class_names: dict[str, list[str]]) -> Iterator[SourceRecord]:
         import pyarrow as pa
 
-        schema = self.file.schema_arrow
-        small = [c for c in (self.options.label_column, self.options.group_column, self.options.caption_column)
-                 if c in schema.names and c != self.image]
-        image_type = schema.field(self.image).type
+        image = _image_column(self.schema, options, self.path)
+        small = self._small_columns(options, image)
+        image_type = self.schema.field(image).type
         has_path = pa.types.is_struct(image_type) and image_type.get_field_index("path") >= 0
         if not small and not has_path:  # nothing to read but the row count
-            self.rows = self.file.metadata.num_rows
-            return [SourceRecord(make_identity(self.path, row)) for row in range(self.rows)]
-        try:
-            batches = self.file.iter_batches(batch_size=4096, columns=small + ([f"{self.image}.path"] if has_path
-                                                                               else []))
-            return self._describe_batches(schema, batches)
+            rows = self.file.metadata.num_rows
+            return (SourceRecord(make_identity(self.path, self._member(image, row))) for row in range(rows))
+        try:  # its own reader: listing shares nothing with the read cursors
+            batches = self.file.iter_batches(batch_size=4096, columns=small + ([f"{image}.path"] if has_path else []))
         except (pa.ArrowException, OSError) as exc:
             raise InputError(f"{self.path}: the Parquet file cannot be read ({exc}); it may be truncated") from exc
+        return self._describe_batches(batches, image, options, class_names, "Parquet")
 
     def read(self, member: str, max_bytes: int, label: str) -> bytes:
         import pyarrow as pa
 
-        row = self._row(member, label)
+        column, row = self._split_member(member, label)
         if row >= self.file.metadata.num_rows:
             raise ImageNotFoundError(f"{label}: the file has {self.file.metadata.num_rows} rows")
         try:
             with self.lock:
-                cursor = self.cursors.at_or_before(row)
-                while row >= cursor[0] + len(cursor[1]):
-                    cursor[0] += len(cursor[1])
-                    cursor[1] = next(cursor[2]).column(0).to_pylist()
-                value = cursor[1][row - cursor[0]]
+                if column not in self.cursors:
+                    self.cursors[column] = _Cursors(lambda: self._open_cursor(column), lambda c: c[0])
+                found = _advance(self.cursors[column].at_or_before(row), row)
         except (pa.ArrowException, OSError, StopIteration) as exc:
             raise CorruptImageError(f"{label}: the row cannot be read ({exc or 'the file ends early'})") from exc
-        return _image_bytes(value, label)
+        return _cursor_bytes(found, label)
+
+    def close(self) -> None:
+        with self.lock:
+            for cursors in self.cursors.values():
+                cursors.close()
+            if self.handle is not None:
+                self.handle.close()
+        super().close()
 
 
 class _Arrow(_Table):
-    """Arrow IPC, file or stream format (what ``datasets`` caches), memory-mapped: batches are views
-    of the mapped file, so holding them costs no memory beyond the page cache."""
+    """Arrow IPC, file or stream format (what ``datasets`` writes and caches). A local file is
+    memory-mapped: batches are views of the mapped file, so holding them costs no memory beyond the
+    page cache. A remote one is read batch by batch, in order, by a few cursors."""
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         import pyarrow as pa
 
+        self.source: Any = None
+        self.batches: list[Any] | None = None
+        self.cursors: dict[str, _Cursors] = {}
         try:
-            self.source = pa.memory_map(self.path)
+            self.source = pa.memory_map(self.path) if not self.location.remote else self.location.random_file()
             try:
                 reader = pa.ipc.open_file(self.source)
+                self.stream = False
                 self.schema = reader.schema
-                self.batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+                if not self.location.remote:
+                    self.batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
             except pa.ArrowInvalid:
+                self.stream = True
+                self._check_end()
                 self.source.seek(0)
-                stream = pa.ipc.open_stream(self.source)
-                self.schema = stream.schema
-                self.batches = list(stream)
-            self.image = _image_column(self.schema, self.options, self.path)
+                reader = pa.ipc.open_stream(self.source)
+                self.schema = reader.schema
+                if not self.location.remote:
+                    self.batches = list(reader)
         except (pa.ArrowException, OSError) as exc:
             raise InputError(f"{self.path}: not a readable Arrow file ({exc}); it may be truncated") from exc
-        self.starts = []
-        total = 0
-        for batch in self.batches:
-            self.starts.append(total)
-            total += batch.num_rows
-        self.total = total
+        if self.batches is not None:
+            self.starts, total = [], 0
+            for batch in self.batches:
+                self.starts.append(total)
+                total += batch.num_rows
+            self.total: int | None = total
+        else:
+            self.total = None
 
-    def list(self) -> list[SourceRecord]:
-        small = [c for c in (self.options.label_column, self.options.group_column, self.options.caption_column)
-                 if c in self.schema.names and c != self.image]
-        return self._describe_batches(self.schema, (b.select(small + [self.image]) for b in self.batches))
+    def _check_end(self) -> None:
+        size = self.source.size()
+        if size < len(_ARROW_EOS):
+            raise InputError(f"{self.path}: {size} bytes is not an Arrow file")
+        self.source.seek(size - len(_ARROW_EOS))
+        if self.source.read(len(_ARROW_EOS)) != _ARROW_EOS:
+            raise InputError(f"{self.path}: the Arrow stream does not end with its end-of-stream marker: it is "
+                             f"truncated (or its writer was never closed); write or copy it again")
+
+    def _remote_batches(self) -> Iterator[Any]:
+        import pyarrow as pa
+
+        handle = self.location.stream() if self.stream else self.location.random_file()
+        try:
+            if self.stream:
+                yield from pa.ipc.open_stream(handle)
+            else:
+                reader = pa.ipc.open_file(handle)
+                for i in range(reader.num_record_batches):
+                    yield reader.get_batch(i)
+        finally:
+            handle.close()
+
+    def list(self, options: SourceOptions, class_names: dict[str, list[str]]) -> Iterator[SourceRecord]:
+        image = _image_column(self.schema, options, self.path)
+        small = self._small_columns(options, image)
+        batches = self.batches if self.batches is not None else self._remote_batches()
+        return self._describe_batches((b.select(small + [image]) for b in batches), image, options, class_names,
+                                      "Arrow")
 
     def read(self, member: str, max_bytes: int, label: str) -> bytes:
         import bisect
 
-        row = self._row(member, label)
-        if row >= self.total:
-            raise ImageNotFoundError(f"{label}: the file has {self.total} rows")
-        at = bisect.bisect_right(self.starts, row) - 1
-        value = self.batches[at].column(self.image)[row - self.starts[at]].as_py()
-        return _image_bytes(value, label)
+        import pyarrow as pa
+
+        column, row = self._split_member(member, label)
+        if self.batches is not None:
+            if row >= (self.total or 0):
+                raise ImageNotFoundError(f"{label}: the file has {self.total} rows")
+            at = bisect.bisect_right(self.starts, row) - 1
+            return _image_bytes(self.batches[at].column(column), row - self.starts[at], label)
+        try:
+            with self.lock:
+                if column not in self.cursors:
+                    self.cursors[column] = _Cursors(lambda: _batch_cursor(self._remote_batches(), column),
+                                                    lambda c: c[0])
+                found = _advance(self.cursors[column].at_or_before(row), row)
+        except StopIteration:
+            raise ImageNotFoundError(f"{label}: the file has fewer rows") from None
+        except (pa.ArrowException, OSError) as exc:
+            raise CorruptImageError(f"{label}: the row cannot be read ({exc})") from exc
+        return _cursor_bytes(found, label)
 
     def close(self) -> None:
-        self.source.close()
+        with self.lock:
+            for cursors in self.cursors.values():
+                for cursor in cursors.cursors:
+                    getattr(cursor[3], "close", lambda: None)()
+                cursors.cursors = []
+            if self.source is not None:
+                self.source.close()
+        super().close()
 
 
 __all__ = [
+    "ARCHIVE_SUFFIXES",
     "SEPARATOR",
     "SOURCE_SUFFIXES",
+    "TABLE_SUFFIXES",
     "SourceOptions",
     "SourceRecord",
+    "archive_members",
+    "container_kind",
     "is_identity",
     "is_source_file",
+    "iter_source",
     "list_source",
     "make_identity",
     "read_item",

@@ -1,11 +1,15 @@
 """Where ``tidy-detect extract`` runs: the engines by name, and the Ray options of the command line.
 
 An engine only decides where the work runs; both take the same inputs and write the same store.
-Adding one is one entry in :data:`ENGINES`.
+Adding one is one entry in :data:`ENGINES`. The local engine runs in this process, or, when
+``runtime.devices`` lists several devices (``--devices``, ``--gpus``), in one process per device of
+this machine (:mod:`tidy_detect.distributed.multi`); Ray places its workers on a cluster's GPUs
+with ``--num-gpus-per-worker`` instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -17,6 +21,13 @@ def _local(inputs: Iterable[str | Path], out: str | Path, config: ExtractionConf
            **kwargs: Any) -> Any:
     from tidy_detect.features.extractor import extract
 
+    devices = config.runtime.devices
+    if len(devices) > 1:
+        from tidy_detect.distributed.multi import extract_multi
+
+        return extract_multi(inputs, out, config, **kwargs)
+    if devices:  # one device: this process, on it
+        config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, device=devices[0], devices=()))
     return extract(inputs, out, config, **kwargs)
 
 
@@ -83,10 +94,14 @@ def extract_with_engine(engine: str, inputs: Iterable[str | Path], out: str | Pa
 
     Raises:
         UnknownNameError: "Unknown engine 'spark'. Known: local, ray."
-        ConfigError: Ray options given to the local engine.
+        ConfigError: Ray options given to the local engine, or devices (``runtime.devices``) to Ray.
         and whatever the engine raises (InputError, ModelLoadError, StoreError, ...).
     """
     check_engine(engine)
     if engine != "ray" and ray_options is not None:
         raise ConfigError(f"Ray options only apply to --engine ray, got --engine {engine}")
-    return ENGINES[engine](inputs, out, config or ExtractionConfig(), ray_options, **kwargs)
+    config = config or ExtractionConfig()
+    if engine == "ray" and config.runtime.devices:
+        raise ConfigError(f"--devices/--gpus ({','.join(config.runtime.devices)}) apply to the local engine; with "
+                          f"--engine ray give each worker GPUs with --num-gpus-per-worker")
+    return ENGINES[engine](inputs, out, config, ray_options, **kwargs)

@@ -24,8 +24,10 @@ Unlike the local engine, an image whose content (sha256) equals another image's 
 again rather than copied, since the copy would need a store lookup per batch on every worker; the
 features are the same up to floating-point noise.
 
-The store path must be the same, and writable, on every node (a shared filesystem such as NFS or
-Lustre mounted at the same path); see docs/distributed.md.
+The store must be writable from every node: a URI on object storage (``s3://bucket/prefix``,
+``gs://``, ...; each worker writes its shards there itself, no shared filesystem needed) or a
+path that is the same on every node (a shared filesystem such as NFS or Lustre mounted at the
+same path); see docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from tidy_detect.config import ExtractionConfig
+from tidy_detect.config import CPU_BATCH_SIZE, ExtractionConfig
 from tidy_detect.data.inputs import ImageItem
 from tidy_detect.data.perturb import Perturbation
 from tidy_detect.errors import ConfigError, ImageError, StoreError, TidyError
@@ -56,6 +58,7 @@ from tidy_detect.features.extractor import (
     rows_for_batch,
     utc_now,
 )
+from tidy_detect.features.storage import StoreLocation, is_uri
 from tidy_detect.features.store import FeatureStore, extraction_mismatches
 from tidy_detect.images import DEFAULT_MAX_FILE_BYTES, FileStat, LoadedImage
 
@@ -361,7 +364,7 @@ class ExtractionWorker:
 
     Returns one small status record per image, never the embeddings: the shard is the output.
 
-    A worker that cannot work here (the store is not at this path on its node, the models do
+    A worker that cannot work here (the store cannot be reached from its node, the models do
     not load, or they describe themselves differently from the store's config, e.g. other model
     files at the same path on another node) refuses every batch with the error instead of
     raising it: Ray would hand the driver only its text, a refusal lets it raise the same error.
@@ -376,8 +379,10 @@ class ExtractionWorker:
             try:
                 self.store = FeatureStore(store_path)
             except StoreError as exc:
-                raise StoreError(f"{exc}; the store must be on a filesystem mounted at the same path on every "
-                                 f"node") from exc
+                where = ("the store's object storage must be reachable from every node, with credentials there "
+                         "(environment, ~/.aws, an instance role)" if is_uri(store_path) else
+                         "the store must be on a filesystem mounted at the same path on every node")
+                raise StoreError(f"{exc}; {where}") from exc
             self.extractor = Extractor(config).load()
             extraction = self.extractor.extraction
             # Against what the driver's probe found (and the store accepted), else the store's own.
@@ -499,15 +504,15 @@ def _run_ray_locked(items: Sequence[ImageItem], store: FeatureStore, config: Ext
                     models: ModelDescription | None) -> RayExtractionSummary:
     ray = _import_ray()
     options = options or RayOptions()
-    summary = RayExtractionSummary(store=str(store.path), total=len(items), ignored_files=ignored_files)
+    summary = RayExtractionSummary(store=store.uri, total=len(items), ignored_files=ignored_files)
     started = time.perf_counter()
     run_record: dict[str, Any] = {"started": utc_now(), "engine": "ray", **(models.runtime if models else {}),
                                   "exif_orientation": store.config.get("exif_orientation"),
-                                  "batch_size": config.runtime.batch_size, "ray": options.to_dict()}
+                                  "batch_size": config.runtime.batch_size or CPU_BATCH_SIZE, "ray": options.to_dict()}
     # The driver hashes touched files itself (I/O bound, so a few threads regardless of its cores).
     plan = pending_items(items, store, retry_errors, workers=4,
                          max_bytes=config.runtime.max_file_bytes, summary=summary)
-    batches = plan_batches(items, plan.todo, config.runtime.batch_size)
+    batches = plan_batches(items, plan.todo, config.runtime.batch_size or CPU_BATCH_SIZE)
     expected = {item.path for _, batch in batches for item in batch}
     seen: set[str] = set()
     if progress:
@@ -565,7 +570,8 @@ def _pipeline(ray: Any, batches: list[tuple[int, list[ImageItem]]], store: Featu
     pool = ray.data.ActorPoolStrategy(size=min(options.workers, len(blocks)))
     return dataset.map_batches(
         ExtractionWorker, batch_size=1, batch_format="pyarrow", compute=pool, num_cpus=options.cpus_per_worker,
-        fn_constructor_kwargs={"config": config, "store_path": str(store.path), "reference": reference}, **gpu)
+        fn_constructor_kwargs={"config": config, "store_path": store.location.absolute().uri, "reference": reference},
+        **gpu)
 
 
 def _account(summary: RayExtractionSummary, statuses: Any, seen: set[str]) -> None:
@@ -607,7 +613,8 @@ def open_store(ray: Any, out: str | Path, config: ExtractionConfig, options: Ray
         ModelLoadError: the worker cannot load the models.
     """
     models = probe_models(ray, config, options)
-    store = FeatureStore.open_for_writing(Path(out).absolute(), models.extraction, models.dim,
+    # Workers open the store again on their own nodes: a URI as it is, a path made absolute.
+    store = FeatureStore.open_for_writing(StoreLocation.parse(out).absolute(), models.extraction, models.dim,
                                           perturbation.to_dict() if perturbation else None, pairing,
                                           accept_dtype=accept_dtype, datasets=datasets)
     return store, models
@@ -630,9 +637,7 @@ def extract_items_ray(items: Sequence[ImageItem], out: str | Path, config: Extra
     with ray_cluster(options) as ray:
         store, models = open_store(ray, out, config, options, perturbation, pairing, accept_dtype, datasets)
         if params:
-            from tidy_detect.data.sampling import save_list
-
-            save_list(items, store.path / "inputs.csv", params)
+            store.save_inputs(items, params)
         return run_extraction_ray(items, store, config, options, progress=progress, retry_errors=retry_errors,
                                   ignored_files=ignored_files, models=models, exif=exif)
 
@@ -643,11 +648,11 @@ def extract_ray(inputs: Iterable[str | Path], out: str | Path, config: Extractio
                 split: str | None = None, exclude: Iterable[str | Path] | None = None,
                 pairing: dict[str, str] | None = None, max_per_class: int | None = None,
                 per_class: int | None = None, seed: int = 0, accept_dtype: bool = False,
-                exif: str = "auto") -> RayExtractionSummary:
+                exif: str = "auto", source_options: Any = None) -> RayExtractionSummary:
     """:func:`tidy_detect.features.extractor.extract` on a Ray cluster: same arguments, same store.
 
-    Inputs are listed and sampled on the driver; images and the store must be reachable at the
-    same paths from every node.
+    Inputs are listed and sampled on the driver; images must be reachable at the same paths from
+    every node, and so must the store: a path on a shared filesystem, or a URI on object storage.
 
     Raises:
         RayNotInstalledError, InputError, ModelLoadError, StoreError, ConfigError.
@@ -657,7 +662,8 @@ def extract_ray(inputs: Iterable[str | Path], out: str | Path, config: Extractio
     _import_ray()  # before walking a million files
     config = config or ExtractionConfig()
     selection = select_inputs(inputs, layout=layout, split=split, exclude=exclude, pairing=pairing,
-                              max_per_class=max_per_class, per_class=per_class, seed=seed, limit=limit)
+                              max_per_class=max_per_class, per_class=per_class, seed=seed, limit=limit,
+                              source_options=source_options)
     items = selection.items
     return extract_items_ray(items, out, config, options, progress=progress, retry_errors=retry_errors,
                              perturbation=perturbation, pairing=selection.pairing,

@@ -58,7 +58,7 @@ class _TestSet:
 
     def __init__(self, store_paths: Sequence[str | Path], max_per_class: int | None, seed: int) -> None:
         self.stores = [FeatureStore(p) for p in store_paths]
-        self.selected = {str(s.path): sample_rows(s, max_per_class, seed) for s in self.stores}
+        self.selected = {s.uri: sample_rows(s, max_per_class, seed) for s in self.stores}
         self._cache: dict[RepresentationConfig, Any] = {}
 
     def arrays(self, rep: RepresentationConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -66,12 +66,12 @@ class _TestSet:
             X, y, g, p, s = [], [], [], [], []
             for store in self.stores:
                 data = store.load(rep, labeled_only=True)
-                index, groups = select(data.path, self.selected[str(store.path)])
+                index, groups = select(data.path, self.selected[store.uri])
                 X.append(data.X[index])
                 y.append(data.label[index])
                 g.append(groups)
                 p.append(data.path[index])
-                s.append(np.full(len(index), str(store.path), dtype=object))
+                s.append(np.full(len(index), store.uri, dtype=object))
             self._cache[rep] = tuple(np.concatenate(v) for v in (X, y, g, p, s))
         return self._cache[rep]
 
@@ -140,7 +140,7 @@ def run_ablation(train_paths: Sequence[str | Path], test_paths: Sequence[str | P
     train_stores = open_stores(train_paths)
     tests = _TestSet(test_paths, max_per_class, seed)
     for store in tests.stores:
-        check_compatible(train_stores[0].extraction, store.extraction, f"training stores ({train_stores[0].path})")
+        check_compatible(train_stores[0].extraction, store.extraction, f"training stores ({train_stores[0].uri})")
     payload: dict[str, Any] = {"kind": "ablation", "train": [str(p) for p in train_paths],
                                "test": [str(p) for p in test_paths], "head": head_params,
                                "sampling": {"max_per_class": max_per_class, "seed": seed}, "studies": {}}

@@ -282,7 +282,7 @@ def score_store(head: Any, representation: RepresentationConfig, store: FeatureS
         return Scores(name, empty, empty, np.zeros(0, np.int8), np.zeros(0), empty)
     joined = {k: np.concatenate(v) for k, v in parts.items()}
     return Scores(name, joined["path"], joined["group"], joined["label"], joined["p_fake"],
-                  np.full(len(joined["path"]), str(store.path), dtype=object))
+                  np.full(len(joined["path"]), store.uri, dtype=object))
 
 
 def concat_scores(parts: Sequence[Scores], name: str) -> Scores:
@@ -388,7 +388,11 @@ def evaluate(head_paths: Sequence[str | Path], store_paths: Sequence[str | Path]
     """Score stores with one or more heads and compute per-group metrics.
 
     Args:
-        head_paths: head checkpoints; several (e.g. one per training seed) give mean ± std too.
+        head_paths: head files or hub references (see :func:`tidy_detect.sharing.resolve_head`), of
+            either kind: several trained (MLP) heads (e.g. one per training seed) give mean ± std
+            over them too; one-class heads (``tidy-detect calibrate``) are reported beside them,
+            each with its calibration (target and held-out false-positive rates) in
+            ``info["one_class"]`` and in the table's notes, and never enter the mean ± std.
         store_paths: test stores; each store is sampled on its own with ``seed`` reset.
         threshold: ACC threshold on p_fake.
         calibrate_on: validation stores to calibrate an extra threshold on (per head).
@@ -408,7 +412,8 @@ def evaluate(head_paths: Sequence[str | Path], store_paths: Sequence[str | Path]
         StoreError, InputError, UnknownNameError.
     """
     from tidy_detect.detect import check_compatible
-    from tidy_detect.head import DiscrepancyHead
+    from tidy_detect.head import load_head
+    from tidy_detect.sharing import resolve_head
 
     if not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"threshold must be in [0, 1], got {threshold!r}")
@@ -417,21 +422,28 @@ def evaluate(head_paths: Sequence[str | Path], store_paths: Sequence[str | Path]
     stores = [FeatureStore(p) for p in store_paths]
     if not stores:
         raise InputError("no test store given")
-    selections = {str(s.path): sample_rows(s, max_per_class, seed) for s in stores}
+    selections = {s.uri: sample_rows(s, max_per_class, seed) for s in stores}
     if columns and not suite:
         raise ConfigError(f"columns {', '.join(columns)} were chosen, but no suite has them; give a suite too")
     suite_obj = load_suite(suite, columns) if suite else None
     result = EvalResult([], {}, {}, threshold, suite=suite_obj)
     names = _unique_names(head_paths)
+    references = [str(p) for p in head_paths]
+    head_paths = [resolve_head(p) for p in head_paths]  # results name the local files (hub heads: in the cache)
     calibrated_by_head = {}
     cascades: dict[str, Any] = {}
+    kinds: dict[str, str] = {}
+    one_class: dict[str, Any] = {}
     for name, head_path in zip(names, head_paths):
-        head, meta = DiscrepancyHead.load(head_path)
+        head, meta = load_head(head_path)
+        kinds[name] = meta["head"].get("kind", "mlp")
+        if kinds[name] == "one-class":
+            one_class[name] = one_class_summary(meta)
         rep = RepresentationConfig(**meta["representation"])
         parts = []
         for store in stores:
             check_compatible(meta["extraction"], store.extraction, f"head {head_path}")
-            parts.append(score_store(head, rep, store, selections[str(store.path)], name))
+            parts.append(score_store(head, rep, store, selections[store.uri], name))
         scores = concat_scores(parts, name)
         calibrated = None
         if calibrate_on:
@@ -466,12 +478,13 @@ def evaluate(head_paths: Sequence[str | Path], store_paths: Sequence[str | Path]
     if calibrated_by_head:
         result.calibrated_threshold = float(np.mean(list(calibrated_by_head.values())))
     result.info = {
-        "heads": [str(p) for p in head_paths], "head_names": names, "stores": [str(s.path) for s in stores],
+        "heads": [str(p) for p in head_paths], "head_names": names, "head_references": references,
+        "head_kinds": kinds, "one_class": one_class, "stores": [s.uri for s in stores],
         "threshold": threshold, "calibrated_thresholds": calibrated_by_head,
         "calibrate_on": [str(p) for p in calibrate_on], "bootstrap": bootstrap,
         "sampling": {"max_per_class": max_per_class, "seed": seed, "seed_reset": "per store",
-                     "rows": {str(s.path): int((result.scores[0].store == str(s.path)).sum()) for s in stores}},
-        "perturbations": {str(s.path): s.config.get("perturbation") for s in stores},
+                     "rows": {s.uri: int((result.scores[0].store == s.uri).sum()) for s in stores}},
+        "perturbations": {s.uri: s.config.get("perturbation") for s in stores},
         "imports": {k: str(v) for k, v in (imports or {}).items()}, "imports_missing_rows": missing_imports,
         "suite": suite_obj.name if suite_obj else None, "cascade": cascades,
         "datasets": recorded_layouts(stores),
@@ -490,20 +503,49 @@ def _cascade_scores(full: Scores, cascade_head: str | Path, meta: dict[str, Any]
                     ) -> tuple[Scores, float]:
     """The cascade's scores on the same rows as ``full``, and the fraction it escalates."""
     from tidy_detect.detect import check_compatible
-    from tidy_detect.head import DiscrepancyHead
+    from tidy_detect.head import load_head
 
-    head, cascade_meta = DiscrepancyHead.load(cascade_head)
+    head, cascade_meta = load_head(cascade_head)
     rep = RepresentationConfig(**cascade_meta["representation"])
     if rep.kind not in ("global", "image", "text"):
         raise ConfigError(f"the cascade head {cascade_head} uses the {rep.kind!r} representation; it must use one "
                           f"without objects (global, image or text)")
     check_compatible(meta["extraction"], cascade_meta["extraction"], f"cascade head {cascade_head}")
-    quick = concat_scores([score_store(head, rep, s, selections[str(s.path)], name) for s in stores], name)
+    quick = concat_scores([score_store(head, rep, s, selections[s.uri], name) for s in stores], name)
     lo, hi = band
     uncertain = (quick.p_fake >= lo) & (quick.p_fake <= hi)
     combined = Scores(f"{name}+cascade", full.path, full.group, full.label,
                       np.where(uncertain, full.p_fake, quick.p_fake), full.store)
     return combined, float(uncertain.mean()) if len(uncertain) else 0.0
+
+
+def one_class_summary(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a one-class head's metadata says of its calibration, for results and reports."""
+    head, training = meta["head"], meta.get("training") or {}
+    return {"representation": (meta.get("representation") or {}).get("kind"), "fpr_target": head["fpr"],
+            "threshold": head["threshold"], "calibration_rows": head["calibration_rows"],
+            "real_only": training.get("real_only"),
+            "held_out": (meta.get("metrics") or {}).get("held_out"),
+            "stores": [Path(str(s)).name for s in (training.get("data") or {}).get("stores", [])]}
+
+
+def one_class_note(name: str, summary: dict[str, Any]) -> str:
+    """One line on a one-class head: what it is and the false-positive rate it was calibrated for."""
+    held = summary.get("held_out") or {}
+    measured = ""
+    if held.get("fpr") is not None:
+        ci = held.get("fpr_ci") or [None, None]
+        measured = (f"; held-out FPR {held['fpr']:.2%} on {held.get('n')} real images"
+                    + (f" (95% {ci[0]:.2%}-{ci[1]:.2%})" if None not in ci else ""))
+    return (f"{name} is a one-class head (no fake image seen): the {summary.get('representation')} image-caption "
+            f"discrepancy, thresholded at a {summary['fpr_target']:.2%} false-positive rate on "
+            f"{summary['calibration_rows']} real images{measured}")
+
+
+def trained_heads(result: "EvalResult") -> list[str]:
+    """The detectors that are trained (MLP) heads: those mean ± std is taken over."""
+    kinds = result.info.get("head_kinds") or {}
+    return [n for n in result.info.get("head_names", []) if kinds.get(n, "mlp") == "mlp"]
 
 
 def _unique_names(paths: Sequence[str | Path]) -> list[str]:
@@ -553,7 +595,7 @@ def paper_table(result: EvalResult, metric: str) -> tuple[list[str], list[list[s
             notes.append("groups evaluated but not in this suite: " + ", ".join(extra))
     rows = []
     detector_names = list(result.groups)
-    heads = result.info.get("head_names", [])
+    heads = trained_heads(result)
     for name in detector_names:
         table = result.groups[name]
         values = [table.get(g, {}).get(metric) if g else None for _, g in columns]
@@ -596,7 +638,7 @@ def write_results(result: EvalResult, out: str | Path) -> dict[str, Path]:
     files = {}
     payload = {"kind": "evaluation", "info": result.info, "threshold": result.threshold,
                "calibrated_threshold": result.calibrated_threshold, "groups": result.groups, "mean": result.means}
-    heads = result.info.get("head_names", [])
+    heads = trained_heads(result)
     if len(heads) > 1:
         payload["across_heads"] = {g: {m: {"mean": v[0], "std": v[1]} for m, v in stats.items()}
                                    for g, stats in result.aggregate(heads).items()}
@@ -622,6 +664,8 @@ def write_results(result: EvalResult, out: str | Path) -> dict[str, Path]:
         header, rows, notes = paper_table(result, metric)
         sections += [f"\n## {metric.upper().replace('_', ' ')} (%)\n", markdown_table(header, rows)]
         sections += [f"\n_{note}_" for note in notes]
+    for name, summary in (result.info.get("one_class") or {}).items():
+        sections.append(f"\n{one_class_note(name, summary)}.")
     sections.append("\n## Per group\n")
     detail_header = ["detector", "group", "real", "fake", "ACC", "real ACC", "fake ACC", "AP", "AUC", "ECE"]
     if result.calibrated_threshold is not None:
@@ -668,7 +712,7 @@ def _csv_cell(value: Any) -> str:
 def write_plots(result: EvalResult, out: str | Path, *, tsne_points: int = 1500, seed: int = 0) -> dict[str, Path]:
     """pr.png and roc.png per detector, cosine.png (Fig. 1b) and tsne.png (Fig. 9) of the evaluated rows."""
     from tidy_detect.evaluate import plots
-    from tidy_detect.head import DiscrepancyHead
+    from tidy_detect.head import read_metadata
 
     out = Path(out)
     files: dict[str, Path] = {}
@@ -678,7 +722,7 @@ def write_plots(result: EvalResult, out: str | Path, *, tsne_points: int = 1500,
                                       title=f"({scores.name})")
         files[f"pr:{scores.name}"], files[f"roc:{scores.name}"] = pr, roc
     first_head = result.info["heads"][0]
-    _, meta = DiscrepancyHead.load(first_head)
+    meta = read_metadata(first_head)
     rep = RepresentationConfig(**meta["representation"])
     first = result.scores[0]
     xs, sims, labels, groups = [], [], [], []

@@ -131,6 +131,21 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _head_metadata(head: str) -> dict[str, Any] | None:
+    """A head's metadata: its ``.json`` twin, else the head file's own header (a head from the hub
+    cache has no twin); None when neither can be read any more."""
+    meta = _read_json(Path(head).with_suffix(".json"))
+    if meta is not None:
+        return meta
+    from tidy_detect.errors import TidyError
+    from tidy_detect.head import read_metadata
+
+    try:
+        return read_metadata(head, pipeline=False)
+    except TidyError:
+        return None
+
+
 def _recorded_extractions(kind: str, folder: Path, data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(what, extraction config) of every head and store a result names that can still be read."""
     heads: list[str] = []
@@ -148,7 +163,7 @@ def _recorded_extractions(kind: str, folder: Path, data: dict[str, Any]) -> list
         heads = [str(p.with_suffix(".safetensors")) for p in sorted((folder / "heads").glob("*.json"))]
     found = []
     for head in dict.fromkeys(map(str, heads)):
-        meta = _read_json(Path(head).with_suffix(".json"))
+        meta = _head_metadata(head)
         if meta and isinstance(meta.get("extraction"), dict):
             found.append((f"head {head}", meta["extraction"]))
     for store in dict.fromkeys(map(str, stores)):
@@ -220,6 +235,11 @@ def _evaluation(folder: Path, data: dict[str, Any]) -> str:
                                + (f" ({', '.join(entry['datasets'])})" if entry.get("datasets") else "")
                                for label, entry in resolved.items())
             parts.append(f"<p class='note'>Columns filled by: {_e(filled)}.</p>")
+    from tidy_detect.evaluate.evaluation import one_class_note
+
+    for name, summary in (info.get("one_class") or {}).items():
+        parts.append(f"<p class='note'>{_e(one_class_note(name, summary))}. Its p_fake is 0.5 at that threshold "
+                     f"and ranks images, but no fake image set it: read its real ACC against the target.</p>")
     header = ["group", "real", "fake", "ACC", "real ACC", "fake ACC", "AP", "AUC"]
     for name, groups in data["groups"].items():
         parts.append(f"<h3>Per group: {_e(name)} (%)</h3>")
@@ -227,9 +247,8 @@ def _evaluation(folder: Path, data: dict[str, Any]) -> str:
     for png in sorted(folder.rglob("*.png")):
         parts.append(_image(png, str(png.relative_to(folder))))
     for head in info.get("heads", []):
-        meta_path = Path(head).with_suffix(".json")
-        if meta_path.is_file():
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = _head_metadata(head)
+        if meta is not None:
             parts.append(_config_block(f"head {head}: representation, head options, training data, extraction config",
                                        {k: meta.get(k) for k in ("representation", "head", "training", "metrics",
                                                                  "extraction", "package_version")}))

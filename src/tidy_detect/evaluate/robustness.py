@@ -1,7 +1,9 @@
 """Robustness sweeps (paper Fig. 3): extract perturbed copies of a test set, score, plot.
 
 Every perturbation level gets its own store, named by the perturbation (``stores/jpeg-75``), so a
-sweep is resumable and each store can be reused by ``eval``. The images are sampled once (at most
+sweep is resumable and each store can be reused by ``eval``. The results folder may be a URI
+(``s3://bucket/prefix``): the stores are then written there directly, and the result files are
+written locally first and uploaded at the end. The images are sampled once (at most
 ``max_per_class`` per class and group, seeded) and the same list goes through every level.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -33,15 +36,37 @@ def run_robustness(head_path: str | Path, items: Sequence[ImageItem], out: str |
 
     Returns:
         The results dict written to robustness.json.
+
+    Raises:
+        StoreError: a store cannot be written (or the results not uploaded) at ``out``; and what
+            extraction and evaluation raise.
     """
+    from tidy_detect.features.storage import StoreLocation, join_uri
+
+    location = StoreLocation.parse(out if isinstance(out, Path) else str(out))
+    if location.is_local:
+        return _run(head_path, items, location.path, location.path / "stores", perturbations, threshold, include_clean,
+                    pairing, detector, say, progress, exif)
+    with tempfile.TemporaryDirectory(prefix="tidy-robustness-") as folder:
+        payload = _run(head_path, items, Path(folder), join_uri(location.uri, "stores"), perturbations, threshold,
+                       include_clean, pairing, detector, say, progress, exif)
+        location.upload_folder(Path(folder))
+    return payload
+
+
+def _run(head_path: str | Path, items: Sequence[ImageItem], out: Path, stores_at: str | Path,
+         perturbations: Sequence[Perturbation], threshold: float, include_clean: bool, pairing: dict[str, str] | None,
+         detector: Any, say: Callable[[str], None] | None, progress: Callable[..., None] | None,
+         exif: str) -> dict[str, Any]:
+    """The sweep: result files in the local folder ``out``, stores under ``stores_at``."""
     from tidy_detect.data.sampling import save_list
+    from tidy_detect.features.storage import join_uri
     from tidy_detect.detect import Detector
     from tidy_detect.evaluate import plots
     from tidy_detect.features.extractor import extract_items
     from tidy_detect.head import json_safe
 
     say = say or (lambda message: None)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_list(items, out / "evaluated.csv")
     detector = detector or Detector.load(head_path)
@@ -51,7 +76,7 @@ def run_robustness(head_path: str | Path, items: Sequence[ImageItem], out: str |
     stores = {}
     for perturbation in levels:
         name = perturbation.name if perturbation else "clean"
-        store = out / "stores" / name
+        store = join_uri(stores_at, name)
         say(f"{name}: extracting {len(items)} images into {store}")
         extract_items(items, store, detector.extractor, perturbation=perturbation, pairing=pairing, progress=progress,
                       exif=exif)

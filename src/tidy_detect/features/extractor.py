@@ -3,9 +3,14 @@
 Reader -> mapper -> writer under a small runner:
 
 - the reader decodes and hashes images in worker threads, a bounded window ahead of the models;
+- on a GPU (``runtime.prepare_ahead``), the next batch's model inputs are made in worker threads
+  while the current batch runs (the captioner's and grounder's preprocessing, the global views'
+  8-bit pixels) and sent to the device in one pinned, non-blocking copy on a side stream
+  (:class:`PreparedBatch`);
 - the mapper (:class:`Extractor`) runs each model stage once per batch: all captions in one
   ``generate``, all grounding in one forward, all global views and object crops in one CLIP image
-  pass, all captions and phrases in one CLIP text pass (with a cache, since phrases repeat);
+  pass, all captions and phrases in one CLIP text pass (with a cache, since phrases repeat); on a
+  GPU the batch size comes from the free memory (:mod:`tidy_detect.models.memory`) unless given;
 - the writer appends one atomic shard per batch, so an interrupted run loses no finished batch and
   a rerun skips what is done.
 """
@@ -15,7 +20,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 import platform
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,12 +31,13 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from tidy_detect.config import MODEL_KINDS, ExtractionConfig
+from tidy_detect.config import CPU_BATCH_SIZE, MODEL_KINDS, ExtractionConfig
 from tidy_detect.data import sources
 from tidy_detect.data.inputs import ImageItem
 from tidy_detect.data.perturb import Perturbation
 from tidy_detect.errors import ConfigError, ImageError, InputError, InputsFailedError, NothingProcessedError, TidyError
 from tidy_detect.features.store import FeatureStore, IndexEntry
+from tidy_detect.models.device import DeviceMemoryError, is_cuda
 from tidy_detect.views import crop_box
 from tidy_detect.images import DEFAULT_MAX_FILE_BYTES, FileStat, LoadedImage, load_image, read_file, sha256_bytes
 
@@ -155,10 +163,59 @@ def error_row(item: ImageItem, error: Exception, loaded: LoadedImage | None = No
     }
 
 
+@dataclass
+class _StageInputs:
+    """What a :class:`PreparedBatch` holds for the images of one :meth:`Extractor.process` call."""
+
+    caption: dict[str, Any] | None
+    clip: Any
+    ground: tuple[dict[str, Any], list[list[int]]] | None
+
+
+@dataclass
+class PreparedBatch:
+    """One decoded batch's model inputs, made ahead of time (see :meth:`Extractor.prepare`).
+
+    ``inputs`` are the captioner's tensors (``caption.*``), the grounder's per input size
+    (``ground.*``, with ``ground_groups`` the images of each size) and the global views
+    (``clip.global``), on the device or on their way there. :meth:`select` gives the part for
+    some of the batch's images (those that are processed: bad images, duplicates and the like are
+    not), by identity, or None when one of them was not prepared.
+    """
+
+    images: list[LoadedImage]
+    inputs: Any  # models.device.DeviceInputs
+    ground_groups: list[list[int]] | None = None
+
+    def select(self, images: Sequence[LoadedImage]) -> _StageInputs | None:
+        import torch
+
+        where = {id(im): k for k, im in enumerate(self.images)}
+        rows = [where.get(id(im)) for im in images]
+        if not rows or any(row is None for row in rows):
+            return None
+        tensors = self.inputs.ready()
+        whole = rows == list(range(len(self.images)))
+
+        def take(tensor: Any) -> Any:
+            return tensor if whole else tensor.index_select(0, torch.tensor(rows, device=tensor.device))
+
+        caption = {k.split(".", 1)[1]: take(v) for k, v in tensors.items() if k.startswith("caption.")} or None
+        clip = take(tensors["clip.global"]) if "clip.global" in tensors else None
+        ground = None
+        if self.ground_groups is not None:
+            now = {row: k for k, row in enumerate(rows)}
+            groups = [[now.get(position, -1) for position in group] for group in self.ground_groups]
+            ground = ({k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("ground.")}, groups)
+        return _StageInputs(caption, clip, ground)
+
+
 class Extractor:
     """The models of one extraction config, loaded once, run batch by batch.
 
-    Use :meth:`load` (or the context of :func:`extract`) before :meth:`process`.
+    Use :meth:`load` (or the context of :func:`extract`) before :meth:`process`. After loading,
+    ``batch_size`` is the resolved number of images per batch (``runtime.batch_size``, or chosen
+    for the device) and ``memory_plan`` what the choice was made from on a GPU.
     """
 
     def __init__(self, config: ExtractionConfig | None = None) -> None:
@@ -172,6 +229,12 @@ class Extractor:
         self.dtypes: dict[str, str] = {}
         self.speedups = True  # whether tidy-detect's model speed-ups run (set by load)
         self.stage_seconds = {s: 0.0 for s in STAGES}
+        self.batch_size = self.config.runtime.batch_size or CPU_BATCH_SIZE
+        self.memory_plan: dict[str, Any] | None = None
+        self.prepare_threads: int | None = None  # preprocessing threads (None: one per core but one)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self._copy_stream: Any = None
 
     @property
     def loaded(self) -> bool:
@@ -198,7 +261,8 @@ class Extractor:
         started = time.perf_counter()
         status.info("loading the captioner: %s (%s)", models.captioner, models.captioner_model or "default")
         self.captioner = build_captioner(models.captioner, models.captioner_model, features=features,
-                                         device=self.device, dtype=self.dtypes["captioner"], optimize=self.speedups)
+                                         device=self.device, dtype=self.dtypes["captioner"], optimize=self.speedups,
+                                         static_cache=runtime.static_cache)
         status.info("loading the grounder: %s (%s)", models.grounder, models.grounder_model or "default")
         self.grounder = build_grounder(models.grounder, models.grounder_model, features=features,
                                        device=self.device, dtype=self.dtypes["grounder"], optimize=self.speedups)
@@ -208,9 +272,104 @@ class Extractor:
         status.info("loading CLIP: %s", models.clip)
         self.clip = ClipEncoder(resolve_clip(models.clip), device=self.device, dtype=self.dtypes["clip"],
                                 global_view=features.global_view, view_size=features.view_size,
-                                compile=runtime.compile, optimize=self.speedups)
+                                compile=runtime.compile, cuda_graphs=runtime.cuda_graphs, optimize=self.speedups)
         status.info("models loaded in %.1f s on %s", time.perf_counter() - started, self.device)
+        self.plan_batches()
         return self
+
+    @property
+    def prepares_ahead(self) -> bool:
+        """Whether the runner prepares each batch's model inputs during the previous batch
+        (``runtime.prepare_ahead``; ``auto``: on CUDA devices)."""
+        choice = self.config.runtime.prepare_ahead
+        return choice == "on" or (choice == "auto" and is_cuda(self.device))
+
+    def plan_batches(self) -> None:
+        """Resolve ``batch_size`` and each stage's largest pass.
+
+        ``runtime.batch_size`` given: every stage runs the whole batch in one pass (CLIP's image
+        pass takes its global views and crops together). Unset: 8 on the CPU; on a CUDA device
+        the sizes that fit in its free memory by the per-stage memory model
+        (:func:`tidy_detect.models.memory.plan_batches`), recorded in ``memory_plan``.
+        """
+        from tidy_detect.models.device import memory_info
+        from tidy_detect.models.memory import plan_batches
+
+        runtime, features = self.config.runtime, self.config.features
+        objects = features.max_objects if hasattr(self.grounder, "model") else 0
+        if runtime.batch_size is not None or not is_cuda(self.device):
+            self.batch_size = runtime.batch_size or CPU_BATCH_SIZE
+            if is_cuda(self.device):
+                self._set_stage_batches(self.batch_size, self.batch_size, self.batch_size * (1 + objects))
+            return
+        stages = {}
+        for stage, adapter in (("caption", self.captioner), ("ground", self.grounder)):
+            if hasattr(adapter, "memory"):
+                try:
+                    stages[stage] = adapter.memory()
+                except ValueError as exc:  # no memory model for this architecture
+                    log.info("%s; its batches are not capped by memory", exc)
+        stages.update(self.clip.memory())
+        info = memory_info(self.device)
+        free = info[0] if info else 0
+        plan = plan_batches(stages, free, items_per_image={"clip image": 1 + objects, "clip text": 1 + objects})
+        self.batch_size = plan["batch"]
+        self._set_stage_batches(plan.get("caption", self.batch_size), plan.get("ground", self.batch_size),
+                                min(plan["clip image"], plan["clip text"]))
+        self.memory_plan = {"free_bytes": free, "total_bytes": info[1] if info else None, "plan": plan,
+                            "stages": {name: memory.to_dict() for name, memory in stages.items()}}
+        status.info("batches of %d images on %s (%.1f GiB free; per-stage plan %s)", self.batch_size, self.device,
+                    free / 2 ** 30, {k: v for k, v in plan.items() if k != "batch"})
+
+    def _set_stage_batches(self, caption: int, ground: int, clip: int) -> None:
+        if hasattr(self.captioner, "max_batch"):
+            self.captioner.max_batch = caption
+        if hasattr(self.grounder, "max_batch"):
+            self.grounder.max_batch = ground
+        self.clip.max_batch = max(1, clip)
+
+    def _map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+        """``map`` in the extractor's preprocessing threads (``prepare_threads``; by default one
+        per core but one)."""
+        with self._pool_lock:  # the stager thread and the main thread both map
+            if self._pool is None:
+                workers = self.prepare_threads or max(1, min(32, (os.cpu_count() or 2) - 1))
+                self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tidy-prepare")
+            pool = self._pool
+        return pool.map(fn, items)
+
+    def close(self) -> None:
+        """Stop the preprocessing threads (the models stay loaded)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def prepare(self, images: Sequence[LoadedImage]) -> PreparedBatch:
+        """The model inputs of a decoded batch, made ahead of time (in a worker thread): the
+        captioner's and grounder's preprocessing and the global views, the same calls
+        :meth:`process` would make, sent to the device with one copy (a side stream on CUDA,
+        see :func:`tidy_detect.models.device.to_device`)."""
+        import torch
+
+        from tidy_detect.models.device import to_device
+
+        self.load()
+        images = list(images)
+        pil = [im.image for im in images]
+        tensors: dict[str, Any] = {}
+        if hasattr(self.captioner, "prepare"):
+            step = max(8, -(-len(pil) // 8))
+            parts = list(self._map(self.captioner.prepare, [pil[i:i + step] for i in range(0, len(pil), step)]))
+            for key in parts[0]:
+                tensors[f"caption.{key}"] = torch.cat([part[key] for part in parts])
+        groups = None
+        if hasattr(self.grounder, "prepare"):
+            ground, groups = self.grounder.prepare(pil, self._map)
+            tensors.update({f"ground.{key}": value for key, value in ground.items()})
+        tensors["clip.global"] = self.clip.prepare_global([self._global_source(im) for im in images])["clip_global"]
+        if is_cuda(self.device) and self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device=torch.device(self.device))
+        return PreparedBatch(images, to_device(tensors, self.device, stream=self._copy_stream), groups)
 
     @property
     def dim(self) -> int:
@@ -234,9 +393,20 @@ class Extractor:
 
         from tidy_detect import __version__
 
+        runtime = self.config.runtime
         return {"device": self.device, "dtype": self.dtype, "dtypes": dict(self.dtypes),
-                "batch_size": self.config.runtime.batch_size,
-                "compile": self.config.runtime.compile, "speedups": self.speedups,
+                "batch_size": self.batch_size, "batch_size_given": runtime.batch_size is not None,
+                "stage_batches": {"caption": getattr(self.captioner, "max_batch", None),
+                                  "ground": getattr(self.grounder, "max_batch", None),
+                                  "clip": getattr(self.clip, "max_batch", None)},
+                "memory_plan": self.memory_plan, "prepare_ahead": self.prepares_ahead,
+                "static_cache": bool(getattr(self.captioner, "static_cache", False)),
+                "cuda_graphs": runtime.cuda_graphs,
+                "attention": {kind: getattr(getattr(getattr(adapter, "model", None), "config", None),
+                                            "_attn_implementation", None)
+                              for kind, adapter in (("clip", self.clip), ("captioner", self.captioner),
+                                                    ("grounder", self.grounder))},
+                "compile": runtime.compile, "speedups": self.speedups,
                 "torch_threads": torch.get_num_threads(),
                 "package_version": __version__, "torch_version": torch.__version__,
                 "transformers_version": transformers.__version__, "python": platform.python_version()}
@@ -248,25 +418,32 @@ class Extractor:
         finally:
             self.stage_seconds[stage] += time.perf_counter() - started
 
-    def process(self, items: Sequence[ImageItem], images: Sequence[LoadedImage], local: bool = True
-                ) -> list[dict[str, Any]]:
+    def process(self, items: Sequence[ImageItem], images: Sequence[LoadedImage], local: bool = True,
+                prepared: PreparedBatch | None = None) -> list[dict[str, Any]]:
         """Features for a batch of decoded images, one store row each (in order).
 
         With ``local=False`` only the caption, its phrases and the global pair (I0, T0) are
         computed and the object fields stay empty (the cascade's cheap first pass); call
-        :meth:`add_local` on those rows to complete them.
+        :meth:`add_local` on those rows to complete them. ``prepared``: the batch's inputs made
+        by :meth:`prepare` (``images`` may be part of its images); the same rows as without.
 
-        Raises whatever a model raises; :func:`run_extraction` isolates the failing image.
+        Raises whatever a model raises; :func:`run_extraction` isolates the failing image (but
+        a :class:`~tidy_detect.models.device.DeviceMemoryError` ends the run).
         """
         self.load()
         if not items:
             return []
+        inputs = prepared.select(images) if prepared is not None else None
         pil = [im.image for im in images]
-        captions = self._timed("caption", self.captioner.caption, pil, [it.caption for it in items])
+        given = [it.caption for it in items]
+        caption_args = (pil, given) if inputs is None or inputs.caption is None else (pil, given, inputs.caption)
+        captions = self._timed("caption", self.captioner.caption, *caption_args)
         phrases = self._timed("phrases", self.phrases.extract, captions)
         views = [self._global_source(im) for im in images]
 
         def global_pass() -> tuple[np.ndarray, np.ndarray]:
+            if inputs is not None and inputs.clip is not None:
+                return self.clip.encode_global(views, prepared=inputs.clip), self.clip.encode_texts(list(captions))
             return self.clip.encode_global(views), self.clip.encode_texts(list(captions))
 
         global_emb, caption_emb = self._timed("clip", global_pass)
@@ -281,7 +458,7 @@ class Extractor:
             "stat": image.stat,
         } for k, (item, image) in enumerate(zip(items, images))]
         if local:
-            self.add_local(rows, images)
+            self.add_local(rows, images, inputs.ground if inputs is not None else None)
         return rows
 
     def _global_source(self, loaded: LoadedImage) -> Any:
@@ -294,18 +471,25 @@ class Extractor:
             return center
         return loaded.image
 
-    def add_local(self, rows: Sequence[dict[str, Any]], images: Sequence[LoadedImage]) -> None:
+    def add_local(self, rows: Sequence[dict[str, Any]], images: Sequence[LoadedImage],
+                  prepared_ground: Any = None) -> None:
         """Ground the rows' phrases and embed every crop and phrase, filling the object fields in place.
 
         All grounding of the batch is one call, all crops one CLIP image pass and all phrases one
-        (cached) CLIP text pass.
+        (cached) CLIP text pass. ``prepared_ground``: the grounder's inputs made ahead of time.
         """
         pil = [im.image for im in images]
-        detections = self._timed("ground", self.grounder.ground, pil, [row["phrases"] for row in rows])
+        phrases = [row["phrases"] for row in rows]
+        ground_args = (pil, phrases) if prepared_ground is None else (pil, phrases, prepared_ground)
+        detections = self._timed("ground", self.grounder.ground, *ground_args)
+        map_fn = self._map if self.prepares_ahead else None  # crops in parallel threads where inputs are
 
         def local_pass() -> tuple[np.ndarray, np.ndarray]:
             crops = [crop_box(im, d.box) for im, dets in zip(pil, detections) for d in dets]
-            return self.clip.encode_crops(crops), self.clip.encode_texts([d.phrase for dets in detections for d in dets])
+            texts = [d.phrase for dets in detections for d in dets]
+            if map_fn is None:
+                return self.clip.encode_crops(crops), self.clip.encode_texts(texts)
+            return self.clip.encode_crops(crops, map_fn), self.clip.encode_texts(texts)
 
         crop_emb, phrase_emb = self._timed("clip", local_pass)
         offset = 0
@@ -416,7 +600,7 @@ def run_extraction(items: Sequence[ImageItem], store: FeatureStore, extractor: E
 
 def _run_locked(items: Sequence[ImageItem], store: FeatureStore, extractor: Extractor, progress: ProgressFn | None,
                 retry_errors: bool, engine: str, ignored_files: int, exif: str) -> ExtractionSummary:
-    summary = ExtractionSummary(store=str(store.path), total=len(items), ignored_files=ignored_files)
+    summary = ExtractionSummary(store=store.uri, total=len(items), ignored_files=ignored_files)
     started = time.perf_counter()
     run_record = {"started": utc_now(), "engine": engine, **extractor.runtime_info(), "exif_orientation": exif}
     plan = pending_items(items, store, retry_errors, workers=extractor.config.runtime.num_workers,
@@ -432,8 +616,9 @@ def _run_locked(items: Sequence[ImageItem], store: FeatureStore, extractor: Extr
     try:
         perturbation = store.config.get("perturbation")
         perturbation = Perturbation.from_dict(perturbation) if perturbation else None
-        for batch in iter_decoded(todo, extractor, perturbation, exif_transpose=exif == "apply"):
-            rows = rows_for_batch(extractor, batch, summary, known_content, deferred)
+        batches = iter_decoded(todo, extractor, perturbation, exif_transpose=exif == "apply")
+        for batch, prepared in with_prepared(extractor, batches):
+            rows = rows_for_batch(extractor, batch, summary, known_content, deferred, prepared=prepared)
             labels.check(rows, summary)
             t0 = time.perf_counter()
             store.write(rows)
@@ -479,13 +664,17 @@ class LabelCheck:
 
 def rows_for_batch(extractor: Extractor, batch: Sequence[tuple[ImageItem, LoadedImage | ImageError, float]],
                    summary: ExtractionSummary, known_content: set[str] | None = None,
-                   deferred: list[tuple[ImageItem, LoadedImage]] | None = None, local: bool = True
-                   ) -> list[dict[str, Any]]:
+                   deferred: list[tuple[ImageItem, LoadedImage]] | None = None, local: bool = True,
+                   prepared: PreparedBatch | None = None) -> list[dict[str, Any]]:
     """Store rows for one decoded batch, in batch order: error rows for bad images, features for the rest.
 
     With ``known_content``/``deferred``, images whose content was already seen are put aside in
     ``deferred`` (their features are copied later) instead of being extracted again; they have
-    no row here. ``local=False`` skips grounding (see :meth:`Extractor.process`).
+    no row here. ``local=False`` skips grounding (see :meth:`Extractor.process`). ``prepared``:
+    the batch's model inputs made ahead (:func:`with_prepared`).
+
+    Raises:
+        DeviceMemoryError: a stage ran out of device memory (not retried image by image).
     """
     rows: list[dict[str, Any] | None] = []
     good_slots: list[int] = []
@@ -510,19 +699,64 @@ def rows_for_batch(extractor: Extractor, batch: Sequence[tuple[ImageItem, Loaded
             good_items.append(item)
             good_images.append(loaded)
             rows.append(None)
-    for slot, row in zip(good_slots, _process_isolating(extractor, good_items, good_images, summary, local)):
+    for slot, row in zip(good_slots, _process_isolating(extractor, good_items, good_images, summary, local,
+                                                         prepared)):
         rows[slot] = row
     return [row for row in rows if row is not None]
 
 
+DecodedBatch = list[tuple[ImageItem, LoadedImage | ImageError, float]]
+
+
 def iter_decoded(items: Sequence[ImageItem], extractor: Extractor, perturbation: Perturbation | None = None,
-                 exif_transpose: bool = True) -> Iterator[list[tuple[ImageItem, LoadedImage | ImageError, float]]]:
-    """Decoded batches of ``items`` (decoding runs ahead in worker threads), in input order."""
+                 exif_transpose: bool = True) -> Iterator[DecodedBatch]:
+    """Decoded batches of ``items`` (decoding runs ahead in worker threads), in input order,
+    of the extractor's resolved batch size."""
     runtime = extractor.config.runtime
-    window = max(2 * runtime.batch_size, 4)
+    size = extractor.batch_size
+    window = max(2 * size, 4)
     decoded = prefetch(items, runtime.max_pixels, runtime.num_workers, window, perturbation, runtime.max_file_bytes,
                        exif_transpose)
-    yield from _chunks(decoded, runtime.batch_size)
+    yield from _chunks(decoded, size)
+
+
+def with_prepared(extractor: Extractor, batches: Iterable[DecodedBatch]
+                  ) -> Iterator[tuple[DecodedBatch, PreparedBatch | None]]:
+    """Each batch with its model inputs, each prepared in a worker thread while the previous
+    batch is processed (when the extractor prepares ahead, see :attr:`Extractor.prepares_ahead`;
+    else with None). A batch whose preparation failed comes with None, and is then prepared
+    inline by the models, where a bad image becomes an error row as usual."""
+    if not extractor.prepares_ahead:
+        for batch in batches:
+            yield batch, None
+        return
+
+    def result(future: Future | None) -> PreparedBatch | None:
+        if future is None:
+            return None
+        try:
+            return future.result()
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the inline path reports the image that fails
+            log.warning("preparing a batch ahead failed (%s: %s); its inputs are made inline", type(exc).__name__, exc)
+            return None
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidy-stage") as stager:
+        pending: tuple[DecodedBatch, Future | None] | None = None
+        try:
+            for batch in batches:
+                good = [loaded for _, loaded, _ in batch if not isinstance(loaded, ImageError)]
+                future = stager.submit(extractor.prepare, good) if good else None
+                if pending is not None:
+                    yield pending[0], result(pending[1])
+                pending = (batch, future)
+            if pending is not None:
+                yield pending[0], result(pending[1])
+                pending = None
+        finally:
+            if pending is not None and pending[1] is not None:
+                pending[1].cancel()
 
 
 @dataclass
@@ -570,7 +804,7 @@ def pending_items(items: Sequence[ImageItem], store: FeatureStore, retry_errors:
         if entry is None:
             todo.append(item)
             continue
-        now = sources.stat_item(item.path)  # a plain file's stat, or an archive member's container's
+        now = sources.stat_item(item.path, entry.stat)  # a plain file's stat, or an archive member's container's
         if now is not None and (entry.stat is None or entry.stat != now):
             to_hash.append((item, entry))
         # else: untouched, or gone since (its row stays)
@@ -625,16 +859,19 @@ def _hash_files(items: Sequence[ImageItem], workers: int, max_bytes: int
 
 
 def _process_isolating(extractor: Extractor, items: list[ImageItem], images: list[LoadedImage],
-                       summary: ExtractionSummary, local: bool = True) -> list[dict[str, Any]]:
+                       summary: ExtractionSummary, local: bool = True,
+                       prepared: PreparedBatch | None = None) -> list[dict[str, Any]]:
     """Run a batch; if it fails, run its images one by one so only the culprit becomes an error.
-    Returns one row per item, in order."""
+    Returns one row per item, in order. Running out of memory (host or device) is not an image's
+    fault: it ends the run with an error that says what to lower, and nothing is retried."""
     if not items:
         return []
     try:
-        rows = extractor.process(items, images, local=local)
+        extra = {"prepared": prepared} if prepared is not None else {}
+        rows = extractor.process(items, images, local=local, **extra)
         summary.processed += len(rows)
         return rows
-    except (KeyboardInterrupt, MemoryError):
+    except (KeyboardInterrupt, MemoryError, DeviceMemoryError):
         raise
     except Exception as exc:
         if len(items) == 1:
@@ -687,7 +924,7 @@ def finish_run(store: FeatureStore, run_record: dict[str, Any], summary: Extract
         if summary.status == "completed":
             store.compact()
     except OSError as exc:
-        log.warning("could not record the run in %s: %s", store.path, exc)
+        log.warning("could not record the run in %s: %s", store.uri, exc)
 
 
 def extract(inputs: Iterable[str | Path], out: str | Path, config: ExtractionConfig | None = None, *,
@@ -695,7 +932,8 @@ def extract(inputs: Iterable[str | Path], out: str | Path, config: ExtractionCon
             extractor: Extractor | None = None, perturbation: Perturbation | None = None,
             layout: str | None = None, split: str | None = None, exclude: Iterable[str | Path] | None = None,
             pairing: dict[str, str] | None = None, max_per_class: int | None = None, per_class: int | None = None,
-            seed: int = 0, accept_dtype: bool = False, exif: str = "auto") -> ExtractionSummary:
+            seed: int = 0, accept_dtype: bool = False, exif: str = "auto",
+            source_options: Any = None) -> ExtractionSummary:
     """Extract features of images, folders, CSV manifests or benchmark datasets into a store.
 
     Args:
@@ -714,6 +952,7 @@ def extract(inputs: Iterable[str | Path], out: str | Path, config: ExtractionCon
         accept_dtype: write into a store made with the same models in another precision.
         exif: ``auto`` (ignore the EXIF orientation for benchmark layouts, apply it otherwise),
             ``apply`` or ``ignore``; see :func:`resolve_exif`.
+        source_options: a :class:`~tidy_detect.data.sources.SourceOptions` naming table columns.
 
     Returns:
         An :class:`ExtractionSummary`.
@@ -721,11 +960,11 @@ def extract(inputs: Iterable[str | Path], out: str | Path, config: ExtractionCon
     Raises:
         InputError, ModelLoadError, StoreError, ConfigError.
     """
-    from tidy_detect.data.sampling import save_list
     from tidy_detect.data.selection import select_inputs
 
     selection = select_inputs(inputs, layout=layout, split=split, exclude=exclude, pairing=pairing,
-                              max_per_class=max_per_class, per_class=per_class, seed=seed, limit=limit)
+                              max_per_class=max_per_class, per_class=per_class, seed=seed, limit=limit,
+                              source_options=source_options)
     items = selection.items
     extractor = extractor or Extractor(config)
     extractor.load()
@@ -733,7 +972,7 @@ def extract(inputs: Iterable[str | Path], out: str | Path, config: ExtractionCon
                                           perturbation.to_dict() if perturbation else None, selection.pairing,
                                           accept_dtype=accept_dtype, datasets=selection.datasets)
     if selection.params:
-        save_list(items, store.path / "inputs.csv", selection.params)
+        store.save_inputs(items, selection.params)
     return run_extraction(items, store, extractor, progress=progress, retry_errors=retry_errors,
                           ignored_files=selection.ignored_files,
                           exif=resolve_exif(exif, bool(selection.datasets)))

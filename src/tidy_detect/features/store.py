@@ -1,40 +1,44 @@
-"""The feature store: one folder, ``config.json`` plus Parquet shards, one row per image.
+"""The feature store: one folder (or object-storage prefix), ``config.json`` plus Parquet shards,
+one row per image.
 
 Extraction costs seconds per image and training a head milliseconds, so everything the method
 needs is kept (raw embeddings, caption, phrases, boxes, label, group, errors) and every
 representation is computed from it later without running a model again.
 
-Guarantees:
-- a shard is written to a temporary file and renamed into place, so a crash never leaves half a
-  shard, and a finished shard is never lost;
-- shard names derive from the rows they hold, so a retried batch replaces its own shard instead
+A store is a local path or a URI (``s3://bucket/prefix``, ``gs://``, ``hf://``, ``file://``, any
+filesystem pyarrow or fsspec knows); every file operation goes through its
+:class:`~tidy_detect.features.storage.StoreLocation`, so the guarantees are the same on both:
+
+- a shard appears whole or not at all (locally: written to a temporary file and renamed into
+  place; on object storage: one PUT of the finished file straight to its final name), so a
+  crash never leaves half a shard, and a finished shard is never lost;
+- shard names derive from the rows they hold, so a retried batch rewrites its own shard instead
   of adding a copy, and readers also skip any repeated (sha256, path) key;
+- compaction writes a commit record (``compact-journal.json``: the merged shard and the shards it
+  replaces) before the merged shard, and deletes the old ones after it; the next writer to open
+  the store finishes an interrupted compaction, and readers meanwhile skip the repeated rows;
 - a store remembers the extraction config it was made with (``fingerprint``); opening it for
   writing with another config is an error naming what differs;
-- one writer at a time: extraction holds ``STORE/writer.lock`` (an advisory ``flock``, which the
-  system releases when its process dies, so a stale lock is taken over safely); a second writer
-  is refused with a message naming the holder (:class:`StoreLock`);
+- one writer at a time: extraction holds ``STORE/writer.lock``, locally an advisory ``flock``
+  (which the system releases when its process dies, so a stale lock is taken over safely), on
+  object storage a lease renewed by a heartbeat (:class:`~tidy_detect.features.storage.StoreLease`);
+  a second writer is refused with a message naming the holder; config.json is updated
+  (read-modify-write) only under it;
 - each row records the file's size, mtime, ctime and inode as read, so a rerun can tell a changed
   file from an unchanged one (see :func:`tidy_detect.features.extractor.pending_items`).
 
 The shards are plain Parquet in ``STORE/shards/``: ``pandas.read_parquet("STORE/shards")``, DuckDB's
 ``read_parquet('STORE/shards/*.parquet')`` and ``polars.read_parquet("STORE/shards/*.parquet")`` read
-them as they are.
+them as they are, at a URI too (docs/distributed.md, "Stores on object storage").
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import errno
 import hashlib
 import json
 import logging
-import os
-import socket
-import sys
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -42,11 +46,19 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from tidy_detect.config import RepresentationConfig
 from tidy_detect.errors import StoreError
 from tidy_detect.features import discrepancy
+# LOCK_FILE, StoreLock, describe_holder, temporary_path, write_json_atomic: re-exported, they lived here
+from tidy_detect.features.storage import (  # noqa: F401
+    LOCK_FILE,
+    StoreLocation,
+    StoreLock,
+    describe_holder,
+    temporary_path,
+    write_json_atomic,
+)
 from tidy_detect.images import FileStat
 
 log = logging.getLogger(__name__)
@@ -55,7 +67,7 @@ STORE_FORMAT = "tidy-detect-store"
 STORE_FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 COMPACT_JOURNAL = "compact-journal.json"
-LOCK_FILE = "writer.lock"
+INPUTS_LIST = "inputs.csv"  # the sampled input list of a run (``save_list``), with inputs.json beside it
 SHARD_DIR = "shards"  # Parquet only, so the folder itself reads as one dataset
 # Keys of the extraction config that identify where a model came from, not what it computes;
 # they are recorded but left out of the fingerprint. ``random_weights`` says what the weights are,
@@ -184,116 +196,6 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def temporary_path(final: Path) -> Path:
-    """A unique, not yet existing name beside ``final`` for writing it atomically.
-
-    The file is created by whoever writes it (``open``, pyarrow, safetensors), so it gets the
-    user's umask like any other file; ``tempfile.mkstemp`` would make it 0600.
-    """
-    return final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
-    tmp = temporary_path(path)
-    try:
-        with open(tmp, "x", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-class StoreLock:
-    """The one-writer lock of a store: ``flock`` on ``STORE/writer.lock``, holder described inside.
-
-    ``flock`` is released by the system when the holding process exits or dies, so a lock left by
-    a killed run is simply taken over; the file itself is never deleted (deleting a lock file races
-    with a process that has just opened it). Re-entrant for the same object.
-    """
-
-    def __init__(self, store: Path) -> None:
-        self.path = store / LOCK_FILE
-        self._fd: int | None = None
-        self._depth = 0
-
-    def acquire(self, wait: float = 0.0) -> None:
-        """Take the lock, waiting up to ``wait`` seconds for another writer.
-
-        Raises:
-            StoreError: another process holds it (the message names it), or it cannot be created.
-        """
-        if self._fd is not None:
-            self._depth += 1
-            return
-        import fcntl
-
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
-        except OSError as exc:
-            raise StoreError(f"{self.path}: cannot create the store's writer lock ({exc.strerror or exc})") from exc
-        deadline = time.monotonic() + max(wait, 0.0)
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    os.close(fd)
-                    raise StoreError(f"{self.path}: cannot lock the store ({exc.strerror or exc})") from exc
-                if time.monotonic() >= deadline:
-                    holder = self.holder()
-                    os.close(fd)
-                    raise StoreError(f"{self.path.parent}: another process is writing to this store "
-                                     f"({describe_holder(holder)}); wait for it to finish, or write to another "
-                                     f"--out folder. Two writers would both redo the same images.") from None
-                time.sleep(0.2)
-        previous = self.holder()
-        if previous and previous.get("pid") not in (None, os.getpid()):
-            log.info("%s: taking over the writer lock of %s, which has ended", self.path.parent,
-                     describe_holder(previous))
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now(),
-                  "command": " ".join(sys.argv)[:500]}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
-        self._fd, self._depth = fd, 1
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        self._depth -= 1
-        if self._depth > 0:
-            return
-        fd, self._fd = self._fd, None
-        try:
-            os.ftruncate(fd, 0)  # holder info would be stale once released
-        except OSError:
-            pass
-        os.close(fd)  # closing releases the flock
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def holder(self) -> dict[str, Any] | None:
-        """What the last (or current) holder wrote about itself, if anything readable."""
-        try:
-            text = self.path.read_text(encoding="utf-8").strip()
-            data = json.loads(text) if text else None
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
-
-
-def describe_holder(holder: dict[str, Any] | None) -> str:
-    if not holder:
-        return "holder unknown"
-    return (f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}, "
-            f"command: {holder.get('command') or '?'}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Rows -> Arrow
 
@@ -412,25 +314,49 @@ class FeatureArrays:
 
 
 class FeatureStore:
-    """A store folder. Open an existing one with ``FeatureStore(path)``; create or reopen one for
-    writing with :meth:`open_for_writing`.
+    """A store: a local folder or a URI (``s3://bucket/prefix`` and the like; see
+    :mod:`tidy_detect.features.storage`). Open an existing one with ``FeatureStore(path_or_uri)``;
+    create or reopen one for writing with :meth:`open_for_writing`.
+
+    ``uri`` names the store in messages and for opening it again elsewhere; ``location`` does
+    its file operations; ``path`` is its local folder (local stores only).
 
     Raises:
-        StoreError: the folder is not a store, or its config.json is unreadable.
+        StoreError: the location is not a store, its config.json is unreadable, or its filesystem
+            cannot be reached.
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        config_file = self.path / CONFIG_FILE
-        if not config_file.is_file():
-            raise StoreError(f"{self.path}: not a feature store (no {CONFIG_FILE}); create one with `tidy-detect extract`")
-        self.config = _read_config(config_file)
-        self.lock = StoreLock(self.path)
-        self._recover_compaction()
+    def __init__(self, path: str | Path | StoreLocation) -> None:
+        self.location = StoreLocation.parse(path)
+        self.uri = self.location.uri
+        if not self.location.is_file(CONFIG_FILE):
+            raise StoreError(f"{self.uri}: not a feature store (no {CONFIG_FILE}); create one with `tidy-detect extract`")
+        self.config = _read_config(self.location)
+        self.lock = self.location.writer_lock()
+        self._recover_on_open()
+
+    @property
+    def path(self) -> Path:
+        """The store's local folder.
+
+        Raises:
+            StoreError: the store is on object storage (use ``uri`` or ``location``).
+        """
+        return self.location.path
+
+    @property
+    def is_local(self) -> bool:
+        return self.location.is_local
 
     @contextlib.contextmanager
     def writing(self, wait: float = 0.0) -> Iterator["FeatureStore"]:
-        """Hold the store's writer lock for the block (re-entrant); see :class:`StoreLock`."""
+        """Hold the store's writer lock for the block (re-entrant); see
+        :class:`~tidy_detect.features.storage.StoreLock` and
+        :class:`~tidy_detect.features.storage.StoreLease`.
+
+        Raises:
+            StoreError: another process holds it.
+        """
         self.lock.acquire(wait)
         try:
             yield self
@@ -440,7 +366,7 @@ class FeatureStore:
     # -- creation ----------------------------------------------------------------------------
 
     @classmethod
-    def open_for_writing(cls, path: str | Path, extraction: dict[str, Any], dim: int,
+    def open_for_writing(cls, path: str | Path | StoreLocation, extraction: dict[str, Any], dim: int,
                          perturbation: dict[str, Any] | None = None,
                          pairing: dict[str, str] | None = None, accept_dtype: bool = False,
                          datasets: dict[str, str] | None = None) -> "FeatureStore":
@@ -460,10 +386,11 @@ class FeatureStore:
                 message lists the differences), or it is a non-empty folder that is not a store,
                 or a generator would be paired with two real folders.
         """
-        path = Path(path)
+        location = StoreLocation.parse(path)
+        path = location.uri  # as the user gave it, for messages
         fingerprint = config_fingerprint(extraction)
-        if (path / CONFIG_FILE).is_file():
-            store = cls(path)
+        if location.is_file(CONFIG_FILE):
+            store = cls(location)
             if store.config.get("perturbation") != perturbation:
                 raise StoreError(f"{path} holds images with perturbation {store.config.get('perturbation')}, "
                                  f"not {perturbation}; use another --out folder")
@@ -474,7 +401,7 @@ class FeatureStore:
                     raise StoreError(
                         f"{path} was made with a different extraction config, so its rows cannot be mixed with "
                         f"these: {'; '.join(diffs[:5]) or 'fingerprints differ'}{hint}. Use another --out folder, "
-                        f"or the same options as the store (see {path / CONFIG_FILE})."
+                        f"or the same options as the store (see {location.child(CONFIG_FILE)})."
                     )
                 log.warning("%s: writing with %s into a store made with %s (accepted)", path,
                             {k: (extraction.get(k) or {}).get("dtype") for k in ("clip", "captioner", "grounder")},
@@ -484,12 +411,12 @@ class FeatureStore:
             if datasets:
                 store._merge_datasets(datasets)
             return store
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if not location.is_unused():
             raise StoreError(f"{path}: exists and is not an empty folder or a feature store; choose another --out")
-        path.mkdir(parents=True, exist_ok=True)
+        location.prepare()
         from tidy_detect import __version__
 
-        write_json_atomic(path / CONFIG_FILE, {
+        location.write_json(CONFIG_FILE, {
             "format": STORE_FORMAT,
             "format_version": STORE_FORMAT_VERSION,
             "created": _now(),
@@ -502,7 +429,7 @@ class FeatureStore:
             "datasets": dict(sorted((datasets or {}).items())),
             "runs": [],
         })
-        return cls(path)
+        return cls(location)
 
     @property
     def fingerprint(self) -> str:
@@ -526,13 +453,10 @@ class FeatureStore:
         clashes = [g for g, r in pairing.items() if current.get(g, r) != r]
         if clashes:
             g = clashes[0]
-            raise StoreError(f"{self.path}: generator {g!r} is paired with real folder {current[g]!r} in this store, "
+            raise StoreError(f"{self.uri}: generator {g!r} is paired with real folder {current[g]!r} in this store, "
                              f"not {pairing[g]!r}; use another --out folder or the same --pairing")
         if any(current.get(g) != r for g, r in pairing.items()):
-            config = _read_config(self.path / CONFIG_FILE)
-            config["pairing"] = {**current, **pairing}
-            write_json_atomic(self.path / CONFIG_FILE, config)
-            self.config = config
+            self._update_config(lambda config: config.update(pairing={**current, **pairing}))
 
     @property
     def datasets(self) -> dict[str, str]:
@@ -545,14 +469,11 @@ class FeatureStore:
         clashes = [g for g, layout in datasets.items() if current.get(g, layout) != layout]
         if clashes:
             g = clashes[0]
-            raise StoreError(f"{self.path}: group {g!r} holds {current[g]} images in this store, not "
+            raise StoreError(f"{self.uri}: group {g!r} holds {current[g]} images in this store, not "
                              f"{datasets[g]} ones; one name for two datasets' generators would mix them: "
                              f"use another --out folder")
         if any(g not in current for g in datasets):
-            config = _read_config(self.path / CONFIG_FILE)
-            config["datasets"] = dict(sorted({**current, **datasets}.items()))
-            write_json_atomic(self.path / CONFIG_FILE, config)
-            self.config = config
+            self._update_config(lambda config: config.update(datasets=dict(sorted({**current, **datasets}.items()))))
 
     def record_reading(self, exif: str) -> None:
         """Record how this store's images are read (``exif_orientation``: ``apply`` or ``ignore``),
@@ -567,56 +488,106 @@ class FeatureStore:
             return
         if known is not None:
             done = {"apply": "applied", "ignore": "ignored (pixels as stored, the benchmark protocol)"}
-            raise StoreError(f"{self.path}: its images were read with the EXIF orientation {done.get(known, known)}, "
+            raise StoreError(f"{self.uri}: its images were read with the EXIF orientation {done.get(known, known)}, "
                              f"and this run would {exif} it; use --exif {known}, or another --out folder")
-        config = _read_config(self.path / CONFIG_FILE)
-        config["exif_orientation"] = exif
-        write_json_atomic(self.path / CONFIG_FILE, config)
-        self.config = config
+        self._update_config(lambda config: config.update(exif_orientation=exif))
 
     def record_run(self, run: dict[str, Any]) -> None:
-        """Append a run's summary (device, dtype, counts, timings) to config.json."""
-        config = _read_config(self.path / CONFIG_FILE)
-        runs = config.get("runs")
-        config["runs"] = [*(runs if isinstance(runs, list) else []), run]
-        write_json_atomic(self.path / CONFIG_FILE, config)
-        self.config = config
+        """Append a run's summary (device, dtype, counts, timings) to config.json.
+
+        Raises:
+            StoreError: another process holds the writer lock, or config.json became unreadable.
+        """
+
+        def append(config: dict[str, Any]) -> None:
+            runs = config.get("runs")
+            config["runs"] = [*(runs if isinstance(runs, list) else []), run]
+
+        self._update_config(append)
+
+    def _update_config(self, change: Any) -> None:
+        """Read config.json, ``change(config)`` in place, write it back whole: by the one writer,
+        so under the writer lock (re-entrant: a run already holds it)."""
+        with self.writing():
+            self.lock.verify()
+            config = _read_config(self.location)
+            change(config)
+            self.location.write_json(CONFIG_FILE, config)
+            self.config = config
+
+    def save_inputs(self, items: Iterable[Any], params: dict[str, Any] | None = None) -> str:
+        """Save a run's image list in the store as ``inputs.csv`` (and ``inputs.json``, how it was
+        sampled; see :func:`tidy_detect.data.sampling.save_list`). Returns where it went.
+
+        Raises:
+            InputError: the list cannot be written locally; StoreError: it cannot be uploaded.
+        """
+        from tidy_detect.data.sampling import save_list
+
+        if self.location.is_local:
+            return str(save_list(items, self.path / INPUTS_LIST, params))
+        import tempfile
+
+        # save_list writes files; on object storage they are written locally, then uploaded whole.
+        with tempfile.TemporaryDirectory(prefix="tidy-inputs-") as folder:
+            csv_path = save_list(items, Path(folder) / INPUTS_LIST, params)
+            for local in (csv_path, csv_path.with_suffix(".json")):
+                self.location.write_bytes(local.name, local.read_bytes())
+        return self.location.child(INPUTS_LIST)
 
     # -- writing -----------------------------------------------------------------------------
 
-    def write(self, rows: Sequence[dict[str, Any]]) -> Path | None:
-        """Write rows as one shard, atomically. Returns the shard path (None for no rows)."""
+    def write(self, rows: Sequence[dict[str, Any]]) -> Path | str | None:
+        """Write rows as one shard, whole or not at all. Returns the shard (a path, or a URI on
+        object storage; None for no rows).
+
+        Raises:
+            StoreError: this process held the writer lease and lost it (object storage), or the
+                shard cannot be written there.
+        """
         if not rows:
             return None
         table = rows_to_table(rows, self.dim)
-        return self._write_table(table, prefix="part")
+        return self._shard(self._write_table(table, prefix="part"))
 
-    def _shard_path(self, table: pa.Table, prefix: str) -> Path:
+    def _shard_name(self, table: pa.Table, prefix: str) -> str:
         keys = sorted(f"{s}\0{p}" for s, p in zip(table["sha256"].to_pylist(), table["path"].to_pylist()))
         name = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:20]
-        return self.shard_dir / f"{prefix}-{name}.parquet"
+        return f"{prefix}-{name}.parquet"
 
-    def _write_table(self, table: pa.Table, prefix: str, final: Path | None = None) -> Path:
-        final = final or self._shard_path(table, prefix)
-        final.parent.mkdir(exist_ok=True)
-        tmp = temporary_path(final)
-        try:
-            pq.write_table(table, str(tmp), compression="zstd")
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+    def _write_table(self, table: pa.Table, prefix: str, final: str | None = None) -> str:
+        """Write ``table`` as the shard ``final`` (default: named by its rows); returns the name."""
+        self.lock.verify()
+        final = final or self._shard_name(table, prefix)
+        self.location.write_parquet(f"{SHARD_DIR}/{final}", table)
         return final
+
+    def _shard(self, name: str) -> Path | str:
+        return self.path / SHARD_DIR / name if self.location.is_local else self.location.child(SHARD_DIR, name)
 
     # -- reading -----------------------------------------------------------------------------
 
-    def shards(self) -> list[Path]:
-        return sorted(self.shard_dir.glob("*.parquet"))
+    def _shard_names(self) -> list[str]:
+        return self.location.list(SHARD_DIR, ".parquet")
+
+    def shards(self) -> list[Path | str]:
+        """The shards in name order: paths for a local store, URIs on object storage."""
+        return [self._shard(name) for name in self._shard_names()]
 
     @property
     def shard_dir(self) -> Path:
-        """The folder of Parquet shards: ``pandas.read_parquet(store.shard_dir)`` reads all rows."""
+        """The local folder of Parquet shards: ``pandas.read_parquet(store.shard_dir)`` reads all
+        rows (``shards_uri`` names it wherever the store is).
+
+        Raises:
+            StoreError: the store is on object storage.
+        """
         return self.path / SHARD_DIR
+
+    @property
+    def shards_uri(self) -> str:
+        """Where the shards are, for other readers: ``pandas.read_parquet(store.shards_uri)``."""
+        return self.location.child(SHARD_DIR)
 
     def iter_batches(self, columns: Sequence[str] | None = None, batch_size: int = 8192,
                      dedupe: bool = True) -> Iterator[pa.RecordBatch]:
@@ -625,23 +596,23 @@ class FeatureStore:
         wanted = list(columns) if columns is not None else None
         read = schema.names if wanted is None else list(dict.fromkeys([*wanted, *KEY_COLUMNS] if dedupe else wanted))
         seen: set[int] = set()
-        for shard in self.shards():
+        for shard, open_shard in self.location.parquet_files(SHARD_DIR, self._shard_names()):
             try:
-                reader = pq.ParquetFile(shard)
-                present = set(reader.schema_arrow.names)
-                missing = [name for name in read if name not in present]
-                batches = reader.iter_batches(batch_size=batch_size, columns=[n for n in read if n in present])
-                for batch in batches:
-                    if missing:  # a shard written before these columns existed
-                        batch = _with_nulls(batch, [schema.field(n) for n in missing], read)
-                    if dedupe:
-                        batch = _drop_seen(batch, seen)
-                    if wanted is not None:
-                        batch = batch.select(wanted)
-                    if batch.num_rows:
-                        yield batch
+                with open_shard() as reader:
+                    present = set(reader.schema_arrow.names)
+                    missing = [name for name in read if name not in present]
+                    batches = reader.iter_batches(batch_size=batch_size, columns=[n for n in read if n in present])
+                    for batch in batches:
+                        if missing:  # a shard written before these columns existed
+                            batch = _with_nulls(batch, [schema.field(n) for n in missing], read)
+                        if dedupe:
+                            batch = _drop_seen(batch, seen)
+                        if wanted is not None:
+                            batch = batch.select(wanted)
+                        if batch.num_rows:
+                            yield batch
             except (OSError, pa.ArrowException) as exc:
-                raise _unreadable(shard, exc) from exc
+                raise self._unreadable(shard, exc) from exc
 
     def table(self, columns: Sequence[str] | None = None) -> pa.Table:
         batches = list(self.iter_batches(columns))
@@ -685,7 +656,7 @@ class FeatureStore:
             return 0
         schema = store_schema(self.dim)
         updated = 0
-        for shard in self.shards():
+        for shard in self._shard_names():
             table = _conform(self._read_shard(shard), schema)
             paths = table["path"].to_pylist()
             hits = [i for i, p in enumerate(paths) if p in stats]
@@ -710,7 +681,7 @@ class FeatureStore:
         removed = 0
         if not doomed:
             return 0
-        for shard in self.shards():
+        for shard in self._shard_names():
             table = self._read_shard(shard)
             keep = pc.invert(pc.is_in(table["path"], value_set=pa.array(sorted(doomed), pa.string())))
             kept = table.filter(keep)
@@ -720,7 +691,8 @@ class FeatureStore:
             if kept.num_rows:
                 self._replace([shard], _conform(kept, store_schema(self.dim)))
             else:
-                shard.unlink()
+                self.lock.verify()
+                self.location.delete(f"{SHARD_DIR}/{shard}")
         return removed
 
     def lookup(self, sha256s: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -814,21 +786,19 @@ class FeatureStore:
         Crash-safe: the plan is journalled before the merged shard is written, so a crash leaves
         either the old shards or the complete new one plus a journal the next open finishes.
         """
-        # Temporary files of writers that died mid-write: readers skip them, so only their space is lost.
-        stale = time.time() - 3600
-        for tmp in self.shard_dir.glob(".*.tmp") if self.shard_dir.is_dir() else ():
-            if tmp.stat().st_mtime < stale:
-                tmp.unlink(missing_ok=True)
+        # Temporary files of writers that died mid-write: readers skip them, so only their space is
+        # lost. (Object stores have none: objects are written whole under their final names.)
+        self.location.remove_stale_temporaries(SHARD_DIR, 3600)
         with self.writing():
             return self._compact(target_rows)
 
     def _compact(self, target_rows: int) -> int:
-        sizes = {s: self._shard_rows(s) for s in self.shards()}
+        sizes = self._shard_rows(self._shard_names())
         small = [s for s, n in sizes.items() if n < target_rows]
         if len(small) < 2:
             return 0
         merged = 0
-        group: list[Path] = []
+        group: list[str] = []
         rows = 0
         for shard in small + [None]:
             if shard is not None:
@@ -841,49 +811,85 @@ class FeatureStore:
                 group, rows = [], 0
         return merged
 
-    def _merge(self, shards: list[Path]) -> None:
+    def _merge(self, shards: list[str]) -> None:
         schema = store_schema(self.dim)
-        table = pa.concat_tables([_conform(self._read_shard(s), schema) for s in shards])
-        self._replace(shards, table)
+        tables = []
+        for shard, open_shard in self.location.parquet_files(SHARD_DIR, shards):
+            try:
+                with open_shard() as reader:
+                    tables.append(_conform(reader.read(), schema))
+            except (OSError, pa.ArrowException) as exc:
+                raise self._unreadable(shard, exc) from exc
+        self._replace(shards, pa.concat_tables(tables))
 
-    def _shard_rows(self, shard: Path) -> int:
+    def _shard_rows(self, shards: list[str]) -> dict[str, int]:
+        rows = {}
+        for shard, open_shard in self.location.parquet_files(SHARD_DIR, shards):
+            try:
+                with open_shard() as reader:
+                    rows[shard] = reader.metadata.num_rows
+            except (OSError, pa.ArrowException) as exc:
+                raise self._unreadable(shard, exc) from exc
+        return rows
+
+    def _read_shard(self, shard: str) -> pa.Table:
         try:
-            return pq.ParquetFile(shard).metadata.num_rows
+            return self.location.read_table(f"{SHARD_DIR}/{shard}")
         except (OSError, pa.ArrowException) as exc:
-            raise _unreadable(shard, exc) from exc
+            raise self._unreadable(shard, exc) from exc
 
-    def _read_shard(self, shard: Path) -> pa.Table:
-        try:
-            return pq.read_table(shard)
-        except (OSError, pa.ArrowException) as exc:
-            raise _unreadable(shard, exc) from exc
+    def _unreadable(self, shard: str, exc: BaseException) -> StoreError:
+        where = self.location.child(SHARD_DIR, shard)
+        if isinstance(exc, FileNotFoundError) or "Path does not exist" in str(exc):
+            return StoreError(f"{where}: the shard went away while it was read (a writer compacted the store "
+                              f"meanwhile); read the store again")
+        return StoreError(f"{where}: unreadable shard ({exc}); move it out of the store folder and rerun the "
+                          f"extraction to redo its images")
 
-    def _replace(self, shards: list[Path], table: pa.Table) -> None:
-        """Write ``table`` as a new shard, then remove ``shards``, journalled for crash safety."""
-        merged = self._shard_path(table, prefix="part")
+    def _replace(self, shards: list[str], table: pa.Table) -> None:
+        """Write ``table`` as a new shard, then remove ``shards``, with a commit record for crash
+        safety (the same on disk and on object storage, where nothing can be renamed)."""
+        merged = self._shard_name(table, prefix="part")
+        self.lock.verify()
         # Journal first: after a crash the next open either finds the merged shard complete and
         # removes the old ones, or finds it missing and keeps them.
-        write_json_atomic(self.path / COMPACT_JOURNAL,
-                          {"merged": merged.name, "replaced": [s.name for s in shards if s != merged]})
+        self.location.write_json(COMPACT_JOURNAL, {"merged": merged, "replaced": [s for s in shards if s != merged]})
         self._write_table(table, prefix="part", final=merged)
         self._recover_compaction()
 
-    def _recover_compaction(self) -> None:
-        journal = self.path / COMPACT_JOURNAL
-        if not journal.is_file():
+    def _recover_on_open(self) -> None:
+        """Finish a compaction a crashed writer left, unless a writer is at work (it finishes its
+        own; readers skip the rows they see twice meanwhile) or the store is read-only to us."""
+        if not self.location.is_file(COMPACT_JOURNAL):
             return
         try:
-            plan = json.loads(journal.read_text(encoding="utf-8"))
+            self.lock.acquire()
+        except StoreError as exc:
+            log.debug("%s: leaving the compaction journal to the writer (%s)", self.uri, exc)
+            return
+        try:
+            self._recover_compaction()
+        except OSError as exc:
+            log.warning("%s: could not finish an interrupted compaction (%s); readers skip its repeated rows",
+                        self.uri, exc)
+        finally:
+            self.lock.release()
+
+    def _recover_compaction(self) -> None:
+        if not self.location.is_file(COMPACT_JOURNAL):
+            return
+        try:
+            plan = json.loads(self.location.read_text(COMPACT_JOURNAL))
             merged, replaced = plan["merged"], plan["replaced"]
             if not isinstance(merged, str) or not all(isinstance(n, str) for n in replaced):
                 raise ValueError("not a compaction plan")
         except (OSError, ValueError, KeyError, TypeError):
-            journal.unlink(missing_ok=True)  # written atomically, so unreadable means foreign; merged rows are deduped
+            # written whole, so unreadable means foreign; merged rows are deduped
+            self.location.delete(COMPACT_JOURNAL)
             return
-        if (self.shard_dir / Path(merged).name).is_file():
-            for name in replaced:
-                (self.shard_dir / Path(name).name).unlink(missing_ok=True)
-        journal.unlink(missing_ok=True)
+        if self.location.is_file(f"{SHARD_DIR}/{_base_name(merged)}"):
+            self.location.delete_many([f"{SHARD_DIR}/{_base_name(name)}" for name in replaced])
+        self.location.delete(COMPACT_JOURNAL)
 
 
 def _with_nulls(batch: pa.RecordBatch, fields: list[pa.Field], order: list[str]) -> pa.RecordBatch:
@@ -893,20 +899,21 @@ def _with_nulls(batch: pa.RecordBatch, fields: list[pa.Field], order: list[str])
     return pa.RecordBatch.from_arrays([arrays[n] for n in order], names=order)
 
 
-def _unreadable(shard: Path, exc: BaseException) -> StoreError:
-    return StoreError(f"{shard}: unreadable shard ({exc}); move it out of the store folder and rerun the "
-                      f"extraction to redo its images")
+def _base_name(name: str) -> str:
+    """A journal's shard name without any folder part (a journal names shards, nothing else)."""
+    return name.replace("\\", "/").rsplit("/", 1)[-1]
 
 
-def _read_config(config_file: Path) -> dict[str, Any]:
+def _read_config(location: StoreLocation) -> dict[str, Any]:
     """config.json, checked enough that every later use of it is safe.
 
     Raises:
         StoreError: unreadable, not JSON, not an object, another format, a newer version, or a
             required field of the wrong type.
     """
+    config_file = location.child(CONFIG_FILE)
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config = json.loads(location.read_text(CONFIG_FILE))
     except (OSError, ValueError) as exc:
         raise StoreError(f"{config_file}: cannot be read ({exc})") from exc
     if not isinstance(config, dict):
@@ -918,7 +925,7 @@ def _read_config(config_file: Path) -> dict[str, Any]:
     if not isinstance(version, int) or isinstance(version, bool):
         raise StoreError(f"{config_file}: format_version must be an integer, got {version!r}")
     if version > STORE_FORMAT_VERSION:
-        raise StoreError(f"{config_file.parent}: store format {version} is newer than this tidy-detect "
+        raise StoreError(f"{location.uri}: store format {version} is newer than this tidy-detect "
                          f"understands ({STORE_FORMAT_VERSION}); upgrade tidy-detect")
     checks = {"fingerprint": (isinstance(config.get("fingerprint"), str), "a string"),
               "dim": (isinstance(config.get("dim"), int) and not isinstance(config.get("dim"), bool)

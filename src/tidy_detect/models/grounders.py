@@ -40,7 +40,9 @@ from PIL import Image
 
 from tidy_detect.config import GROUNDING_RULES, FeatureConfig
 from tidy_detect.errors import ConfigError
+from tidy_detect.models.device import floating_to, run_guarded
 from tidy_detect.models.loading import prepare_model, revision_of, torch_dtype
+from tidy_detect.models.memory import StageMemory, grounding_dino, owlv2
 from tidy_detect.models.tiny import has_random_weights
 from tidy_detect.models.components import GROUNDERS
 
@@ -163,6 +165,8 @@ class _HFGrounder:
                                else self.default_text_threshold)
         self.grounding_rule = features.grounding_rule
         self.min_box_size = features.min_box_size
+        self.max_objects = features.max_objects
+        self.max_batch: int | None = None  # images per forward (None: all); the extractor sets it on GPUs
         self.model, self.processor, self.fingerprint = prepare_model(
             self.model_class, source, what="grounder model", option="--grounder-model", device=device, dtype=dtype,
             optimize=optimize, components=components)
@@ -180,19 +184,39 @@ class _HFGrounder:
         return described
 
     def _to_device(self, inputs: Any) -> dict[str, Any]:
-        return {k: (v.to(self.device, dtype=torch_dtype(self.dtype)) if v.is_floating_point() else v.to(self.device))
-                for k, v in inputs.items() if hasattr(v, "to")}
+        dtype = torch_dtype(self.dtype)
+        return {k: floating_to(v, self.device, dtype) for k, v in inputs.items() if hasattr(v, "to")}
 
-    def ground(self, images: Sequence[Image.Image], phrases: Sequence[Sequence[str]]) -> list[list[Detection]]:
+    def _forward(self, inputs: dict[str, Any], batch: int) -> Any:
+        """One forward of the detector, out-of-memory errors named (see models.device)."""
+        import torch
+
+        def forward() -> Any:
+            with torch.inference_mode():
+                return self.model(**self._to_device(inputs))
+
+        return run_guarded(forward, stage="ground", device=self.device, batch=batch, what=f"{self.name}, {self.dtype}",
+                           lower="--batch-size")
+
+    def ground(self, images: Sequence[Image.Image], phrases: Sequence[Sequence[str]],
+               prepared: Any = None) -> list[list[Detection]]:
+        """For each image, a detection per phrase found (phrase order); ``prepared``: what
+        :meth:`prepare` made of these images ahead of time, if the grounder has one.
+
+        Raises:
+            DeviceMemoryError: a forward ran out of device memory.
+        """
         results: list[list[Detection]] = [[] for _ in images]
         todo = [i for i, p in enumerate(phrases) if p]
         if todo:
-            found = self._ground([images[i] for i in todo], [list(phrases[i]) for i in todo])
+            found = self._ground([images[i] for i in todo], [list(phrases[i]) for i in todo],
+                                 prepared=prepared, positions=todo)
             for i, detections in zip(todo, found):
                 results[i] = detections
         return results
 
-    def _ground(self, images: list[Image.Image], phrases: list[list[str]]) -> list[list[Detection]]:
+    def _ground(self, images: list[Image.Image], phrases: list[list[str]], prepared: Any = None,
+                positions: list[int] | None = None) -> list[list[Detection]]:
         raise NotImplementedError
 
 
@@ -205,54 +229,107 @@ class GroundingDinoGrounder(_HFGrounder):
 
     model_class = "GroundingDinoForObjectDetection"
 
-    def _ground(self, images: list[Image.Image], phrases: list[list[str]]) -> list[list[Detection]]:
+    def memory(self) -> StageMemory:
+        """Device memory per image of one forward at the processor's largest input size."""
+        size = getattr(self.processor.image_processor, "size", None) or {}
+        get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+        shortest, longest = get("shortest_edge") or 800, get("longest_edge") or 1333
+        # A prompt of max_objects phrases of a few tokens each, separated by dots.
+        return grounding_dino(self.model.config, self.dtype, height=int(shortest), width=int(longest),
+                              text_tokens=min(256, 2 + 5 * max(self.max_objects, 1)))
+
+    def _pixels(self, image: Image.Image) -> dict[str, Any]:
+        return self.processor.image_processor(images=[self._pad_to_ratio(image)], return_tensors="pt")
+
+    def prepare(self, images: Sequence[Image.Image], map_fn: Any = None) -> tuple[dict[str, Any], list[list[int]]]:
+        """Preprocess ahead of time (worker threads; ``map_fn`` a thread pool's ``map``): each
+        image resized and normalised by the processor exactly as :meth:`ground` would, stacked per
+        input size. Returns the tensors (``"<group>.pixel_values"``, ``"<group>.pixel_mask"``)
+        and each group's image positions, for :meth:`ground`'s ``prepared``."""
         import torch
 
+        pixels = list((map_fn or map)(self._pixels, list(images)))
+        groups = _size_groups(pixels)
+        tensors = {}
+        for g, members in enumerate(groups):
+            for key in ("pixel_values", "pixel_mask"):
+                tensors[f"{g}.{key}"] = torch.cat([pixels[k][key] for k in members])
+        return tensors, groups
+
+    def _ground(self, images: list[Image.Image], phrases: list[list[str]], prepared: Any = None,
+                positions: list[int] | None = None) -> list[list[Detection]]:
         prompts, spans = zip(*(self.prompt(p) for p in phrases))
-        padded = [self._pad_to_ratio(im) for im in images]
+        padded_sizes = [self._padded_size(im) for im in images]
         # Images of different sizes would be zero-padded to a common size, and the backbone sees
         # that padding: an image's boxes would depend on its batch-mates. So only images that the
         # processor brings to the same size share a forward pass.
-        pixels = [self.processor.image_processor(images=[im], return_tensors="pt") for im in padded]
-        by_size: dict[tuple[int, ...], list[int]] = {}
-        for k, encoded in enumerate(pixels):
-            by_size.setdefault(tuple(encoded["pixel_values"].shape[-2:]), []).append(k)
+        passes = self._prepared_passes(prepared, positions) if prepared is not None else None
+        if passes is None:
+            pixels = [self._pixels(im) for im in images]
+            passes = [(members, {key: _cat([pixels[k][key] for k in members]) for key in ("pixel_values", "pixel_mask")})
+                      for members in _size_groups(pixels)]
         results: list[list[Detection]] = [[] for _ in images]
-        for members in by_size.values():
-            texts = [prompts[k] for k in members]
-            tokens = self.processor.tokenizer(texts, padding=True, return_tensors="pt", return_offsets_mapping=True)
-            offsets = tokens.pop("offset_mapping").numpy()
-            inputs = {**tokens, "pixel_values": torch.cat([pixels[k]["pixel_values"] for k in members]),
-                      "pixel_mask": torch.cat([pixels[k]["pixel_mask"] for k in members])}
-            with torch.inference_mode():
-                out = self.model(**self._to_device(inputs))
-            probs = out.logits.float().sigmoid().cpu().numpy()
-            boxes = out.pred_boxes.float().cpu().numpy()
-            for j, k in enumerate(members):
-                image = images[k]
-                token_of = _span_tokens(offsets[j], spans[k], probs.shape[-1])
-                scores, eligible, threshold = phrase_scores(probs[j], token_of, self.grounding_rule,
-                                                            self.box_threshold, self.text_threshold)
-                xyxy = cxcywh_to_xyxy(boxes[j], padded[k].width, padded[k].height)
-                xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, image.width)
-                xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, image.height)
-                eligible &= large_enough(xyxy, self.min_box_size)
-                results[k] = best_boxes(scores, xyxy, phrases[k], threshold, eligible)
+        step = self.max_batch or len(images)
+        for group, arrays in passes:
+            for start in range(0, len(group), step):
+                members = group[start:start + step]
+                texts = [prompts[k] for k in members]
+                tokens = self.processor.tokenizer(texts, padding=True, return_tensors="pt", return_offsets_mapping=True)
+                offsets = tokens.pop("offset_mapping").numpy()
+                inputs = {**tokens, **{key: value[start:start + step] for key, value in arrays.items()}}
+                out = self._forward(inputs, len(members))
+                probs = out.logits.float().sigmoid().cpu().numpy()
+                boxes = out.pred_boxes.float().cpu().numpy()
+                for j, k in enumerate(members):
+                    image = images[k]
+                    token_of = _span_tokens(offsets[j], spans[k], probs.shape[-1])
+                    scores, eligible, threshold = phrase_scores(probs[j], token_of, self.grounding_rule,
+                                                                self.box_threshold, self.text_threshold)
+                    xyxy = cxcywh_to_xyxy(boxes[j], *padded_sizes[k])
+                    xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, image.width)
+                    xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, image.height)
+                    eligible &= large_enough(xyxy, self.min_box_size)
+                    results[k] = best_boxes(scores, xyxy, phrases[k], threshold, eligible)
         return results
+
+    @staticmethod
+    def _prepared_passes(prepared: Any, positions: list[int] | None) -> list[tuple[list[int], dict[str, Any]]] | None:
+        """The forward passes of :meth:`prepare`'s groups, restricted to the images grounded now
+        (``positions``: each one's place in the prepared batch); None if one was not prepared."""
+        import torch
+
+        tensors, groups = prepared
+        where = {position: k for k, position in enumerate(positions or [])}
+        passes = []
+        found = 0
+        for g, group in enumerate(groups):
+            rows = [row for row, position in enumerate(group) if position in where]
+            if not rows:
+                continue
+            found += len(rows)
+            arrays = {key: tensors[f"{g}.{key}"] for key in ("pixel_values", "pixel_mask")}
+            if len(rows) < len(group):
+                index = torch.tensor(rows, device=arrays["pixel_values"].device)
+                arrays = {key: value.index_select(0, index) for key, value in arrays.items()}
+            passes.append(([where[group[row]] for row in rows], arrays))
+        return passes if found == len(where) else None
+
+    def _padded_size(self, image: Image.Image) -> tuple[int, int]:
+        """(width, height) of the image :meth:`_pad_to_ratio` gives."""
+        size = getattr(self.processor.image_processor, "size", None) or {}
+        longest = size.get("longest_edge") if isinstance(size, dict) else getattr(size, "longest_edge", None)
+        width, height = image.size
+        if not longest:
+            return width, height
+        max_ratio = max(float(longest) / 128.0, 1.0)
+        return max(width, int(np.ceil(height / max_ratio))), max(height, int(np.ceil(width / max_ratio)))
 
     def _pad_to_ratio(self, image: Image.Image) -> Image.Image:
         """Pad (bottom/right, black) a very long or tall image so its short side, once the
         processor has resized it, stays >= 128 px: the deepest feature map (stride 64) must be at
         least 2x2 or the model's GroupNorm fails. Boxes keep their origin, so no shift is needed."""
-        size = getattr(self.processor.image_processor, "size", None) or {}
-        longest = size.get("longest_edge") if isinstance(size, dict) else getattr(size, "longest_edge", None)
-        if not longest:
-            return image
-        max_ratio = max(float(longest) / 128.0, 1.0)
-        width, height = image.size
-        new_w = max(width, int(np.ceil(height / max_ratio)))
-        new_h = max(height, int(np.ceil(width / max_ratio)))
-        if (new_w, new_h) == (width, height):
+        new_w, new_h = self._padded_size(image)
+        if (new_w, new_h) == image.size:
             return image
         canvas = Image.new("RGB", (new_w, new_h), (0, 0, 0))
         canvas.paste(image, (0, 0))
@@ -268,6 +345,20 @@ class GroundingDinoGrounder(_HFGrounder):
             spans.append((start, len(text)))
             text += ". "
         return text.strip(), spans
+
+
+def _size_groups(pixels: Sequence[dict[str, Any]]) -> list[list[int]]:
+    """Positions of the processed images, grouped by input size (first-seen order)."""
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for k, encoded in enumerate(pixels):
+        by_size.setdefault(tuple(encoded["pixel_values"].shape[-2:]), []).append(k)
+    return list(by_size.values())
+
+
+def _cat(tensors: list[Any]) -> Any:
+    import torch
+
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def _span_tokens(offsets: np.ndarray, spans: Sequence[tuple[int, int]], limit: int) -> list[list[int]]:
@@ -293,15 +384,24 @@ class Owlv2Grounder(_HFGrounder):
     default_box_threshold = 0.1
     uses_text_threshold = False
 
-    def _ground(self, images: list[Image.Image], phrases: list[list[str]]) -> list[list[Detection]]:
-        import torch
+    def memory(self) -> StageMemory:
+        """Device memory per image of one forward."""
+        return owlv2(self.model.config, self.dtype, queries=max(self.max_objects, 1))
 
+    def _ground(self, images: list[Image.Image], phrases: list[list[str]], prepared: Any = None,
+                positions: list[int] | None = None) -> list[list[Detection]]:
+        results: list[list[Detection]] = []
+        step = self.max_batch or len(images)
+        for start in range(0, len(images), step):
+            results.extend(self._ground_pass(images[start:start + step], phrases[start:start + step]))
+        return results
+
+    def _ground_pass(self, images: list[Image.Image], phrases: list[list[str]]) -> list[list[Detection]]:
         # Padding to the model's fixed text length: the processor pads each image's queries
         # separately, so only a common length lets a batch of images stack.
         inputs = self.processor(images=images, text=phrases, padding="max_length", truncation=True,
                                 return_tensors="pt")
-        with torch.inference_mode():
-            out = self.model(**self._to_device(inputs))
+        out = self._forward(inputs, len(images))
         probs = out.logits.float().sigmoid().cpu().numpy()  # (B, boxes, max_queries)
         boxes = out.pred_boxes.float().cpu().numpy()
         results = []
@@ -327,12 +427,17 @@ class NoGrounder:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "source": None, "model_type": None, "weights": None, "random_weights": False}
 
-    def ground(self, images: Sequence[Image.Image], phrases: Sequence[Sequence[str]]) -> list[list[Detection]]:
+    def ground(self, images: Sequence[Image.Image], phrases: Sequence[Sequence[str]],
+               prepared: Any = None) -> list[list[Detection]]:
         return [[] for _ in images]
 
 
 def build_grounder(value: str, model: str | None, *, features: FeatureConfig, device: str, dtype: str,
                    optimize: bool = True) -> Any:
-    """The grounder for ``--grounder value [--grounder-model model]``."""
+    """The grounder for ``--grounder value [--grounder-model model]``.
+
+    Raises:
+        UnknownNameError: an unknown grounder. ModelLoadError: its checkpoint cannot be loaded.
+    """
     component, source = GROUNDERS.resolve(value, model)
     return component.factory(component.name, source, features=features, device=device, dtype=dtype, optimize=optimize)

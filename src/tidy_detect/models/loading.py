@@ -314,7 +314,9 @@ def prepare_model(model_class: str, source: str, *, what: str, option: str, devi
     modules it keeps in float32 aside, see :func:`keep_fp32_modules`), in eval mode, with the
     speed-ups of :mod:`tidy_detect.models.optimize` (QuickGELU folding, fused attention and
     matmul-activation forwards, freed memory kept for reuse) when ``optimize`` and the
-    environment does not turn them off (``TIDY_DETECT_SPEEDUPS=off``); the fingerprint is of the
+    environment does not turn them off (``TIDY_DETECT_SPEEDUPS=off``), each where it runs on
+    ``device`` (:func:`~tidy_detect.models.optimize.runs_on`); on CUDA, SDPA attention where
+    transformers has it (:func:`~tidy_detect.models.device.prefer_sdpa`); the fingerprint is of the
     weights as loaded (rounded to bfloat16, so it does not depend on the dtype). A prepared model
     can still be moved, cast, saved and reloaded (see :mod:`tidy_detect.models.optimize`).
 
@@ -325,7 +327,8 @@ def prepare_model(model_class: str, source: str, *, what: str, option: str, devi
     """
     import transformers
 
-    from tidy_detect.models.optimize import (fold_quick_gelu, fuse_linear_activations, reuse_freed_memory,
+    from tidy_detect.models.device import is_cuda, prefer_sdpa
+    from tidy_detect.models.optimize import (fold_quick_gelu, fuse_linear_activations, reuse_freed_memory, runs_on,
                                              speed_up_attention, speed_up_grounding_dino, speed_up_swin,
                                              speedups_enabled)
 
@@ -341,16 +344,20 @@ def prepare_model(model_class: str, source: str, *, what: str, option: str, devi
         model = model.to(dtype=target)
     keep_fp32_modules(model)
     fingerprint = weights_fingerprint(model)
-    if optimize:
+    if optimize and runs_on("quick-gelu-folding", device):  # decided before the move: it rescales weights
         fold_quick_gelu(model)
     model.requires_grad_(False)  # inference only: no parameter ever needs a gradient
     model = model.to(device=device).eval()
+    if is_cuda(device):
+        prefer_sdpa(model)
     if optimize:
+        # Each decides module by module, from where the module's parameters now are (models.optimize).
         speed_up_grounding_dino(model)
         speed_up_swin(model)
         speed_up_attention(model)
         fuse_linear_activations(model)
-        reuse_freed_memory()
+        if runs_on("malloc", device):
+            reuse_freed_memory()
     return model, processor, fingerprint
 
 

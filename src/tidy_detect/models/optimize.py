@@ -18,6 +18,12 @@ and bfloat16); float rounding differs at the level of the dtype's precision:
 - glibc's malloc keeping freed memory for reuse (process-wide, see :func:`reuse_freed_memory`);
 - an optional ``torch.compile``.
 
+Where each runs is decided per device (:func:`runs_on`): every one of them was measured on CPUs
+only, so on a GPU they are off, except BLIP's vision attention through
+``scaled_dot_product_attention`` (PyTorch's own kernel, the SDPA attention that CUDA runs use for
+every model that has it, see :mod:`tidy_detect.models.device`); a CUDA run uses transformers'
+modules otherwise, with the GPU switches of docs/gpu.md.
+
 Every speed-up is guarded and reversible (docs/performance.md, "Turning the speed-ups off"):
 
 - one switch turns them all off: ``TIDY_DETECT_SPEEDUPS=off``, ``runtime.speedups = false`` or
@@ -59,6 +65,26 @@ _OFF_VALUES = ("off", "0", "false", "no", "none")
 # The transformers releases these speed-ups were tested against (their modeling tests were run
 # with every speed-up applied): [low, high). Outside it every speed-up keeps transformers' code.
 TESTED_TRANSFORMERS = ((5, 24), (5, 25))
+
+
+# The speed-ups that run on a device other than the CPU (see the module docstring).
+ANY_DEVICE_SPEEDUPS = ("blip-attention",)
+SPEEDUP_NAMES = ("quick-gelu-folding", "fused-linear-activation", "swin-layer", "swin-backbone",
+                 "grounding-dino-deformable-attention", "grounding-dino-fusion-attention",
+                 "grounding-dino-multihead-attention", "grounding-dino-inplace-relu", "blip-attention", "malloc")
+
+
+def runs_on(speedup: str, device: str) -> bool:
+    """Whether the speed-up named ``speedup`` is applied to models on ``device`` ("cpu",
+    "cuda:0", ...): all of them on the CPU, where they were measured; elsewhere only those of
+    :data:`ANY_DEVICE_SPEEDUPS`.
+
+    Raises:
+        ValueError: an unknown speed-up name.
+    """
+    if speedup not in SPEEDUP_NAMES:
+        raise ValueError(f"unknown speed-up {speedup!r}; known: {', '.join(SPEEDUP_NAMES)}")
+    return str(device).split(":", 1)[0] == "cpu" or speedup in ANY_DEVICE_SPEEDUPS
 
 
 def speedups_enabled(requested: bool = True) -> bool:
@@ -620,13 +646,15 @@ def speed_up_grounding_dino(model: Any) -> int:
     patched = 0
     for module in model.modules():
         kind = type(module).__name__
+        if not kind.startswith("GroundingDino") or not _all_on_cpu(module):
+            continue  # decided per module: only modules on the CPU, where these were measured
         if kind in ("GroundingDinoEncoder", "GroundingDinoDecoder"):
             _track_attentions(module)
         if kind in forwards and not getattr(module, "_tidy_fast", False):
-            if _all_on_cpu(module) and _supported(_TARGETS[kind], module):
+            if _supported(_TARGETS[kind], module):
                 _patch_forward(module, forwards[kind])
                 patched += 1
-        elif kind.startswith("GroundingDino") and kind.endswith("Layer"):
+        elif kind.endswith("Layer"):
             # Every layer applies its ReLU to a fresh fc1 output: in place saves a pass over the
             # (B, 13k, 2048) activation, bandwidth-bound on a CPU (where the fc1 is not fused).
             # (In-place ReLU is exact and autograd-safe.)

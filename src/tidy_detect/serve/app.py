@@ -11,7 +11,9 @@ A request goes preprocess -> forward -> postprocess:
    ``Detector.predict_loaded`` as soon as it is decoded, together with the images of concurrent
    requests.
 3. **postprocess**: the detector's records, in upload order, exactly as ``tidy-detect detect
-   --format json`` prints them; invalid files get the detector's own error record.
+   --format json`` prints them; invalid files get the detector's own error record. Each record's
+   ``provenance`` (what the file declares about its origin) is read from the uploaded bytes in
+   threads of its own while the file decodes and the models run, and never enters the score.
 
 Only uploaded bytes are processed; no route takes a path. Uploads are kept in memory (never spooled
 to a temporary file), and nothing is written to disk unless ``ServeSettings.results_dir`` is set
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import hmac
 import json
 import logging
@@ -115,6 +118,34 @@ class ObjectRecord(BaseModel):
     discrepancy: float
 
 
+class ProvenanceFinding(BaseModel):
+    source: str = Field(description="c2pa, xmp, iptc, png-text, exif or watermark")
+    field: str
+    value: str
+    meaning: str
+    declares_ai: Optional[bool] = Field(None, description="true: says generative AI made it; false: says another "
+                                                          "origin; null: says neither")
+    verified: bool = Field(False, description="true only inside a C2PA manifest whose signature validated against "
+                                              "a trusted chain; everything else is a claim")
+    generator: Optional[str] = None
+
+
+class ProvenanceRecord(BaseModel):
+    checked: bool = Field(description="false when the file was not read for provenance (then summary says why)")
+    declares_ai: Optional[bool] = Field(None, description="null when nothing is declared: absence of metadata is "
+                                                          "no evidence that an image is real")
+    verified: bool
+    summary: str
+    findings: list[ProvenanceFinding]
+    truncated: bool
+    format: Optional[str]
+    c2pa: Optional[dict[str, Any]] = Field(None, description="status: valid, untrusted, tampered, "
+                                                             "invalid-signature, invalid, unreadable or remote")
+    watermark: Optional[dict[str, Any]] = None
+    skipped: dict[str, str]
+    error: Optional[str]
+
+
 class DetectionRecord(BaseModel):
     path: str
     sha256: Optional[str]
@@ -130,6 +161,9 @@ class DetectionRecord(BaseModel):
     random_weights: bool = Field(
         False, description="true when a model behind the verdict has random weights (the tiny test bundle of "
                            "`tidy-detect models make-tiny`): the score means nothing")
+    provenance: Optional[ProvenanceRecord] = Field(
+        None, description="what the file itself declares about how it was made (C2PA, IPTC/XMP, generator "
+                          "metadata, watermark), beside the score and never part of it; see docs/provenance.md")
 
 
 class DetectResponse(BaseModel):
@@ -406,6 +440,9 @@ class Service:
             self.predict_batch, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
             max_pending=settings.max_pending)
         self.decoder = DecodePool(settings.decode_pixels, settings.decode_workers, settings.small_image_pixels)
+        # Provenance reads each upload's bytes (the watermark check decodes images of at most 1.2M
+        # pixels once more, ~15 MB each): threads of its own, so it never holds up the decoding lanes.
+        self.provenance_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.results: ResultsFolder | None = None
         self.scrubber = PathScrubber()
         self._summary: dict[str, Any] | None = None
@@ -416,6 +453,9 @@ class Service:
     async def start(self) -> None:
         await self.batcher.start()
         self.decoder.start()
+        if self.provenance_pool is None:
+            self.provenance_pool = concurrent.futures.ThreadPoolExecutor(
+                max(1, self.settings.decode_workers), thread_name_prefix="tidy-provenance")
         if self.settings.results_dir is not None and self.results is None:
             self.results = ResultsFolder(self.settings.results_dir, self.settings.results_keep,
                                          self.settings.results_max_age_days)
@@ -426,6 +466,9 @@ class Service:
     async def stop(self) -> None:
         await self.batcher.close()
         self.decoder.stop()
+        if self.provenance_pool is not None:
+            self.provenance_pool.shutdown(wait=False, cancel_futures=True)
+            self.provenance_pool = None
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
 
@@ -540,6 +583,7 @@ class Service:
             "decoding": self.decoder.stats(),
             "batching": {"max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms,
                          **self.batcher.stats.to_dict(), "pending": self.batcher.pending},
+            "provenance": detector.provenance_info(),
             "api_key_required": s.api_key is not None,
             "load_seconds": None if self.load_seconds is None else round(self.load_seconds, 3),
         }
@@ -568,16 +612,25 @@ class Service:
                            f"{settings.max_request_pixels:,} per request; send fewer images per request or "
                            f"downscaled copies")
 
+        detector = self.require_ready()
+        assert self.provenance_pool is not None, "Service.start() first"
+
         async def one(upload: Upload, count: int) -> dict[str, Any]:
-            decoded = await self.decoder.decode(upload.data, upload.name, count, max_pixels=max_pixels,
-                                                reduce_max_side=settings.reduce_max_side, view_size=view_size)
-            upload.data = b""  # the bytes are not needed again
-            if isinstance(decoded.result, ImageError):
-                if len(uploads) == 1:
-                    raise image_api_error(decoded.result, max_pixels)
-                return self.error_record(upload.name, decoded.result)
-            [record] = await self.batcher.submit([(decoded.result, upload.name)])
-            return record
+            provenance = asyncio.wrap_future(self.provenance_pool.submit(detector.read_provenance, upload.data))
+            try:
+                decoded = await self.decoder.decode(upload.data, upload.name, count, max_pixels=max_pixels,
+                                                    reduce_max_side=settings.reduce_max_side, view_size=view_size)
+                upload.data = b""  # the provenance thread keeps its own reference until it is done
+                if isinstance(decoded.result, ImageError):
+                    if len(uploads) == 1:
+                        raise image_api_error(decoded.result, max_pixels)
+                    record = self.error_record(upload.name, decoded.result)
+                else:
+                    [record] = await self.batcher.submit([(decoded.result, upload.name)])
+                record["provenance"] = await provenance
+                return record
+            finally:
+                provenance.cancel()  # a failed request: a read not yet started is not needed
 
         tasks = [asyncio.ensure_future(one(u, n)) for u, n in zip(uploads, pixels)]
         try:

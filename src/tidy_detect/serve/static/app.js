@@ -1,6 +1,8 @@
 // The tidy-detect page: pick or drop images, send each to POST /v1/detect, show the verdict, the
-// caption and the grounded objects' boxes coloured by discrepancy. Plain DOM, no build step, no
-// third-party code: the server's Content-Security-Policy allows nothing but this origin.
+// caption and the grounded objects' boxes coloured by discrepancy, and in a panel of its own what the
+// file declares about its origin (provenance). Plain DOM, no build step, no third-party code: the
+// server's Content-Security-Policy allows nothing but this origin. Every text from a record goes in
+// with textContent: metadata strings come from the uploaded file and are never parsed as HTML.
 "use strict";
 
 (function () {
@@ -135,6 +137,7 @@
       table: $(".objects", root),
       noObjects: $(".no-objects", root),
       error: $(".error", root),
+      provenance: $(".provenance", root),
     };
     $(".file-name", root).textContent = file.name;
     card.img.alt = `uploaded image ${file.name}`;
@@ -168,11 +171,74 @@
     }
     const record = body.records[0];
     if (body.model && body.model.random_weights) showRandomWeights(true, body.model.random_weight_models);
+    renderProvenance(card, record.provenance);
     if (record.error) {
       showError(card, record.error);
       return;
     }
     render(card, record);
+  }
+
+  // -- provenance: the file's own declarations, beside the verdict ---------------------------------
+
+  const SOURCE_NAMES = { c2pa: "C2PA", xmp: "XMP", iptc: "IPTC", "png-text": "PNG text", exif: "EXIF",
+    watermark: "watermark" };
+
+  function provenanceBadge(p) {
+    if (!p.checked) return ["not-read", "not read"];
+    if (p.declares_ai === true) return ["ai", p.verified ? "declares AI: verified" : "declares AI: a claim"];
+    if (p.declares_ai === false) return ["not-ai", p.verified ? "declares a non-AI origin: verified"
+      : "declares a non-AI origin: a claim"];
+    return ["none", p.findings.length ? "no AI declaration" : "nothing declared"];
+  }
+
+  function renderProvenance(card, p) {
+    const panel = card.provenance;
+    if (!p) return;
+    panel.hidden = false;
+    const [state, text] = provenanceBadge(p);
+    panel.dataset.declares = state;
+    const badge = $(".provenance-badge", panel);
+    badge.textContent = text;
+    badge.dataset.declares = state;
+    $(".provenance-summary", panel).textContent = p.summary;
+    const list = $(".provenance-findings", panel);
+    list.replaceChildren();
+    for (const f of p.findings) {
+      const item = document.createElement("li");
+      item.className = "finding";
+      item.dataset.source = f.source;
+      item.dataset.verified = String(f.verified);
+      const source = document.createElement("span");
+      source.className = "finding-source";
+      source.textContent = SOURCE_NAMES[f.source] || f.source;
+      const trust = document.createElement("span");
+      trust.className = "finding-trust";
+      trust.textContent = f.verified ? "verified" : "claim";
+      const what = document.createElement("span");
+      what.className = "finding-text";
+      what.textContent = `${f.field}: ${f.value} — ${f.meaning}`;
+      item.append(source, trust, what);
+      list.append(item);
+    }
+    if (p.truncated) {
+      const more = document.createElement("li");
+      more.className = "finding finding-more";
+      more.textContent = "… more findings than are listed";
+      list.append(more);
+    }
+    const extra = [];
+    if (p.c2pa && p.c2pa.signer) {
+      extra.push(`C2PA: ${p.c2pa.status}, signed by ${p.c2pa.signer.name || p.c2pa.signer.issuer || "an unnamed signer"}`);
+    }
+    if (p.watermark && p.watermark.checked && !p.watermark.found) {
+      extra.push("Stable Diffusion watermark: not found (it rarely survives JPEG compression or resizing, " +
+        "so this says little)");
+    }
+    $(".provenance-extra", panel).textContent = extra.join(". ");
+    const error = $(".provenance-error", panel);
+    error.hidden = !p.error;
+    error.textContent = p.error ? `Some metadata could not be read: ${p.error}` : "";
   }
 
   function showError(card, message) {

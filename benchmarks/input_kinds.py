@@ -1,0 +1,373 @@
+#!/usr/bin/env python
+"""Reading speed of every input kind against a folder of the same images, and the memory of
+streaming a large Parquet image dataset.
+
+Writes ``--images`` small JPEGs (seeded) into a folder tree ``bench/<group>/{0_real,1_fake}/``,
+then packs the same files as each input kind: zip, tar, tar.gz, WebDataset shards (tar with
+``.cls`` sidecars, read through a brace pattern), Parquet with image structs, a ``datasets``
+``save_to_disk`` folder (Arrow), and with ``--s3`` the folder, the zip and the Parquet file on a
+local S3 endpoint (moto on loopback: it measures the request path, not a real network). For each
+kind it reports:
+
+- ``list s``: listing the input into items (:func:`tidy_detect.data.inputs.collect_inputs`);
+- ``decode images/s``: reading and decoding every image the way extraction does (the
+  extractor's ``prefetch`` / ``_load_item``, ``--workers`` threads, no models), median of
+  ``--runs`` runs, and its ratio to the folder's;
+- with ``--models``: extraction into a fresh store with the tiny random-weight models (median of
+  the runs, ratio to the folder).
+
+Then, in fresh processes, the peak RSS of listing a Parquet image dataset and reading every row's
+bytes in order (what extraction and the resume hash do), for each row count of ``--rss-rows``
+(default 10,000 and 100,000): the target is flat, i.e. independent of the dataset's size. The rows
+hold a cycle of ``--rss-distinct`` small JPEGs, so the file is large while writing it stays cheap.
+
+    python benchmarks/input_kinds.py                       # 3000 images, 3 runs, 2 threads
+    python benchmarks/input_kinds.py --s3 --models --images 600
+    python benchmarks/input_kinds.py --rss-rows 10000,100000,300000 --skip-speed
+
+On a shared machine, compare the kinds of one run rather than numbers across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=3000, help="JPEGs to write (default 3000)")
+    parser.add_argument("--image-size", type=int, default=96, help="mean side of the images (default 96)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per kind; the median is reported (default 3)")
+    parser.add_argument("--workers", type=int, default=2, help="decoding threads (default 2)")
+    parser.add_argument("--models", action="store_true", help="also extract with the tiny random-weight models")
+    parser.add_argument("--s3", action="store_true", help="also read the folder, zip and Parquet from a local "
+                                                          "S3 endpoint (needs moto[server])")
+    parser.add_argument("--rss-rows", default="10000,100000", help="row counts for the memory test "
+                                                                   "(default 10000,100000; empty to skip)")
+    parser.add_argument("--rss-distinct", type=int, default=200, help="distinct JPEGs cycled through the rows")
+    parser.add_argument("--skip-speed", action="store_true", help="only the memory test")
+    parser.add_argument("--work", type=Path, help="folder for the files (default: a temporary one, removed)")
+    parser.add_argument("--json", type=Path, help="also write the results here as JSON")
+    parser.add_argument("--rss-child", nargs=2, metavar=("PARQUET", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.images < 8 or args.image_size < 16 or args.runs < 1 or args.workers < 0:
+        parser.error("--images must be >= 8, --image-size >= 16, --runs >= 1, --workers >= 0")
+    try:
+        args.rss_rows = [int(v) for v in args.rss_rows.split(",") if v.strip()]
+    except ValueError:
+        parser.error(f"--rss-rows takes integers separated by commas, got {args.rss_rows!r}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# The images and their packings
+
+def write_images(root: Path, count: int, size: int) -> Path:
+    """``root/bench/<group>/{0_real,1_fake}/NNNNN.jpg``, four groups, sizes within +-25 % of ``size``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        group, label = f"gen{i % 4}", ("0_real", "1_fake")[(i // 4) % 2]
+        width, height = (int(v) for v in rng.integers(int(size * 0.75), int(size * 1.25) + 1, 2))
+        base = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+        pixels = np.kron(base, np.ones((8, 8, 1), dtype=np.uint8))[:height, :width]  # JPEG-friendly blocks
+        folder = root / "bench" / group / label
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels, "RGB").save(folder / f"{i:05d}.jpg", quality=90)
+    return root / "bench"
+
+
+def _files(tree: Path) -> list[tuple[str, bytes]]:
+    return sorted((p.relative_to(tree).as_posix(), p.read_bytes()) for p in tree.rglob("*.jpg"))
+
+
+def pack(tree: Path, work: Path) -> dict[str, tuple[list[str], Any]]:
+    """Each input kind of the same files: name -> (inputs, source options)."""
+    import tarfile
+    import zipfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tidy_detect.data.sources import SourceOptions
+
+    files = _files(tree)
+    kinds: dict[str, tuple[list[str], Any]] = {"folder": ([str(tree)], None)}
+    with zipfile.ZipFile(work / "bench.zip", "w") as archive:  # stored: JPEGs do not compress
+        for name, data in files:
+            archive.writestr(name, data)
+    kinds["zip"] = ([str(work / "bench.zip")], None)
+    for mode, name in (("w", "bench.tar"), ("w:gz", "bench.tar.gz")):
+        with tarfile.open(work / name, mode) as archive:
+            for member, data in files:
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+        kinds[name[len("bench."):]] = ([str(work / name)], None)
+    shards = work / "shards"
+    shards.mkdir()
+    per_shard = -(-len(files) // 4)
+    for n in range(4):
+        with tarfile.open(shards / f"shard-{n:04d}.tar", "w") as archive:
+            for k, (member, data) in enumerate(files[n * per_shard:(n + 1) * per_shard]):
+                for suffix, payload in ((".jpg", data), (".cls", b"1" if "1_fake" in member else b"0")):
+                    info = tarfile.TarInfo(f"{n:02d}{k:06d}{suffix}")
+                    info.size = len(payload)
+                    archive.addfile(info, io.BytesIO(payload))
+    kinds["webdataset"] = ([str(shards / "shard-{0000..0003}.tar")], None)
+    table = pa.table({"image": [{"bytes": d, "path": n.rsplit("/", 1)[1]} for n, d in files],
+                      "label": [int("1_fake" in n) for n, _ in files], "group": [n.split("/")[0] for n, _ in files]})
+    pq.write_table(table, work / "bench.parquet", row_group_size=256)
+    kinds["parquet"] = ([str(work / "bench.parquet")], None)
+    try:
+        import datasets
+    except ImportError:
+        logging.warning("datasets is not installed (the hub extra): no save_to_disk folder")
+    else:
+        datasets.disable_progress_bars()
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64"),
+                                      "group": datasets.Value("string")})
+        datasets.Dataset.from_dict({c: table.column(c).to_pylist() for c in table.column_names},
+                                   features=features).save_to_disk(str(work / "saved"))
+        kinds["datasets"] = ([str(work / "saved")], SourceOptions())
+    return kinds
+
+
+def start_s3(kinds: dict[str, tuple[list[str], Any]], tree: Path, work: Path) -> Callable[[], None]:
+    """Upload the folder, the zip and the Parquet file to a local S3 endpoint; returns its stop."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="testing",
+                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1", AWS_REGION="us-east-1")
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    client.create_bucket(Bucket="bench")
+    for path in sorted(tree.rglob("*.jpg")):
+        client.put_object(Bucket="bench", Key=f"tree/{path.relative_to(tree).as_posix()}", Body=path.read_bytes())
+    for name in ("bench.zip", "bench.parquet"):
+        client.upload_file(str(work / name), "bench", name)
+    kinds["s3 folder"] = (["s3://bench/tree"], None)
+    kinds["s3 zip"] = (["s3://bench/bench.zip"], None)
+    kinds["s3 parquet"] = (["s3://bench/bench.parquet"], None)
+    return server.stop
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+
+def decode_rate(items: list[Any], workers: int) -> float:
+    from tidy_detect.features.extractor import prefetch
+    from tidy_detect.images import DEFAULT_MAX_PIXELS
+
+    started = time.perf_counter()
+    errors = 0
+    for _, loaded, _ in prefetch(items, DEFAULT_MAX_PIXELS, workers, max(4 * workers, 8)):
+        errors += isinstance(loaded, Exception)
+    seconds = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{errors} images failed to decode")
+    return len(items) / seconds
+
+
+def speed(kinds: dict[str, tuple[list[str], Any]], args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    from tidy_detect.data.inputs import collect_inputs
+
+    extractor = None
+    if args.models:
+        from tidy_detect.config import load_preset
+        from tidy_detect.features.extractor import Extractor
+        from tidy_detect.models.tiny import make_tiny_bundle
+
+        bundle = make_tiny_bundle(work / "tiny", seed=0).parent
+        extractor = Extractor(load_preset(bundle / "tiny.toml").updated(
+            runtime={"batch_size": 8, "num_workers": args.workers})).load()
+    rows, listed = [], {}
+    for name, (inputs, options) in kinds.items():
+        started = time.perf_counter()
+        items = collect_inputs(inputs, options=options)
+        listed[name] = (items, time.perf_counter() - started)
+        if len(items) != args.images:
+            raise RuntimeError(f"{name}: {len(items)} items, expected {args.images}")
+    # Runs interleave the kinds, so a load that comes and goes on a shared machine hits them alike.
+    rates: dict[str, list[float]] = {name: [] for name in kinds}
+    model_rates: dict[str, list[float]] = {name: [] for name in kinds}
+    for run in range(args.runs):
+        for name, (inputs, options) in kinds.items():
+            rates[name].append(decode_rate(listed[name][0], args.workers))
+            if extractor is not None:
+                from tidy_detect.features.extractor import extract
+
+                store = work / "stores" / f"{name.replace(' ', '-')}-{run}"
+                summary = extract(inputs, store, extractor=extractor, source_options=options)
+                model_rates[name].append(summary.processed / summary.seconds)
+                shutil.rmtree(store)
+        print(f"  run {run + 1}: " + ", ".join(f"{n} {rates[n][-1]:.0f}" for n in kinds) + " images/s",
+              file=sys.stderr, flush=True)
+    for name in kinds:
+        row = {"kind": name, "images": len(listed[name][0]), "list_s": listed[name][1],
+               "decode_images_per_s": statistics.median(rates[name]), "decode_runs": rates[name]}
+        if model_rates[name]:
+            row["extract_images_per_s"] = statistics.median(model_rates[name])
+            row["extract_runs"] = model_rates[name]
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        row["decode_ratio"] = row["decode_images_per_s"] / base["decode_images_per_s"]
+        if "extract_images_per_s" in row:
+            row["extract_ratio"] = row["extract_images_per_s"] / base["extract_images_per_s"]
+    return rows
+
+
+def write_big_parquet(path: Path, rows: int, distinct: int) -> int:
+    """``rows`` rows of image structs cycling through ``distinct`` JPEGs, written 1000 at a time."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    images = []
+    for _ in range(distinct):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), "RGB").save(buffer, "JPEG", quality=85)
+        images.append(buffer.getvalue())
+    schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                        ("label", pa.int64()), ("group", pa.string())])
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, rows, 1000):
+            n = min(1000, rows - start)
+            writer.write_table(pa.table({
+                "image": [{"bytes": images[(start + i) % distinct], "path": f"{start + i:07d}.jpg"} for i in range(n)],
+                "label": [(start + i) % 2 for i in range(n)],
+                "group": [f"gen{(start + i) % 4}" for i in range(n)]}, schema=schema), row_group_size=100)
+    return path.stat().st_size
+
+
+def _rss_mib() -> float:
+    """Peak RSS of this process. Linux's ``ru_maxrss`` survives ``exec`` (a child started by a big
+    parent reports the parent's peak), so the kernel's high-water mark of this process's own
+    memory, ``VmHWM``, is read where there is one."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def rss_child(parquet: str, out: str) -> None:
+    """In a fresh process: peak RSS after imports, after listing, after reading every row."""
+    from tidy_detect.data.inputs import collect_inputs
+    from tidy_detect.data.sources import read_item
+
+    imported = _rss_mib()
+    started = time.perf_counter()
+    items = collect_inputs([parquet])
+    listed, list_s = _rss_mib(), time.perf_counter() - started
+    started = time.perf_counter()
+    total = 0
+    for item in items:
+        total += len(read_item(item.path)[0])
+    Path(out).write_text(json.dumps({"rows": len(items), "bytes_read": total, "rss_imported_mib": imported,
+                                     "rss_listed_mib": listed, "rss_streamed_mib": _rss_mib(), "list_s": list_s,
+                                     "stream_s": time.perf_counter() - started}))
+
+
+def memory(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    results = []
+    for rows in args.rss_rows:
+        path = work / f"rows-{rows}.parquet"
+        size = write_big_parquet(path, rows, args.rss_distinct)
+        out = work / f"rss-{rows}.json"
+        subprocess.run([sys.executable, __file__, "--rss-child", str(path), str(out)], check=True)
+        found = json.loads(out.read_text())
+        found["file_mib"] = size / 2 ** 20
+        results.append(found)
+        path.unlink()
+        print(f"  {rows:,} rows: peak RSS {found['rss_streamed_mib']:.0f} MiB", file=sys.stderr, flush=True)
+    return results
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.rss_child:
+        rss_child(*args.rss_child)
+        return 0
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    work = args.work or Path(tempfile.mkdtemp(prefix="tidy-input-kinds-"))
+    work.mkdir(parents=True, exist_ok=True)
+    stop = None
+    report: dict[str, Any] = {"cpu": cpu_model(), "cpus": os.cpu_count(), "images": args.images,
+                              "image_size": args.image_size, "workers": args.workers, "runs": args.runs}
+    try:
+        if not args.skip_speed:
+            tree = write_images(work, args.images, args.image_size)
+            kinds = pack(tree, work)
+            if args.s3:
+                stop = start_s3(kinds, tree, work)
+            report["speed"] = speed(kinds, args, work)
+        if args.rss_rows:
+            report["memory"] = memory(args, work)
+    finally:
+        if stop is not None:
+            stop()
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"CPU: {report['cpu']} ({report['cpus']} cores visible), {args.workers} decoding threads, "
+          f"median of {args.runs} runs")
+    if "speed" in report:
+        models = any("extract_images_per_s" in r for r in report["speed"])
+        print(f"\n{args.images} JPEGs of about {args.image_size} px")
+        print(f"{'kind':<12} {'list s':>8} {'decode img/s':>13} {'vs folder':>10}"
+              + (f" {'extract img/s':>14} {'vs folder':>10}" if models else ""))
+        for r in report["speed"]:
+            line = f"{r['kind']:<12} {r['list_s']:>8.2f} {r['decode_images_per_s']:>13.0f} {r['decode_ratio']:>10.2f}"
+            if models:
+                line += f" {r['extract_images_per_s']:>14.1f} {r['extract_ratio']:>10.2f}"
+            print(line)
+    if "memory" in report:
+        print("\nlisting + reading every row of a Parquet image dataset (fresh process each)")
+        print(f"{'rows':>9} {'file MiB':>9} {'RSS imports':>12} {'RSS listed':>11} {'RSS streamed':>13} "
+              f"{'list s':>7} {'stream s':>9}")
+        for r in report["memory"]:
+            print(f"{r['rows']:>9,} {r['file_mib']:>9.0f} {r['rss_imported_mib']:>12.0f} {r['rss_listed_mib']:>11.0f} "
+                  f"{r['rss_streamed_mib']:>13.0f} {r['list_s']:>7.2f} {r['stream_s']:>9.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
