@@ -142,3 +142,33 @@ def test_every_input_kind_is_inspected(tmp_path):
     assert any("--probe" in note for note in report["notes"])  # table rows have no suffixes
     result = CliRunner().invoke(app, ["datasets", "inspect", str(tmp_path / "saved"), "--label-column", "nope"])
     assert result.exit_code == 3 and "no column 'nope' (--label-column)" in result.output
+
+
+def test_cli_counts_generator_metadata_per_class(tmp_path):
+    """`--generator-metadata N` reads the files' metadata (a web UI's `parameters` text chunk on
+    the fakes here) and warns that the classes differ by it."""
+    from PIL import PngImagePlugin
+
+    from tidy_detect.cli import command, out
+
+    root = tmp_path / "leaky"
+    for label, folder in ((0, "0_real"), (1, "1_fake")):
+        (root / "gen" / folder).mkdir(parents=True)
+        for i in range(4):
+            info = PngImagePlugin.PngInfo()
+            if label == 1:
+                info.add_text("parameters", "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, "
+                                            "Size: 32x32, Model: sd15")
+            Image.new("RGB", (32, 32), (i * 40, 90, 200)).save(root / "gen" / folder / f"{i}.png", pnginfo=info)
+    app = typer.Typer()
+    app.command("noop")(lambda: None)
+    register(app, command, out)
+    result = CliRunner().invoke(app, ["datasets", "inspect", str(root), "--json", "--generator-metadata", "3"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    counts = report["groups"]["gen"]["generator_metadata"]
+    assert counts["fake"]["checked"] == 3 and counts["fake"]["with_metadata"] == 3
+    assert counts["real"]["checked"] == 3 and counts["real"]["with_metadata"] == 0
+    assert any("provenance metadata" in w["message"] for w in report["warnings"])
+    table = CliRunner().invoke(app, ["datasets", "inspect", str(root), "--generator-metadata", "3"])
+    assert table.exit_code == 0 and "generator metadata" in table.output, table.output

@@ -51,6 +51,10 @@ def register(app: typer.Typer, command: Callable[..., Any], out: Console) -> typ
         pairing: Optional[List[str]] = PairingOpt,
         probe: int = typer.Option(0, "--probe", min=0, help="Open N files per class and group to read their "
                                                             "real format (default: file suffixes only)."),
+        generator_metadata: int = typer.Option(0, "--generator-metadata", min=0, help="Read the metadata of N files "
+                                               "per class and group and count those that declare a generator "
+                                               "(C2PA, IPTC/XMP, web-UI text chunks, EXIF); warns when one class "
+                                               "carries it far more than the other, a leak a detector can learn."),
         as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
         image_column: Optional[str] = ImageColumnOpt,
         label_column: Optional[str] = LabelColumnOpt,
@@ -66,12 +70,39 @@ def register(app: typer.Typer, command: Callable[..., Any], out: Console) -> typ
                                     options=source_options(image_column, label_column, group_column, caption_column))
         dataset = merge_datasets(found, path)
         report = inspect_dataset(dataset, probe=probe)
+        if generator_metadata:
+            add_generator_metadata(report, dataset.items, generator_metadata)
         if as_json:
             out.print_json(json.dumps(report))
             return
         print_report(report, out)
 
     return datasets_app
+
+
+def add_generator_metadata(report: dict[str, Any], items: Any, per_cell: int, seed: int = 0) -> None:
+    """Add, per group, the counts of :func:`tidy_detect.provenance.count_generator_metadata` on up
+    to ``per_cell`` images per group and class (chosen with ``seed``) to an inspect report, and its
+    warnings to the report's warnings. (The dataset code never reads provenance: evaluation must not
+    depend on it, so the command line joins the two.)"""
+    import collections
+    import random
+
+    from tidy_detect.provenance import count_generator_metadata
+
+    cells: dict[tuple[str, Any], list[Any]] = collections.defaultdict(list)
+    for item in items:
+        cells[(str(item.group), item.label)].append(item)
+    chosen = []
+    for key in sorted(cells, key=str):
+        members = sorted({i.path: i for i in cells[key]}.values(), key=lambda i: i.path)
+        chosen.extend(random.Random(seed).sample(members, min(per_cell, len(members))))
+    counts = count_generator_metadata(chosen)
+    for group, entry in report["groups"].items():
+        if group in counts["groups"]:
+            entry["generator_metadata"] = counts["groups"][group]
+    report["generator_metadata_checked"] = per_cell
+    report["warnings"].extend(counts.get("warnings", []))
 
 
 def print_report(report: dict[str, Any], out: Console) -> None:
@@ -93,6 +124,17 @@ def print_report(report: dict[str, Any], out: Console) -> None:
     out.print(table)
     if probed:
         out.print("formats read from the files' headers (--probe); suffixes are in --json")
+    if "generator_metadata_checked" in report:
+        meta = Table(title=f"generator metadata ({report['generator_metadata_checked']} files per class read)",
+                     title_justify="left")
+        for col in ("group", "class", "checked", "with metadata", "declares AI", "generators"):
+            meta.add_column(col, justify="right" if col in ("checked", "with metadata", "declares AI") else "left")
+        for name, group in report["groups"].items():
+            for cls, c in (group.get("generator_metadata") or {}).items():
+                gens = ", ".join(f"{g} {n}" for g, n in sorted(c.get("generators", {}).items())) or "-"
+                meta.add_row(escape(name), cls, str(c["checked"]), str(c["with_metadata"]), str(c["declares_ai"]),
+                             escape(gens))
+        out.print(meta)
     if report["skipped"]:
         out.print("skipped: " + escape(", ".join(f"{n} {reason}" for reason, n in report["skipped"].items())),
                   highlight=False)
