@@ -10,9 +10,12 @@ local S3 endpoint (moto on loopback: it measures the request path, not a real ne
 kind it reports:
 
 - ``list s``: listing the input into items (:func:`tidy_detect.data.inputs.collect_inputs`);
-- ``decode images/s``: reading and decoding every image the way extraction does (the
-  extractor's ``prefetch`` / ``_load_item``, ``--workers`` threads, no models), median of
-  ``--runs`` runs, and its ratio to the folder's;
+- ``decode images/s``: reading and decoding images the way extraction does (the extractor's
+  ``prefetch`` / ``_load_item``, ``--workers`` threads, no models). The measurement is paired, as
+  a shared machine's load comes and goes within seconds: each of ``--runs`` rounds decodes the
+  next ``--slice`` images of every kind, the kinds in a new random order each round, and a kind's
+  ratio to the folder is taken within each round. Reported: the median rate, the median of the
+  per-round ratios (the target's figure), and the ratio of the best rounds (least disturbed);
 - with ``--models``: extraction into a fresh store with the tiny random-weight models (median of
   the runs, ratio to the folder).
 
@@ -21,11 +24,12 @@ bytes in order (what extraction and the resume hash do), for each row count of `
 (default 10,000 and 100,000): the target is flat, i.e. independent of the dataset's size. The rows
 hold a cycle of ``--rss-distinct`` small JPEGs, so the file is large while writing it stays cheap.
 
-    python benchmarks/input_kinds.py                       # 3000 images, 3 runs, 2 threads
+    python benchmarks/input_kinds.py                       # 3000 images, 30 rounds, 2 threads
     python benchmarks/input_kinds.py --s3 --models --images 600
     python benchmarks/input_kinds.py --rss-rows 10000,100000,300000 --skip-speed
 
-On a shared machine, compare the kinds of one run rather than numbers across runs.
+On a shared machine, compare the kinds of one run (the paired ratios) rather than rates across
+runs.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import json
 import logging
 import os
 import platform
+import random
 import resource
 import shutil
 import statistics
@@ -52,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=3000, help="JPEGs to write (default 3000)")
     parser.add_argument("--image-size", type=int, default=96, help="mean side of the images (default 96)")
-    parser.add_argument("--runs", type=int, default=3, help="runs per kind; the median is reported (default 3)")
+    parser.add_argument("--runs", type=int, default=30, help="rounds; medians are reported (default 30)")
+    parser.add_argument("--slice", type=int, default=500, help="images of each kind decoded per round (default 500)")
     parser.add_argument("--workers", type=int, default=2, help="decoding threads (default 2)")
     parser.add_argument("--models", action="store_true", help="also extract with the tiny random-weight models")
     parser.add_argument("--s3", action="store_true", help="also read the folder, zip and Parquet from a local "
@@ -65,8 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
     parser.add_argument("--rss-child", nargs=2, metavar=("PARQUET", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.images < 8 or args.image_size < 16 or args.runs < 1 or args.workers < 0:
-        parser.error("--images must be >= 8, --image-size >= 16, --runs >= 1, --workers >= 0")
+    if args.images < 8 or args.image_size < 16 or args.runs < 1 or args.workers < 0 or args.slice < 8:
+        parser.error("--images must be >= 8, --image-size >= 16, --runs >= 1, --workers >= 0, --slice >= 8")
     try:
         args.rss_rows = [int(v) for v in args.rss_rows.split(",") if v.strip()]
     except ValueError:
@@ -209,31 +215,45 @@ def speed(kinds: dict[str, tuple[list[str], Any]], args: argparse.Namespace, wor
         listed[name] = (items, time.perf_counter() - started)
         if len(items) != args.images:
             raise RuntimeError(f"{name}: {len(items)} items, expected {args.images}")
-    # Runs interleave the kinds, so a load that comes and goes on a shared machine hits them alike.
+    # Rounds interleave the kinds in a shuffled order, so a load that comes and goes on a shared
+    # machine hits them alike; ratios are taken within a round.
+    order = random.Random(0)
+    size = min(args.slice, args.images)
     rates: dict[str, list[float]] = {name: [] for name in kinds}
-    model_rates: dict[str, list[float]] = {name: [] for name in kinds}
     for run in range(args.runs):
-        for name, (inputs, options) in kinds.items():
-            rates[name].append(decode_rate(listed[name][0], args.workers))
-            if extractor is not None:
-                from tidy_detect.features.extractor import extract
+        start = (run * size) % args.images
+        names = list(kinds)
+        order.shuffle(names)
+        for name in names:
+            items = listed[name][0]
+            rates[name].append(decode_rate((items + items)[start:start + size], args.workers))
+        if run % 5 == 4 or run == args.runs - 1:
+            print(f"  round {run + 1}/{args.runs}: " + ", ".join(f"{n} {rates[n][-1]:.0f}" for n in kinds)
+                  + " images/s", file=sys.stderr, flush=True)
+    model_rates: dict[str, list[float]] = {name: [] for name in kinds}
+    if extractor is not None:
+        from tidy_detect.features.extractor import extract
 
+        for run in range(max(1, min(args.runs, 3))):
+            for name, (inputs, options) in kinds.items():
                 store = work / "stores" / f"{name.replace(' ', '-')}-{run}"
                 summary = extract(inputs, store, extractor=extractor, source_options=options)
                 model_rates[name].append(summary.processed / summary.seconds)
                 shutil.rmtree(store)
-        print(f"  run {run + 1}: " + ", ".join(f"{n} {rates[n][-1]:.0f}" for n in kinds) + " images/s",
-              file=sys.stderr, flush=True)
+    base_runs = rates[next(iter(kinds))]
+    best = max(1, len(base_runs) // 5)  # the least disturbed fifth of the rounds
     for name in kinds:
+        runs = rates[name]
         row = {"kind": name, "images": len(listed[name][0]), "list_s": listed[name][1],
-               "decode_images_per_s": statistics.median(rates[name]), "decode_runs": rates[name]}
+               "decode_images_per_s": statistics.median(runs), "decode_runs": runs,
+               "decode_ratio": statistics.median(r / b for r, b in zip(runs, base_runs)),
+               "decode_ratio_best": statistics.mean(sorted(runs)[-best:]) / statistics.mean(sorted(base_runs)[-best:])}
         if model_rates[name]:
             row["extract_images_per_s"] = statistics.median(model_rates[name])
             row["extract_runs"] = model_rates[name]
         rows.append(row)
     base = rows[0]
     for row in rows:
-        row["decode_ratio"] = row["decode_images_per_s"] / base["decode_images_per_s"]
         if "extract_images_per_s" in row:
             row["extract_ratio"] = row["extract_images_per_s"] / base["extract_images_per_s"]
     return rows
@@ -320,6 +340,18 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_flags() -> str:
+    """The flags that matter for these figures' host (see the README's machine notes)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return " ".join(f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in have) or "no avx512"
+    except OSError:
+        pass
+    return "flags unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.rss_child:
@@ -329,8 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="tidy-input-kinds-"))
     work.mkdir(parents=True, exist_ok=True)
     stop = None
-    report: dict[str, Any] = {"cpu": cpu_model(), "cpus": os.cpu_count(), "images": args.images,
-                              "image_size": args.image_size, "workers": args.workers, "runs": args.runs}
+    report: dict[str, Any] = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cpus": os.cpu_count(),
+                              "images": args.images, "image_size": args.image_size, "workers": args.workers,
+                              "runs": args.runs, "slice": args.slice}
     try:
         if not args.skip_speed:
             tree = write_images(work, args.images, args.image_size)
@@ -345,15 +378,16 @@ def main(argv: list[str] | None = None) -> int:
             stop()
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"CPU: {report['cpu']} ({report['cpus']} cores visible), {args.workers} decoding threads, "
-          f"median of {args.runs} runs")
+    print(f"CPU: {report['cpu']} ({report['cpus']} cores visible; {cpu_flags()}), {args.workers} decoding "
+          f"threads, {args.runs} rounds of {min(args.slice, args.images)} images per kind")
     if "speed" in report:
         models = any("extract_images_per_s" in r for r in report["speed"])
         print(f"\n{args.images} JPEGs of about {args.image_size} px")
-        print(f"{'kind':<12} {'list s':>8} {'decode img/s':>13} {'vs folder':>10}"
+        print(f"{'kind':<12} {'list s':>8} {'decode img/s':>13} {'vs folder':>10} {'best rounds':>12}"
               + (f" {'extract img/s':>14} {'vs folder':>10}" if models else ""))
         for r in report["speed"]:
-            line = f"{r['kind']:<12} {r['list_s']:>8.2f} {r['decode_images_per_s']:>13.0f} {r['decode_ratio']:>10.2f}"
+            line = (f"{r['kind']:<12} {r['list_s']:>8.2f} {r['decode_images_per_s']:>13.0f} {r['decode_ratio']:>10.2f}"
+                    f" {r['decode_ratio_best']:>12.2f}")
             if models:
                 line += f" {r['extract_images_per_s']:>14.1f} {r['extract_ratio']:>10.2f}"
             print(line)

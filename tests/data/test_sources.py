@@ -304,3 +304,63 @@ def test_an_untouched_source_is_skipped_without_reading_a_byte(extractor, tree, 
         source.touch()  # touched, same content: hashed, found unchanged, restat'ed
         again = extract([source], store, extractor=extractor)
         assert (again.hashed, again.changed, again.processed) == (6, 0, 0)
+
+
+def test_a_tar_gz_read_out_of_order_by_threads_stays_one_pass(tmp_path):
+    """Decoding threads reach the archive's lock out of order: a member just behind the stream's
+    position is served from the bytes it holds, not by decompressing the archive again from its
+    start (which at a million members would be quadratic)."""
+    from tidy_detect.data import sources
+
+    rng = np.random.default_rng(3)
+    members = [(f"m{i:04d}.bin", rng.integers(0, 256, 20_000, dtype=np.uint8).tobytes()) for i in range(400)]  # 8 MB
+    path = _tar(tmp_path / "t.tar.gz", members)
+    items = [sources.make_identity(path, name) for name, _ in members]
+    container = sources._container(str(path))
+    opened = []
+    original = container.cursors.open_cursor
+    container.cursors.open_cursor = lambda: opened.append(1) or original()
+    for k in range(0, len(items), 2):  # pairs swapped: k+1 first, then k
+        for j in (k + 1, k):
+            assert read_item(items[j])[0] == members[j][1]
+    assert len(opened) == 1
+    for k in (399, 350, 10, 11, 398):  # far behind: a second stream; the first is kept, not dropped
+        assert read_item(items[k])[0] == members[k][1]
+    assert len(opened) == 2 and len(container.cursors.cursors) == 2
+
+
+def test_cursors_drop_the_least_recently_used_one():
+    from tidy_detect.data import sources
+
+    made = []
+
+    class Cursor:
+        def __init__(self, at):
+            self.at, self.closed = at, False
+            made.append(self)
+
+        def close(self):
+            self.closed = True
+
+    cursors = sources._Cursors(lambda: Cursor(0), lambda c: c.at)
+    for target in range(sources._CURSORS):
+        cursors.at_or_before(target).at = 100 + target  # each ahead of the next target: a new one each time
+    assert len(made) == sources._CURSORS
+    assert cursors.at_or_before(103) is made[3]  # the nearest behind, now the most recent
+    cursors.at_or_before(5)  # none behind: the least recently used (made[0]) goes, not the one at 100+
+    assert made[0].closed and not any(c.closed for c in made[1:]) and len(cursors.cursors) == sources._CURSORS
+
+
+def test_a_member_read_error_carries_its_containers_stat(tree, tmp_path):
+    import os
+
+    from tidy_detect.data import sources
+    from tidy_detect.errors import ImageNotFoundError
+
+    source = _zip(tree, tmp_path / "bench.zip")
+    with pytest.raises(ImageNotFoundError) as caught:
+        sources.read_member(str(source), "nope.png")
+    assert caught.value.stat.mtime_ns == os.stat(source).st_mtime_ns
+    with pytest.raises(ImageNotFoundError, match="the archive is gone") as caught:
+        sources.read_member(str(tmp_path / "gone.zip"), "a.png")
+    assert caught.value.stat is None

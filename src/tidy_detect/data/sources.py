@@ -78,7 +78,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Iterator
 
 from tidy_detect.data import remote
-from tidy_detect.errors import CorruptImageError, ImageNotFoundError, ImageTooLargeError, InputError, \
+from tidy_detect.errors import CorruptImageError, ImageError, ImageNotFoundError, ImageTooLargeError, InputError, \
     UnsupportedImageError
 from tidy_detect.images import DEFAULT_MAX_FILE_BYTES, MIB, FileStat, is_image_path
 
@@ -91,16 +91,17 @@ SIDECARS = ("cls", "json", "txt")
 MAX_SIDECAR_BYTES = 1 * MIB
 _BATCH_ROWS = 64  # Parquet rows decoded at a time when reading images (memory: one batch per cursor)
 _CURSORS = 4  # sequential readers kept per compressed archive or table (threads read out of order)
-_OPEN_SOURCES = 8
+_OPEN_SOURCES = 16  # containers kept open (an fd each; a tar.gz up to _CURSORS streams of 1 MiB)
 # Archive listings kept after their container is closed (by members, all archives together): the
 # shards of a pattern are listed once when the inputs are collected and read later, after others
 # were opened; listing a tar again means reading it again.
 _LISTED_MEMBERS = 2_000_000
 _REMOTE_RECHECK_S = 5.0  # how often a remote container's stat is asked again while it is read
 _CHUNK = 1 * MIB  # sequential reads of a tar stream
-_LOOKBEHIND = 8192  # bytes a forward-only tar stream keeps behind its position (tarfile steps back 1)
+_LOOKBEHIND = 4 * MIB  # bytes a forward-only tar stream keeps behind its position (threads read a window ahead)
 _ARROW_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # the end-of-stream marker every Arrow stream writer closes with
 _ZIP_HEADER_SLACK = 1024  # read with a member's local header: its name and extra field, usually all of it
+_CONVERT_BATCH_BYTES = 16 * MIB  # an Arrow batch up to this size is converted whole when first read (4 kept)
 
 
 @dataclass(frozen=True)
@@ -220,9 +221,12 @@ def split_identity(path: str) -> tuple[str, str] | None:
     """``(container, member)`` of a source identity, or None for a plain path or URI."""
     if SEPARATOR not in path:
         return None
-    uri = remote.is_uri(path)
     at = path.find(SEPARATOR)
-    if not uri and _is_plain_container(path[:at]) and source_suffix(path[:at]):
+    seen = _plain_containers.get(path[:at])  # the common case: a member of a container seen this second
+    if seen is not None and time.monotonic() - seen < _CONTAINER_RECHECK_S:
+        return path[:at], path[at + len(SEPARATOR):]
+    uri = remote.is_uri(path)
+    if not uri and source_suffix(path[:at]) and _is_plain_container(path[:at]):
         return path[:at], path[at + len(SEPARATOR):]
     if not uri and os.path.lexists(path):
         return None
@@ -300,17 +304,34 @@ def read_item(identity: str, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tupl
         if remote.is_uri(identity):
             return remote.read_object(identity, max_bytes=max_bytes)
         raise ImageNotFoundError(f"{identity}: no such file or archive member")
-    container, member = split
+    return read_member(*split, max_bytes=max_bytes, identity=identity)
+
+
+def read_member(container: str, member: str, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+                identity: str | None = None) -> tuple[bytes, FileStat]:
+    """:func:`read_item` for an identity already split by :func:`split_identity` (the extractor
+    splits each once). An :class:`ImageError` raised carries ``stat``: the container's as it was
+    before the member was read (what resume compares for an error row), None when it is gone."""
+    identity = identity or f"{container}{SEPARATOR}{member}"
     try:
         source, seen = _container_and_stat(container)
     except InputError as exc:
         if remote.is_uri(container) or os.path.exists(container):
-            raise CorruptImageError(f"{identity}: {exc}") from exc
-        raise ImageNotFoundError(f"{identity}: the archive is gone") from exc
+            raise _with_stat(CorruptImageError(f"{identity}: {exc}"), container) from exc
+        raise _with_stat(ImageNotFoundError(f"{identity}: the archive is gone"), None) from exc
     stat = FileStat.of(seen, time.time_ns()) if isinstance(seen, os.stat_result) else source.stat_now()
-    data = source.read(member, max_bytes, identity)
-    _check_size(len(data), max_bytes, identity)
+    try:
+        data = source.read(member, max_bytes, identity)
+        _check_size(len(data), max_bytes, identity)
+    except ImageError as exc:
+        exc.stat = stat
+        raise
     return data, FileStat(len(data), stat.mtime_ns, stat.ctime_ns, stat.inode)
+
+
+def _with_stat(exc: ImageError, container: str | None) -> ImageError:
+    exc.stat = stat_item(container) if container is not None else None
+    return exc
 
 
 def stat_item(path: str, recorded: FileStat | None = None) -> FileStat | None:
@@ -689,14 +710,17 @@ class _Zip(_Archive):
 
 class _Forward:
     """A forward-only view of a sequential stream for :mod:`tarfile`'s ``r:`` mode: ``tell``,
-    ``seek`` ahead (reading and dropping, or seeking the underlying file when it can and the jump
-    is long), a step back within the last few KiB (tarfile steps back one byte between members),
-    and the last 512-byte block asked for (see :class:`_Watch`)."""
+    ``seek`` ahead (reading, or seeking the underlying file when it can and the jump is long), and
+    back within the last :data:`_LOOKBEHIND` bytes, so a member that a decoding thread asks for
+    just after a later one was read (threads reach the lock out of order) is still held; and the
+    last 512-byte block asked for (see :class:`_Watch`). The bytes held are a list of the chunks
+    read, dropped whole once they lie that far behind."""
 
-    def __init__(self, raw: Any, seekable: bool = False, chunk: int = _CHUNK) -> None:
-        self.raw, self.seekable, self.chunk = raw, seekable, chunk
-        self.buffer = bytearray()
-        self.start = 0  # stream position of buffer[0]
+    def __init__(self, raw: Any, seekable: bool = False, chunk: int = _CHUNK, lookbehind: int = _LOOKBEHIND) -> None:
+        self.raw, self.seekable, self.chunk, self.lookbehind = raw, seekable, chunk, lookbehind
+        self.chunks: collections.deque[tuple[int, bytes]] = collections.deque()  # (stream position, bytes)
+        self.start = 0  # stream position of the first byte held
+        self.end = 0  # stream position after the last byte read
         self.pos = 0
         self.eof = False
         self.last_block: bytes | None = None
@@ -709,40 +733,47 @@ class _Forward:
             raise io.UnsupportedOperation("a tar stream has no known end")
         target = offset + (self.pos if whence == 1 else 0)
         if target < self.start:
-            raise io.UnsupportedOperation(f"cannot seek back to {target} (stream at {self.pos})")
+            raise io.UnsupportedOperation(f"cannot seek back to {target} (stream at {self.pos}, bytes held from "
+                                          f"{self.start})")
         self.pos = target
         return target
 
     def read(self, size: int | None = -1) -> bytes:
         want_end = None if size is None or size < 0 else self.pos + size
-        while not self.eof and (want_end is None or self.start + len(self.buffer) < want_end):
-            end = self.start + len(self.buffer)
-            if self.pos > end:  # data nobody reads lies between: skip it
-                gap = self.pos - end
-                if self.seekable and gap > self.chunk:
-                    self.raw.seek(self.pos)
-                    self.buffer, self.start = bytearray(), self.pos
-                    continue
-                chunk = self.raw.read(min(gap, self.chunk))
-                if not chunk:
-                    self.eof = True
-                    break
-                self.buffer, self.start = bytearray(), end + len(chunk)
+        while not self.eof and (want_end is None or self.end < want_end):
+            if self.seekable and self.pos - self.end > self.chunk:  # a long jump: no need to read what lies between
+                self.raw.seek(self.pos)
+                self.chunks.clear()
+                self.start = self.end = self.pos
                 continue
-            keep_from = max(self.start, self.pos - _LOOKBEHIND)
-            del self.buffer[:keep_from - self.start]
-            self.start = keep_from
-            chunk = self.raw.read(self.chunk)
-            if not chunk:
+            data = self.raw.read(self.chunk)
+            if not data:
                 self.eof = True
                 break
-            self.buffer += chunk
-        at = self.pos - self.start
-        data = bytes(self.buffer[at:] if want_end is None else self.buffer[at:at + (want_end - self.pos)])
+            self.chunks.append((self.end, data))
+            self.end += len(data)
+            keep_from = self.pos - self.lookbehind
+            while len(self.chunks) > 1 and self.chunks[0][0] + len(self.chunks[0][1]) <= keep_from:
+                self.chunks.popleft()
+            self.start = self.chunks[0][0]
+        stop = self.end if want_end is None else min(want_end, self.end)
+        data = self._held(self.pos, stop)
         self.pos += len(data)
         if size == tarfile.BLOCKSIZE:
             self.last_block = data
         return data
+
+    def _held(self, begin: int, stop: int) -> bytes:
+        if stop <= begin:
+            return b""
+        parts = []
+        for at, data in self.chunks:
+            if at + len(data) <= begin:
+                continue
+            if at >= stop:
+                break
+            parts.append(data[max(0, begin - at):stop - at] if begin > at or stop < at + len(data) else data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def close(self) -> None:
         self.raw.close()
@@ -791,22 +822,26 @@ class _Decompressed:
 
 
 class _Cursors:
-    """Sequential readers of one stream, reused from the nearest one behind the wanted position:
-    items are read nearly in order (a few threads a window ahead), so reading stays linear."""
+    """Sequential readers of one stream, reused from the one that reaches the wanted position
+    most cheaply: items are read nearly in order (a few threads a window ahead), so reading stays
+    linear. ``reach(c)`` is the earliest position a cursor can still serve (bytes it holds behind
+    it), ``position(c)`` where it stands; the least recently used one is dropped for a new one."""
 
-    def __init__(self, open_cursor: Callable[[], Any], position: Callable[[Any], int]) -> None:
+    def __init__(self, open_cursor: Callable[[], Any], position: Callable[[Any], int],
+                 reach: Callable[[Any], int] | None = None) -> None:
         self.open_cursor, self.position = open_cursor, position
-        self.cursors: list[Any] = []
+        self.reach = reach or position
+        self.cursors: list[Any] = []  # least recently used first
 
     def at_or_before(self, target: int) -> Any:
-        behind = [c for c in self.cursors if self.position(c) <= target]
-        if behind:
-            return max(behind, key=self.position)
-        if len(self.cursors) >= _CURSORS:
-            oldest = min(self.cursors, key=self.position)
-            self.cursors.remove(oldest)
-            getattr(oldest, "close", lambda: None)()
-        cursor = self.open_cursor()
+        usable = [c for c in self.cursors if self.reach(c) <= target]
+        if usable:
+            cursor = min(usable, key=lambda c: max(0, target - self.position(c)))
+            self.cursors.remove(cursor)
+        else:
+            if len(self.cursors) >= _CURSORS:
+                getattr(self.cursors.pop(0), "close", lambda: None)()
+            cursor = self.open_cursor()
         self.cursors.append(cursor)
         return cursor
 
@@ -844,7 +879,7 @@ class _Tar(_Archive):
         if kept is not None:
             self.index, self._names, self._sidecars = kept
             self._listed = True
-        self.cursors = _Cursors(self._open_cursor, lambda c: c.tell()) if self.compression else None
+        self.cursors = _Cursors(self._open_cursor, lambda c: c.tell(), lambda c: c.start) if self.compression else None
 
     def _open_cursor(self) -> _Forward:
         return _Forward(_Decompressed(self.compression, self.location.stream()))
@@ -1181,6 +1216,7 @@ class _Arrow(_Table):
         self.source: Any = None
         self.batches: list[Any] | None = None
         self.cursors: dict[str, _Cursors] = {}
+        self._converted: dict[tuple[str, int], tuple[list[Any], list[Any] | None]] = {}
         try:
             self.source = pa.memory_map(self.path) if not self.location.remote else self.location.random_file()
             try:
@@ -1248,7 +1284,19 @@ class _Arrow(_Table):
             if row >= (self.total or 0):
                 raise ImageNotFoundError(f"{label}: the file has {self.total} rows")
             at = bisect.bisect_right(self.starts, row) - 1
-            return _image_bytes(self.batches[at].column(column), row - self.starts[at], label)
+            index = row - self.starts[at]
+            values = self._converted.get((column, at))
+            if values is None:
+                array = self.batches[at].column(column)
+                if array.nbytes > _CONVERT_BATCH_BYTES:  # a huge batch: this cell only
+                    return _image_bytes(array, index, label)
+                with self.lock:  # rows are read nearly in order: convert a batch once, not a cell per row
+                    values = self._converted.get((column, at))
+                    if values is None:
+                        values = self._converted[(column, at)] = _batch_values(array)
+                        while len(self._converted) > _CURSORS:
+                            self._converted.pop(next(iter(self._converted)))
+            return _cursor_bytes((values[0][index], values[1][index] if values[1] is not None else None), label)
         try:
             with self.lock:
                 if column not in self.cursors:
@@ -1287,6 +1335,7 @@ __all__ = [
     "list_source",
     "make_identity",
     "read_item",
+    "read_member",
     "source_stem",
     "split_identity",
     "stat_item",

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from tidy_detect.config import CPU_BATCH_SIZE, MODEL_KINDS, ExtractionConfig
-from tidy_detect.data import sources
+from tidy_detect.data import remote, sources
 from tidy_detect.data.inputs import ImageItem
 from tidy_detect.data.perturb import Perturbation
 from tidy_detect.errors import ConfigError, ImageError, InputError, InputsFailedError, NothingProcessedError, TidyError
@@ -523,17 +523,23 @@ def _decode(item: ImageItem, max_pixels: int, perturbation: Perturbation | None 
 def _load_item(item: ImageItem, max_pixels: int, max_bytes: int, exif_transpose: bool) -> LoadedImage:
     """Decode a file, or an archive member / table row by its identity (see data.sources), whose
     ``stat`` is its container's."""
-    if not sources.is_identity(item.path):
+    split = sources.split_identity(item.path)
+    if split is None and not remote.is_uri(item.path):
         return load_image(item.path, max_pixels=max_pixels, max_bytes=max_bytes, exif_transpose=exif_transpose)
-    stat = sources.stat_item(item.path)
+    stat = None
     try:
-        data, stat = sources.read_item(item.path, max_bytes=max_bytes)
+        if split is None:
+            data, stat = sources.read_item(item.path, max_bytes=max_bytes)
+        else:
+            data, stat = sources.read_member(*split, max_bytes=max_bytes, identity=item.path)
         loaded = load_image(data, max_pixels=max_pixels, max_bytes=max_bytes, name=item.path,
                             exif_transpose=exif_transpose)
     except ImageError as exc:
-        exc.stat = stat
+        # a member's read error carries its container's stat; a remote object's is looked up
+        exc.stat = getattr(exc, "stat", None) or stat or sources.stat_item(item.path)
         raise
-    return dataclasses.replace(loaded, stat=stat)
+    loaded.stat = stat
+    return loaded
 
 
 def prefetch(items: Iterable[ImageItem], max_pixels: int, workers: int, window: int,
