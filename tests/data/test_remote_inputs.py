@@ -226,3 +226,22 @@ def test_the_stat_of_an_object_read_is_the_stat_resume_compares(s3, tree, tmp_pa
         data, stat = read_item(path)
         assert stat.size == len(data) and stat.ctime_ns == stat.mtime_ns and stat.inode == 0
         assert stat_item(path, stat) == stat
+
+
+def test_a_table_on_s3_whose_rows_hold_paths_reads_the_objects_beside_it(s3, tree, tmp_path):
+    files = tree_files(tree)
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    cells = [{"bytes": None, "path": "imgs/a.png"}, {"bytes": None, "path": "../up.png"},
+             {"bytes": None, "path": "/home/someone/b.png"}, {"bytes": files[0][1], "path": "c.png"}]
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": pa.array(cells, type=image)}), tmp_path / "t.parquet")
+    uri = s3.put_file("data/t.parquet", tmp_path / "t.parquet")
+    s3.put("data/imgs/a.png", files[1][1])
+    s3.put("up.png", files[2][1])
+    items = collect_inputs([uri])
+    assert [i.path for i in items] == [s3.uri("data/imgs/a.png"), s3.uri("up.png"), f"{uri}!/2", f"{uri}!/3"]
+    assert read_item(items[0].path)[0] == files[1][1] and read_item(items[1].path)[0] == files[2][1]
+    with pytest.raises(ImageNotFoundError, match=r"only a path: '/home/someone/b.png'"):
+        read_item(items[2].path)  # another machine's file: not followed
+    assert read_item(items[3].path)[0] == files[0][1]

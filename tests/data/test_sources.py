@@ -273,19 +273,66 @@ def test_a_rewritten_archive_redoes_only_the_members_that_changed(extractor, tre
     assert (again.hashed, again.changed, again.processed, again.skipped) == (6, 1, 1, 5)
 
 
-def test_a_row_without_bytes_is_an_error_row_naming_its_path(tmp_path):
+def test_a_row_without_bytes_or_path_is_an_error_row(tmp_path):
     from tidy_detect.errors import ImageNotFoundError
 
     image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    table = pa.table({"image": pa.array([{"bytes": b"abc", "path": "a.png"}, {"bytes": None, "path": "/old/b.png"},
-                                         None], type=image)})
+    table = pa.table({"image": pa.array([{"bytes": b"abc", "path": "a.png"}, {"bytes": None, "path": ""}, None],
+                                        type=image)})
     pq.write_table(table, tmp_path / "t.parquet")
     items = collect_inputs([tmp_path / "t.parquet"])
     assert read_item(items[0].path)[0] == b"abc"
-    with pytest.raises(ImageNotFoundError, match=r"holds no bytes \(only a path: '/old/b.png'\)"):
+    with pytest.raises(ImageNotFoundError, match="the image column is empty"):
         read_item(items[1].path)
     with pytest.raises(ImageNotFoundError, match="the image column is empty"):
         read_item(items[2].path)
+
+
+@pytest.mark.parametrize("kind", ["parquet", "arrow"])
+def test_a_row_holding_only_a_path_is_the_file_it_names(extractor, tree, tmp_path, kind):
+    """A ``datasets`` cache of local image files keeps ``{"bytes": None, "path": ...}``: such a
+    row is read from the file (absolute as it is, relative from the table's folder), with its own
+    stat for resume; a path to nothing is an error row naming it; rows with bytes are unchanged."""
+    files = _files(tree)
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "rel.png").write_bytes(files[1][1])
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    cells = [{"bytes": files[0][1], "path": "kept.png"}, {"bytes": None, "path": "imgs/rel.png"},
+             {"bytes": None, "path": str(tree / files[2][0])}, {"bytes": None, "path": "imgs/gone.png"}]
+    table = pa.table({"image": pa.array(cells, type=image), "label": ["real", "fake", "fake", "real"]})
+    path = tmp_path / f"t.{kind}"
+    if kind == "parquet":
+        pq.write_table(table, path, row_group_size=1)  # groups all-bytes, all-missing: told by the statistics
+    else:
+        with pa.ipc.new_file(str(path), table.schema) as writer:
+            writer.write_table(table, max_chunksize=3)
+    items = collect_inputs([path])
+    assert [i.path for i in items] == [f"{path}!/0", str(tmp_path / "imgs" / "rel.png"), str(tree / files[2][0]),
+                                       str(tmp_path / "imgs" / "gone.png")]
+    assert [i.label for i in items] == [0, 1, 1, 0]
+    store = tmp_path / "store"
+    summary = extract([path], store, extractor=extractor)
+    assert (summary.processed, summary.failed) == (3, 1)
+    rows = {r["path"]: r for r in FeatureStore(store).rows()}
+    import hashlib
+
+    assert rows[str(tmp_path / "imgs" / "rel.png")]["sha256"] == hashlib.sha256(files[1][1]).hexdigest()
+    assert "gone.png" in rows[str(tmp_path / "imgs" / "gone.png")]["error"]
+    again = extract([path], store, extractor=extractor)
+    assert (again.processed, again.skipped) == (0, 4)
+
+
+def test_mixed_parquet_row_groups_read_only_their_bytes_column_once(tmp_path, monkeypatch):
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    cells = [{"bytes": b"x" if i % 3 else None, "path": f"p{i}.png"} for i in range(12)]
+    pq.write_table(pa.table({"image": pa.array(cells, type=image)}), tmp_path / "t.parquet", row_group_size=6)
+    calls = []
+    original = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, **kw: calls.append(i) or original(self, i, **kw))
+    items = collect_inputs([tmp_path / "t.parquet"])
+    assert [i.path for i in items] == [str(tmp_path / f"p{i}.png") if i % 3 == 0 else f"{tmp_path / 't.parquet'}!/{i}"
+                                       for i in range(12)]
+    assert calls == [0, 1]
 
 
 @pytest.mark.slow

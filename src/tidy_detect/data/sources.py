@@ -67,6 +67,7 @@ import io
 import json
 import lzma
 import os
+import posixpath
 import struct
 import tarfile
 import threading
@@ -1081,29 +1082,79 @@ class _Table(_Container):
         import pyarrow as pa
 
         names = class_names.get(options.label) or _class_names(self.schema, options.label)
+        words: dict[Any, str] = {}  # one string per distinct label or group, not one per row
         row = 0
         for batch in batches:
             columns = {name: batch.column(name).to_pylist() for name in batch.schema.names if name != image}
             paths = [None] * batch.num_rows
+            missing = None
             if image in batch.schema.names:
                 column = batch.column(image)
                 if pa.types.is_struct(column.type) and column.type.get_field_index("path") >= 0:
                     paths = column.field("path").to_pylist()  # the struct's path only, never its bytes
+                    missing = _missing_bytes(column) if column.type.get_field_index("bytes") >= 0 else \
+                        self._missing_rows(image, row, batch.num_rows)  # listing read the paths only
             elif f"{image}.path" in batch.schema.names:
                 paths = columns.pop(f"{image}.path")
+                missing = self._missing_rows(image, row, batch.num_rows)
             empty = [None] * batch.num_rows
             labels, groups, captions = (columns.get(c, empty) for c in (options.label, options.group, options.caption))
             for i in range(batch.num_rows):
+                path = paths[i] if isinstance(paths[i], str) and paths[i].strip() else None
                 # A relative path is read like a member's; an absolute one is where the image was
                 # on the machine that wrote the table, and its folders mean nothing here.
-                parts = _member_parts(paths[i]) if isinstance(paths[i], str) and not paths[i].startswith("/") else ()
+                parts = _member_parts(path) if path and not path.startswith("/") and "://" not in path else ()
                 label, group, caption = labels[i], groups[i], captions[i]
                 if isinstance(label, int) and not isinstance(label, bool) and names and 0 <= label < len(names):
                     label = names[label]
-                yield SourceRecord(make_identity(self.path, self._member(image, row)), parts,
-                                   None if label is None else str(label), None if group is None else str(group),
-                                   caption if isinstance(caption, str) and caption.strip() else None)
+                label = None if label is None else words.setdefault(label, str(label))
+                group = None if group is None else words.setdefault(group, str(group))
+                # A row with a path and no bytes (a ``datasets`` cache of local image files keeps
+                # only their paths) is the file it names: its own identity, stat and resume.
+                referenced = self._referenced(path) if path and missing is not None and missing[i] else None
+                yield SourceRecord(referenced or make_identity(self.path, self._member(image, row)), parts,
+                                   label, group, caption if isinstance(caption, str) and caption.strip() else None)
                 row += 1
+
+    def _missing_rows(self, image: str, start: int, count: int) -> list[bool] | None:
+        """Which of ``count`` rows from ``start`` hold no image bytes, for a table whose listing does
+        not read the image column (Parquet); None when every one holds bytes."""
+        return None
+
+    def _referenced(self, path: str) -> str | None:
+        """Where a row's image ``path`` points: a URI as it is; a local path as it is when absolute,
+        else from the table's folder; in a table behind a URI, relative paths from its folder (an
+        absolute local path there names another machine's file: None, the row stays an error row)."""
+        if remote.scheme_of(path) == "file":
+            try:
+                path = remote.local_path(path)
+            except InputError:
+                return None
+        if remote.is_uri(path):
+            try:
+                remote.check_uri(path)
+            except InputError:
+                return None
+            return path
+        if self.location.remote:
+            if path.startswith("/"):
+                return None
+            folder = self.path.rsplit("/", 1)[0]
+            scheme, _, rest = folder.partition("://")
+            bucket, _, key = rest.partition("/")
+            joined = posixpath.normpath(posixpath.join(key, path))
+            return None if joined == ".." or joined.startswith("../") else f"{scheme}://{bucket}/{joined}"
+        return os.path.normpath(os.path.join(os.path.dirname(self.path), path))
+
+
+def _missing_bytes(column: Any) -> list[bool] | None:
+    """Which cells of an image struct column hold no bytes (a null struct too); None when all do."""
+    import pyarrow as pa
+
+    field = column.flatten()[column.type.get_field_index("bytes")] if pa.types.is_struct(column.type) else column
+    if isinstance(field, pa.ChunkedArray):
+        field = field.combine_chunks()
+    return field.is_null().to_pylist() if field.null_count else None
 
 
 def _batch_cursor(batches: Iterator[Any], column: str, closer: Any = None) -> list[Any]:
@@ -1179,6 +1230,41 @@ class _Parquet(_Table):
         except (pa.ArrowException, OSError) as exc:
             raise InputError(f"{self.path}: the Parquet file cannot be read ({exc}); it may be truncated") from exc
         return self._describe_batches(batches, image, options, class_names, "Parquet")
+
+    def _missing_rows(self, image: str, start: int, count: int) -> list[bool] | None:
+        """From the row groups' null counts of the image bytes (written by pyarrow and ``datasets``):
+        a group without nulls is not read at all; only a group mixing rows with and without bytes
+        (or without statistics) has its bytes column read, once."""
+        if getattr(self, "_missing_image", None) != image:
+            self._missing_image, self._missing_groups = image, self._missing_by_group(image)
+        found: list[bool] = []
+        for entry in self._missing_groups:
+            group, first, rows, state = entry
+            if first + rows <= start or first >= start + count:
+                continue
+            if state is None:  # mixed, or no statistics: this group's bytes column, once
+                column = self.file.read_row_group(group, columns=[f"{image}.bytes"], use_threads=False).column(image)
+                state = entry[3] = _missing_bytes(column) or False
+            lo, hi = max(start, first) - first, min(start + count, first + rows) - first
+            found.extend(state[lo:hi] if isinstance(state, list) else [state] * (hi - lo))
+        return found if any(found) else None
+
+    def _missing_by_group(self, image: str) -> list[list[Any]]:
+        """[group, first row, rows, False | True | None] per row group: no row / every row without
+        bytes, or not known from the statistics (None, read when needed)."""
+        metadata = self.file.metadata
+        leaf = next((j for j in range(metadata.num_columns) if metadata.schema.column(j).path == f"{image}.bytes"),
+                    None)
+        groups, first = [], 0
+        for g in range(metadata.num_row_groups):
+            group = metadata.row_group(g)
+            stats = group.column(leaf).statistics if leaf is not None else None
+            state: Any = None if leaf is not None else False  # raw binary: a null cell is an empty image
+            if stats is not None and stats.has_null_count:
+                state = False if stats.null_count == 0 else True if stats.null_count == group.num_rows else None
+            groups.append([g, first, group.num_rows, state])
+            first += group.num_rows
+        return groups
 
     def read(self, member: str, max_bytes: int, label: str) -> bytes:
         import pyarrow as pa
