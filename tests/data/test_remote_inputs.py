@@ -245,3 +245,25 @@ def test_a_table_on_s3_whose_rows_hold_paths_reads_the_objects_beside_it(s3, tre
     with pytest.raises(ImageNotFoundError, match=r"only a path: '/home/someone/b.png'"):
         read_item(items[2].path)  # another machine's file: not followed
     assert read_item(items[3].path)[0] == files[0][1]
+
+
+def test_a_manifest_on_s3_names_objects_beside_it_and_anywhere(s3, tree, tmp_path):
+    files = tree_files(tree)
+    s3.put("sets/imgs/a.png", files[0][1])
+    s3.put("other/b.png", files[1][1])
+    local = tree / files[2][0]
+    manifest = ("path,label,group\n"
+                "imgs/a.png,fake,gen\n"
+                f"{s3.uri('other/b.png')},real,\n"
+                f"{local},real,here\n")
+    uri = s3.put("sets/list.csv", manifest.encode("utf-16"))  # what a spreadsheet saves as "Unicode text"
+    items = collect_inputs([uri])
+    assert [(i.path, i.label, i.group) for i in items] == [
+        (s3.uri("sets/imgs/a.png"), 1, "gen"), (s3.uri("other/b.png"), 0, None), (str(local), 0, "here")]
+    assert read_item(items[0].path)[0] == files[0][1]
+    s3.put("sets/up.csv", b"path\n../../x.png\n")
+    with pytest.raises(InputError, match=r"line 2: the path '../../x.png' leads out of the bucket"):
+        collect_inputs([s3.uri("sets/up.csv")])
+    s3.put("sets/bad.csv", b"file\nx.png\n")
+    with pytest.raises(InputError, match="a manifest needs a 'path' column"):
+        collect_inputs([s3.uri("sets/bad.csv")])

@@ -24,13 +24,15 @@ but every real folder is entered once and every real file listed once.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
+import posixpath
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from tidy_detect.data import hub, remote, sources, trees
 from tidy_detect.data.sources import SourceOptions, source_suffix
@@ -236,21 +238,31 @@ def walk_folder(root: Path | trees.Node, summary: InputSummary | None = None) ->
         summary.repeated_links += counts.repeated
 
 
-def read_manifest(path: Path) -> list[ImageItem]:
+def read_manifest(path: str | Path) -> list[ImageItem]:
     """Items from a CSV with a ``path`` column and optional ``label``, ``group``, ``caption``,
-    ``subgroup`` (e.g. the LSUN class of a CNNDetection training image).
+    ``subgroup`` (e.g. the LSUN class of a CNNDetection training image). The manifest is a local
+    file or an object behind a URI (read as a stream).
 
-    Relative paths are taken relative to the manifest's folder; URIs (``s3://...``) and source
-    identities (``/data/x.zip!/a.png``) are kept as written.
+    Relative paths are taken relative to the manifest's folder (its URI's folder for a remote
+    manifest); URIs (``s3://...``), absolute paths and source identities (``/data/x.zip!/a.png``)
+    are kept as written.
 
     Raises:
         InputError: unreadable file, no ``path`` column, an empty path or a bad label (with the line).
     """
-    encoding = _text_encoding(path)
+    text = str(path)
+    uri = remote.is_uri(text)
+    if not uri:
+        path = Path(text)
+    encoding = _text_encoding(text)
     try:
-        handle = path.open(newline="", encoding=encoding)
+        if uri:
+            remote.check_uri(text)
+            handle = io.TextIOWrapper(_Readable(remote.open_stream(text)), encoding=encoding, newline="")
+        else:
+            handle = path.open(newline="", encoding=encoding)
     except OSError as exc:
-        raise InputError(f"{path}: cannot open the manifest ({exc.strerror or exc})") from exc
+        raise InputError(f"{path}: cannot open the manifest ({getattr(exc, 'strerror', None) or exc})") from exc
     items = []
     reader = None
     with handle:
@@ -269,6 +281,9 @@ def read_manifest(path: Path) -> list[ImageItem]:
                     raise InputError(f"{path}, line {line}: the 'path' value contains a NUL character")
                 if remote.is_uri(raw):
                     image = raw
+                elif uri:  # beside a remote manifest; an absolute path is a path of the machines that read it
+                    local = remote.local_path(raw)
+                    image = local if local.startswith("/") else _beside(text, local, f"{path}, line {line}")
                 else:
                     local = Path(remote.local_path(raw)).expanduser()
                     image = str(local if local.is_absolute() else path.parent.absolute() / local)
@@ -288,17 +303,50 @@ def read_manifest(path: Path) -> list[ImageItem]:
             name = "UTF-16" if encoding == "utf-16" else "UTF-8"
             raise InputError(f"{path}: the manifest is not {name} text ({exc.reason}); save it as UTF-8") from exc
         except OSError as exc:
-            raise InputError(f"{path}: cannot read the manifest ({exc.strerror or exc})") from exc
+            raise InputError(f"{path}: cannot read the manifest ({getattr(exc, 'strerror', None) or exc})") from exc
     return items
 
 
-def _text_encoding(path: Path) -> str:
+class _Readable(io.RawIOBase):
+    """A remote object's input stream as the raw binary file :class:`io.TextIOWrapper` wants."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.stream.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.stream.close()
+        super().close()
+
+
+def _beside(manifest: str, relative: str, where: str) -> str:
+    """A relative path of a remote manifest, from the manifest's folder (never above its bucket)."""
+    scheme, _, rest = manifest.rsplit("/", 1)[0].partition("://")
+    bucket, _, key = rest.partition("/")
+    joined = posixpath.normpath(posixpath.join(key, relative))
+    if joined == ".." or joined.startswith("../"):
+        raise InputError(f"{where}: the path {relative!r} leads out of the bucket {scheme}://{bucket}")
+    return f"{scheme}://{bucket}/{joined}"
+
+
+def _text_encoding(path: str) -> str:
     """UTF-8 (with or without a BOM), or UTF-16 when the file starts with its byte-order mark
     (what spreadsheet programs write as "Unicode text")."""
     try:
-        with path.open("rb") as handle:
-            start = handle.read(2)
-    except OSError:
+        if remote.is_uri(path):
+            with remote.open_stream(path) as handle:
+                start = handle.read(2)
+        else:
+            with open(path, "rb") as handle:
+                start = handle.read(2)
+    except (OSError, InputError):
         return "utf-8-sig"  # opening again reports the error
     return "utf-16" if start in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
 
@@ -402,10 +450,7 @@ def collect_inputs(inputs: Iterable[str | Path], summary: InputSummary | None = 
         elif kind == "folder":
             found = walk_folder(trees.open_tree(text) if remote.is_uri(text) else Path(text), summary)
         elif kind == "manifest":
-            if remote.is_uri(text):
-                raise InputError(f"{text}: manifests are read from local files; copy it here (its paths may "
-                                 f"be URIs)")
-            found = iter(read_manifest(Path(text)))
+            found = iter(read_manifest(text))
         elif kind == "source":
             found = items_from_source(text, options)
         elif kind == "file":
