@@ -489,3 +489,36 @@ def test_store_locations_are_checked_with_clear_errors(s3, tmp_path):
     s3.client.put_object(Bucket=s3.bucket, Key="ok/shards/part-bad.parquet", Body=b"PAR1 garbage")
     result = runner.invoke(app, ["store", "info", s3.uri("ok")])
     assert result.exit_code == 6 and f"{s3.uri('ok')}/shards/part-bad.parquet: unreadable shard" in result.output
+
+
+def test_a_writer_aborts_the_uploads_a_killed_writer_left(s3, caplog):
+    """A writer killed mid-upload leaves an unfinished multipart upload, which S3 keeps (and bills)
+    until it is aborted: the next writer to hold the lease aborts those older than a lease period."""
+    code = ("import os, pyarrow.fs as f\n"
+            "fs = f.S3FileSystem(endpoint_override=os.environ['AWS_ENDPOINT_URL'], scheme='http', region='us-east-1')\n"
+            f"s = fs.open_output_stream('{s3.bucket}/killed/shards/part-x.parquet')\n"
+            "s.write(b'x' * 6_000_000)\ns.flush()\nos._exit(9)\n")
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, **s3.env})
+    s3.client.create_multipart_upload(Bucket=s3.bucket, Key="elsewhere/part-y.parquet")  # not under the store
+
+    def uploads(prefix):
+        return [u["Key"] for u in s3.client.list_multipart_uploads(Bucket=s3.bucket, Prefix=prefix).get("Uploads", [])]
+
+    assert uploads("killed/") == ["killed/shards/part-x.parquet"]
+    store = FeatureStore.open_for_writing(s3.uri("killed"), EXTRACTION, DIM)  # moto dates every upload 2010
+    with caplog.at_level(logging.INFO, logger="tidy_detect.features.storage"), store.writing():
+        store.write([_row(0)])
+    assert uploads("killed/") == [] and uploads("elsewhere/") == ["elsewhere/part-y.parquet"]
+    assert "aborted 1 unfinished upload" in caplog.text and len(FeatureStore(s3.uri("killed"))) == 1
+
+
+def test_only_uploads_older_than_the_cutoff_are_stale():
+    import datetime as dt
+
+    from tidy_detect.features.storage import stale_upload
+
+    cutoff = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.timezone.utc)
+    assert stale_upload(dt.datetime(2026, 12, 1, 11, 59, tzinfo=dt.timezone.utc), cutoff)
+    assert not stale_upload(dt.datetime(2026, 12, 1, 12, 1, tzinfo=dt.timezone.utc), cutoff)
+    assert not stale_upload(dt.datetime(2026, 12, 1, 13, 30, tzinfo=dt.timezone(dt.timedelta(hours=1))), cutoff)
+    assert stale_upload(dt.datetime(2026, 12, 1, 11, 0), cutoff)  # naive: UTC

@@ -737,6 +737,31 @@ class S3ConditionalWrites:
         response = self._call("put_object", name, Body=body, IfMatch=etag)
         return None if response is None else response["ETag"]
 
+    def abort_uploads(self, initiated_before: _dt.datetime) -> int:
+        """Abort the unfinished multipart uploads under the prefix begun before ``initiated_before``
+        (S3's clock): what writers killed mid-upload left, which S3 keeps, and bills, until aborted.
+        Returns how many were aborted.
+
+        Raises:
+            StorageError: the uploads cannot be listed or aborted.
+        """
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        aborted = 0
+        try:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else "")
+            for page in pages:
+                for upload in page.get("Uploads", []):
+                    if stale_upload(upload["Initiated"], initiated_before):
+                        self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
+                                                           UploadId=upload["UploadId"])
+                        aborted += 1
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"s3://{self.bucket}/{self.prefix}: the unfinished uploads cannot be listed or "
+                               f"aborted ({exc})") from exc
+        return aborted
+
     def read(self, name: str) -> tuple[bytes, str] | None:
         """``name``'s content and ETag, or None when there is no such object."""
         response = self._call("get_object", name)
@@ -744,6 +769,13 @@ class S3ConditionalWrites:
             return None
         with response["Body"] as body:
             return body.read(), response["ETag"]
+
+
+def stale_upload(initiated: _dt.datetime, before: _dt.datetime) -> bool:
+    """Whether an upload begun at ``initiated`` (an aware time; a naive one is UTC) is older than ``before``."""
+    if initiated.tzinfo is None:
+        initiated = initiated.replace(tzinfo=_dt.timezone.utc)
+    return initiated < before
 
 
 def lease_seconds() -> float:
@@ -963,6 +995,23 @@ class StoreLease:
         self._stop.clear()
         self._thread = threading.Thread(target=self._heartbeat, name=f"lease {self.location.uri}", daemon=True)
         self._thread.start()
+        self._reclaim_uploads()
+
+    def _reclaim_uploads(self) -> None:
+        """Abort the multipart uploads an earlier writer left (killed mid-upload). Holding the lease,
+        this writer is the only one; an upload begun more than a lease period ago (plus a minute
+        for clocks that differ) cannot belong to a live writer. Best effort: a failure is logged."""
+        if self._writes is None:
+            return
+        cutoff = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(seconds=self.seconds + 60)
+        try:
+            aborted = self._writes.abort_uploads(cutoff)
+        except StorageError as exc:
+            log.warning("%s: %s; an AbortIncompleteMultipartUpload lifecycle rule reclaims them instead",
+                        self.location.uri, exc)
+            return
+        if aborted:
+            log.info("%s: aborted %d unfinished upload(s) left by an earlier writer", self.location.uri, aborted)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.seconds / 3):
