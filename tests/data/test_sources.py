@@ -411,3 +411,28 @@ def test_a_member_read_error_carries_its_containers_stat(tree, tmp_path):
     with pytest.raises(ImageNotFoundError, match="the archive is gone") as caught:
         sources.read_member(str(tmp_path / "gone.zip"), "a.png")
     assert caught.value.stat is None
+
+
+def test_read_ahead_hands_over_items_errors_and_closes_what_it_reads():
+    import threading
+    import time
+
+    from tidy_detect.data import sources
+
+    def items():
+        yield from (1, 2)
+        raise ValueError("cut")
+
+    ahead = sources._ReadAhead(items())
+    assert [next(ahead), next(ahead)] == [1, 2]
+    with pytest.raises(ValueError, match="cut"):
+        next(ahead)
+    assert list(ahead) == []
+
+    closed = threading.Event()
+    endless = sources._ReadAhead(iter(int, 1), depth=2, closer=closed.set)  # never ends by itself
+    assert next(endless) == 0
+    endless.close()
+    assert closed.wait(5)
+    time.sleep(0.3)
+    assert not endless._thread.is_alive()

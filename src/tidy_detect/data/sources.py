@@ -68,6 +68,7 @@ import json
 import lzma
 import os
 import posixpath
+import queue
 import struct
 import tarfile
 import threading
@@ -440,6 +441,16 @@ class _Location:
 
 _cache: collections.OrderedDict[str, "_Container"] = collections.OrderedDict()
 _cache_lock = threading.Lock()
+
+
+def _forget_containers() -> None:
+    # A forked child has none of the parent's threads, so its read-ahead streams would never
+    # deliver: it opens its containers anew.
+    _cache.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_containers)
 
 
 def _container(path: str) -> "_Container":
@@ -883,7 +894,7 @@ class _Tar(_Archive):
         self.cursors = _Cursors(self._open_cursor, lambda c: c.tell(), lambda c: c.start) if self.compression else None
 
     def _open_cursor(self) -> _Forward:
-        return _Forward(_Decompressed(self.compression, self.location.stream()))
+        return _Forward(_ReadAheadStream(_Decompressed(self.compression, self.location.stream())))
 
     def _listing_stream(self) -> Any:
         if self.compression is not None:
@@ -1157,10 +1168,92 @@ def _missing_bytes(column: Any) -> list[bool] | None:
     return field.is_null().to_pylist() if field.null_count else None
 
 
-def _batch_cursor(batches: Iterator[Any], column: str, closer: Any = None) -> list[Any]:
-    # [first row of the current batch, its images' bytes (None where absent), their paths (structs
-    # with one) or None, the batch iterator, what to close]
-    return [0, [], None, (b.column(column) if hasattr(b, "column") else b for b in batches), closer]
+class _ReadAhead:
+    """The next few items of an iterator (a table's batches converted to Python values, a tar.gz
+    stream's decompressed chunks), made by a background thread. Readers of one table or stream
+    take turns under its lock; with the next item already made, the reader holding the lock takes
+    it at once instead of decompressing while the other decoding threads wait. The thread alone
+    touches the iterator, and closes it when stopped or done; an error it meets is raised where
+    the item is read."""
+
+    _END = object()
+
+    def __init__(self, items: Iterator[Any], depth: int = 2, closer: Callable[[], None] | None = None) -> None:
+        self._queue: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._closer = closer
+        self._done = False
+        self._thread = threading.Thread(target=self._run, args=(items,), name="tidy-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _put(self, entry: tuple[Any, BaseException | None]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, items: Iterator[Any]) -> None:
+        try:
+            for item in items:
+                if not self._put((item, None)):
+                    return
+            self._put((self._END, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader
+            self._put((self._END, exc))
+        finally:
+            for close in (getattr(items, "close", None), self._closer):
+                if close is not None:
+                    try:
+                        close()
+                    except Exception:  # noqa: BLE001 - closing what is no longer read
+                        pass
+
+    def __iter__(self) -> "_ReadAhead":
+        return self
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        item, error = self._queue.get()
+        if item is self._END:
+            self._done = True
+            if error is not None:
+                raise error
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class _ReadAheadStream:
+    """A sequential binary stream read a few chunks ahead (see :class:`_ReadAhead`); ``read``
+    returns the next chunk, whatever size is asked (callers loop), and ``b""`` at its end."""
+
+    def __init__(self, raw: Any, chunk: int = _CHUNK, depth: int = 4) -> None:
+        self._ahead = _ReadAhead(iter(lambda: raw.read(chunk), b""), depth, closer=raw.close)
+
+    def read(self, size: int = -1) -> bytes:
+        return next(self._ahead, b"")
+
+    def close(self) -> None:
+        self._ahead.close()
+
+
+class _RowCursor:
+    """A sequential reader of one image column: the current batch's first row, its images' bytes
+    (None where absent) and paths (for structs with one), the next batches made ahead."""
+
+    def __init__(self, batches: Iterator[Any], column: str, closer: Callable[[], None] | None = None) -> None:
+        self.start, self.values, self.paths = 0, [], None
+        self.ahead = _ReadAhead((_batch_values(b.column(column) if hasattr(b, "column") else b) for b in batches),
+                                closer=closer)
+
+    def close(self) -> None:
+        self.ahead.close()
 
 
 def _batch_values(array: Any) -> tuple[list[Any], list[Any] | None]:
@@ -1174,13 +1267,13 @@ def _batch_values(array: Any) -> tuple[list[Any], list[Any] | None]:
     return fields["bytes"].to_pylist(), fields["path"].to_pylist() if "path" in fields else None
 
 
-def _advance(cursor: list[Any], row: int) -> tuple[Any, Any]:
+def _advance(cursor: _RowCursor, row: int) -> tuple[Any, Any]:
     """(bytes or None, path or None) of ``row``, moving the cursor forward batch by batch."""
-    while row >= cursor[0] + len(cursor[1]):
-        cursor[0] += len(cursor[1])
-        cursor[1], cursor[2] = _batch_values(next(cursor[3]))
-    at = row - cursor[0]
-    return cursor[1][at], (cursor[2][at] if cursor[2] is not None else None)
+    while row >= cursor.start + len(cursor.values):
+        cursor.start += len(cursor.values)
+        cursor.values, cursor.paths = next(cursor.ahead)
+    at = row - cursor.start
+    return cursor.values[at], (cursor.paths[at] if cursor.paths is not None else None)
 
 
 def _cursor_bytes(found: tuple[Any, Any], label: str) -> bytes:
@@ -1211,9 +1304,18 @@ class _Parquet(_Table):
                              f"file's footer is at its end)") from exc
         self.cursors: dict[str, _Cursors] = {}
 
-    def _open_cursor(self, column: str) -> list[Any]:
-        return _batch_cursor(self.file.iter_batches(batch_size=_BATCH_ROWS, columns=[column], use_threads=False),
-                             column)
+    def _open_cursor(self, column: str) -> _RowCursor:
+        import pyarrow.parquet as pq
+
+        # Its own file object: the cursor's thread reads it while others read theirs.
+        handle = self.location.random_file()
+        try:
+            reader = pq.ParquetFile(handle, metadata=self.file.metadata, pre_buffer=False)
+        except BaseException:
+            handle.close()
+            raise
+        return _RowCursor(reader.iter_batches(batch_size=_BATCH_ROWS, columns=[column], use_threads=False), column,
+                          closer=handle.close)
 
     def list(self, options: SourceOptions, class_names: dict[str, list[str]]) -> Iterator[SourceRecord]:
         import pyarrow as pa
@@ -1275,7 +1377,7 @@ class _Parquet(_Table):
         try:
             with self.lock:
                 if column not in self.cursors:
-                    self.cursors[column] = _Cursors(lambda: self._open_cursor(column), lambda c: c[0])
+                    self.cursors[column] = _Cursors(lambda: self._open_cursor(column), lambda c: c.start)
                 found = _advance(self.cursors[column].at_or_before(row), row)
         except (pa.ArrowException, OSError, StopIteration) as exc:
             raise CorruptImageError(f"{label}: the row cannot be read ({exc or 'the file ends early'})") from exc
@@ -1386,8 +1488,8 @@ class _Arrow(_Table):
         try:
             with self.lock:
                 if column not in self.cursors:
-                    self.cursors[column] = _Cursors(lambda: _batch_cursor(self._remote_batches(), column),
-                                                    lambda c: c[0])
+                    self.cursors[column] = _Cursors(lambda: _RowCursor(self._remote_batches(), column),
+                                                    lambda c: c.start)
                 found = _advance(self.cursors[column].at_or_before(row), row)
         except StopIteration:
             raise ImageNotFoundError(f"{label}: the file has fewer rows") from None
@@ -1398,9 +1500,7 @@ class _Arrow(_Table):
     def close(self) -> None:
         with self.lock:
             for cursors in self.cursors.values():
-                for cursor in cursors.cursors:
-                    getattr(cursor[3], "close", lambda: None)()
-                cursors.cursors = []
+                cursors.close()
             if self.source is not None:
                 self.source.close()
         super().close()
