@@ -16,8 +16,8 @@ kind it reports:
   next ``--slice`` images of every kind, the kinds in a new random order each round, and a kind's
   ratio to the folder is taken within each round. Reported: the median rate, the median of the
   per-round ratios (the target's figure), and the ratio of the best rounds (least disturbed);
-- with ``--models``: extraction into a fresh store with the tiny random-weight models (median of
-  the runs, ratio to the folder).
+- with ``--models``: extraction into a fresh store with the tiny random-weight models (after one
+  uncounted warm-up extraction; up to 3 runs in shuffled orders, median, ratio to the folder).
 
 Then, in fresh processes, the peak RSS of listing a Parquet image dataset and reading every row's
 bytes in order (what extraction and the resume hash do), for each row count of ``--rss-rows``
@@ -234,8 +234,14 @@ def speed(kinds: dict[str, tuple[list[str], Any]], args: argparse.Namespace, wor
     if extractor is not None:
         from tidy_detect.features.extractor import extract
 
+        warm = work / "stores" / "warm-up"  # the first extraction pays for first calls: not counted
+        extract(kinds["folder"][0], warm, extractor=extractor)
+        shutil.rmtree(warm)
         for run in range(max(1, min(args.runs, 3))):
-            for name, (inputs, options) in kinds.items():
+            names = list(kinds)
+            order.shuffle(names)
+            for name in names:
+                inputs, options = kinds[name]
                 store = work / "stores" / f"{name.replace(' ', '-')}-{run}"
                 summary = extract(inputs, store, extractor=extractor, source_options=options)
                 model_rates[name].append(summary.processed / summary.seconds)
