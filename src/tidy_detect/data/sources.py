@@ -1307,15 +1307,18 @@ class _Parquet(_Table):
     def _open_cursor(self, column: str) -> _RowCursor:
         import pyarrow.parquet as pq
 
-        # Its own file object: the cursor's thread reads it while others read theirs.
-        handle = self.location.random_file()
+        # Its own file object: the cursor's thread reads it while others read theirs (a local one
+        # opened by pyarrow from the path, read without the GIL).
+        handle = self.location.random_file() if self.location.remote else None
         try:
-            reader = pq.ParquetFile(handle, metadata=self.file.metadata, pre_buffer=False)
+            reader = pq.ParquetFile(handle if handle is not None else self.path, metadata=self.file.metadata,
+                                    pre_buffer=False)
         except BaseException:
-            handle.close()
+            if handle is not None:
+                handle.close()
             raise
         return _RowCursor(reader.iter_batches(batch_size=_BATCH_ROWS, columns=[column], use_threads=False), column,
-                          closer=handle.close)
+                          closer=handle.close if handle is not None else reader.close)
 
     def list(self, options: SourceOptions, class_names: dict[str, list[str]]) -> Iterator[SourceRecord]:
         import pyarrow as pa
