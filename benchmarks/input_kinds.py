@@ -39,7 +39,6 @@ import io
 import json
 import logging
 import os
-import platform
 import random
 import resource
 import shutil
@@ -50,6 +49,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from _host import cpu_flags, cpu_model  # this folder, first on the path of a script run from it
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -334,28 +335,6 @@ def memory(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         path.unlink()
         print(f"  {rows:,} rows: peak RSS {found['rss_streamed_mib']:.0f} MiB", file=sys.stderr, flush=True)
     return results
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> str:
-    """The flags that matter for these figures' host (see the README's machine notes)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return " ".join(f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in have) or "no avx512"
-    except OSError:
-        pass
-    return "flags unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

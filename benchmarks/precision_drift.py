@@ -19,31 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    wanted = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return " ".join(f for f in wanted if f in flags)
+from _host import cpu_flags, cpu_model  # this folder, first on the path of a script run from it
 
 
 def images_and_captions(n: int, seed: int) -> tuple[list, list[str], np.ndarray]:
@@ -135,7 +116,7 @@ def main() -> None:
         features[dtype] = (gi, gt)
         del clip
     report = {
-        "cpu": cpu_name(), "cpu_flags": cpu_flags(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "cpu": cpu_model(), "cpu_flags": cpu_flags(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "images": args.images, "model": "CLIP ViT-L/14 (real size, random weights)",
         "seconds": seconds,
         "image_embedding_I0": drift(features["float32"][0], features["bfloat16"][0]),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 import zipfile
 
 import numpy as np
@@ -20,6 +19,7 @@ from tidy_detect.features.extractor import Extractor, extract
 from tidy_detect.features.store import FeatureStore
 
 from tests.conftest import make_tree
+from tests.data.conftest import make_parquet, make_tar, make_zip, tree_files
 
 
 @pytest.fixture(scope="module")
@@ -36,23 +36,15 @@ def tree(tmp_path_factory):
 
 
 def _files(tree):
-    return sorted((p.relative_to(tree).as_posix(), p.read_bytes()) for p in tree.rglob("*.png"))
+    return tree_files(tree, (".png",))
 
 
 def _zip(tree, path):
-    with zipfile.ZipFile(path, "w") as archive:
-        for name, data in _files(tree):
-            archive.writestr(name, data)
-    return path
+    return make_zip(_files(tree), path)
 
 
 def _tar(path, members, mode="w:gz"):
-    with tarfile.open(path, mode) as archive:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return path
+    return make_tar(members, path, mode)
 
 
 def _webdataset(tree, path):
@@ -64,14 +56,7 @@ def _webdataset(tree, path):
 
 
 def _parquet(tree, path):
-    files = _files(tree)
-    table = pa.table({
-        "image": [{"bytes": data, "path": name.rsplit("/", 1)[-1]} for name, data in files],
-        "label": [1 if "1_fake" in name else 0 for name, _ in files],
-        "group": [name.split("/")[0] for name, _ in files],
-    })
-    pq.write_table(table, path, row_group_size=4)
-    return path
+    return make_parquet(_files(tree), path)
 
 
 def _by_content(store):

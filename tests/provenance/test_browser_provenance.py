@@ -4,9 +4,6 @@ nothing found (said honestly), hostile metadata shown as text. The screenshot is
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 
 import pytest
 
@@ -22,7 +19,7 @@ from tidy_detect.head import DiscrepancyHead  # noqa: E402
 from tidy_detect.provenance import NOTHING_FOUND  # noqa: E402
 from tidy_detect.serve import ServeSettings, create_app  # noqa: E402
 
-from tests.browser import ARTIFACTS, MARKS, start_browser  # noqa: E402
+from tests.browser import ARTIFACTS, MARKS, serve_in_thread, start_browser  # noqa: E402
 from tests.provenance import fixtures as F  # noqa: E402
 
 pytestmark = MARKS
@@ -32,20 +29,8 @@ INJECTION = '<img id="injected" src=x onerror="document.title=\'pwned\'">'
 @pytest.fixture(scope="module")
 def server(tiny_head, trusted):
     detector = Detector(*DiscrepancyHead.load(tiny_head["head"]), tiny_head["extractor"], provenance=trusted)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(create_app(detector, ServeSettings(max_wait_ms=5)), log_level="warning"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert uv.started, "the test server did not start"
-    yield f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(timeout=15)
-    sock.close()
+    with serve_in_thread(create_app(detector, ServeSettings(max_wait_ms=5))) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

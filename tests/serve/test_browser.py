@@ -6,8 +6,6 @@ extra). The screenshot is kept as ``test-artifacts/serve-page.png`` in the repos
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from tidy_detect.serve import ServeSettings, create_app  # noqa: E402
 
 from tests.serve.conftest import image_bytes  # noqa: E402
 
-from tests.browser import ARTIFACTS, MARKS, start_browser  # noqa: E402
+from tests.browser import ARTIFACTS, MARKS, serve_in_thread, start_browser  # noqa: E402
 
 pytestmark = MARKS
 
@@ -32,21 +30,8 @@ pytestmark = MARKS
 @pytest.fixture(scope="module")
 def server(served):
     """The app on a free loopback port, in a thread of this process, with the session's detector."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    app = create_app(served["detector"], ServeSettings(max_wait_ms=5))
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert uv.started, "the test server did not start"
-    yield f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(timeout=15)
-    sock.close()
+    with serve_in_thread(create_app(served["detector"], ServeSettings(max_wait_ms=5))) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

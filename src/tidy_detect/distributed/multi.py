@@ -45,8 +45,8 @@ from tidy_detect.config import ExtractionConfig
 from tidy_detect.data.inputs import ImageItem
 from tidy_detect.data.perturb import Perturbation
 from tidy_detect.errors import ConfigError, TidyError
-from tidy_detect.features.extractor import (STAGES, ExtractionSummary, LabelCheck, ProgressFn, finish_run,
-                                            pending_items, resolve_exif, utc_now)
+from tidy_detect.features.extractor import (STAGES, ExtractionSummary, LabelCheck, ProgressFn, pending_items,
+                                            recording_run, resolve_exif, utc_now)
 from tidy_detect.features.store import FeatureStore, extraction_mismatches
 
 log = logging.getLogger(__name__)
@@ -346,7 +346,7 @@ def _run_locked(items: Sequence[ImageItem], store: FeatureStore, workers: _Worke
     if progress:
         progress(done_count, summary.total, summary)
     remaining = len(batches)
-    try:
+    with recording_run(store, run_record, summary, started):
         while remaining or len(workers.done) < len(workers.processes):
             message = workers.receive(LOAD_TIMEOUT_SECONDS)
             kind, index = message[0], message[1]
@@ -375,13 +375,4 @@ def _run_locked(items: Sequence[ImageItem], store: FeatureStore, workers: _Worke
             done_count += len(rows)
             if progress:
                 progress(done_count, summary.total, summary)
-    except KeyboardInterrupt:
-        summary.status = "interrupted"
-        raise
-    except BaseException:
-        summary.status = "failed"
-        raise
-    finally:
-        summary.seconds = time.perf_counter() - started
-        finish_run(store, run_record, summary)
     return summary

@@ -51,9 +51,9 @@ from tidy_detect.features.extractor import (
     Extractor,
     ExtractionSummary,
     ProgressFn,
-    finish_run,
     pending_items,
     prefetch,
+    recording_run,
     resolve_exif,
     rows_for_batch,
     utc_now,
@@ -518,7 +518,12 @@ def _run_ray_locked(items: Sequence[ImageItem], store: FeatureStore, config: Ext
     if progress:
         progress(summary.skipped, summary.total, summary)
     iterator = None
-    try:
+
+    def stop_pipeline() -> None:
+        if iterator is not None and hasattr(iterator, "close"):
+            iterator.close()  # stops the pipeline and its actors now, not whenever it is collected
+
+    with recording_run(store, run_record, summary, started, on_end=stop_pipeline):
         if batches:
             _warn_if_short(ray, options)
             with _quiet_ray_data(ray):
@@ -538,17 +543,6 @@ def _run_ray_locked(items: Sequence[ImageItem], store: FeatureStore, config: Ext
             summary.status = "incomplete"
             log.warning("%d images got no status from the cluster (e.g. %s); rerun to redo them",
                         len(missing), next(iter(missing)))
-    except KeyboardInterrupt:
-        summary.status = "interrupted"
-        raise
-    except BaseException:
-        summary.status = "failed"
-        raise
-    finally:
-        if iterator is not None and hasattr(iterator, "close"):
-            iterator.close()  # stops the pipeline and its actors now, not whenever it is collected
-        summary.seconds = time.perf_counter() - started
-        finish_run(store, run_record, summary)
     return summary
 
 

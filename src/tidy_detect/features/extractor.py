@@ -18,6 +18,7 @@ Reader -> mapper -> writer under a small runner:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -619,7 +620,11 @@ def _run_locked(items: Sequence[ImageItem], store: FeatureStore, extractor: Extr
     done_count = summary.skipped
     if progress:
         progress(done_count, summary.total, summary)
-    try:
+
+    def stage_totals() -> None:
+        summary.stage_seconds = {k: stage[k] - before.get(k, 0.0) for k in STAGES}
+
+    with recording_run(store, run_record, summary, started, on_end=stage_totals):
         perturbation = store.config.get("perturbation")
         perturbation = Perturbation.from_dict(perturbation) if perturbation else None
         batches = iter_decoded(todo, extractor, perturbation, exif_transpose=exif == "apply")
@@ -636,16 +641,6 @@ def _run_locked(items: Sequence[ImageItem], store: FeatureStore, extractor: Extr
             _write_copies(store, extractor, deferred, summary, labels)
             if progress:
                 progress(summary.total, summary.total, summary)
-    except KeyboardInterrupt:
-        summary.status = "interrupted"
-        raise
-    except BaseException:
-        summary.status = "failed"
-        raise
-    finally:
-        summary.seconds = time.perf_counter() - started
-        summary.stage_seconds = {k: stage[k] - before.get(k, 0.0) for k in STAGES}
-        finish_run(store, run_record, summary)
     return summary
 
 
@@ -918,6 +913,27 @@ def utc_now() -> str:
     import datetime as dt
 
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def recording_run(store: FeatureStore, run_record: dict[str, Any], summary: ExtractionSummary, started: float,
+                  on_end: Callable[[], None] | None = None) -> Iterator[None]:
+    """The body of a run (every engine's): what ends it early marks the summary ``interrupted``
+    (Ctrl-C) or ``failed`` and is raised again; in any case ``on_end`` runs (an engine's last
+    bookkeeping), the run is timed from ``started`` and recorded in the store (:func:`finish_run`)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        summary.status = "interrupted"
+        raise
+    except BaseException:
+        summary.status = "failed"
+        raise
+    finally:
+        if on_end is not None:
+            on_end()
+        summary.seconds = time.perf_counter() - started
+        finish_run(store, run_record, summary)
 
 
 def finish_run(store: FeatureStore, run_record: dict[str, Any], summary: ExtractionSummary) -> None:
