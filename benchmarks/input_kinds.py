@@ -19,10 +19,16 @@ kind it reports:
 - with ``--models``: extraction into a fresh store with the tiny random-weight models (after one
   uncounted warm-up extraction; up to 3 runs in shuffled orders, median, ratio to the folder).
 
-Then, in fresh processes, the peak RSS of listing a Parquet image dataset and reading every row's
-bytes in order (what extraction and the resume hash do), for each row count of ``--rss-rows``
-(default 10,000 and 100,000): the target is flat, i.e. independent of the dataset's size. The rows
+Then, in fresh processes, the peak RSS of extraction's input side over a Parquet image dataset:
+list it, plan the resume against a store, read and decode every pending row with the extractor's
+own decoding threads (no models), for each row count of ``--rss-rows`` (default 10,000 and
+100,000) and three ways: ``listed`` (the inputs held as one list, as layouts and sampling need),
+``streamed`` (the generic path: listed once to plan, once to extract) and ``resumed`` (streamed
+against a store already holding every row: the resume plan's own memory). The target is flat,
+independent of the dataset's size; ``per row`` is the growth from the smallest count. The rows
 hold a cycle of ``--rss-distinct`` small JPEGs, so the file is large while writing it stays cheap.
+Last, what a run keeps per image besides its inputs, at the largest count (tracemalloc): the
+store's index when resuming, and the contents it knows (stored, and extracted in the run).
 
     python benchmarks/input_kinds.py                       # 3000 images, 30 rounds, 2 threads
     python benchmarks/input_kinds.py --s3 --models --images 600
@@ -52,6 +58,8 @@ from typing import Any, Callable
 
 from _host import cpu_flags, cpu_model  # this folder, first on the path of a script run from it
 
+MEMORY_MODES = ("listed", "streamed", "resumed")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -67,13 +75,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rss-rows", default="10000,100000", help="row counts for the memory test "
                                                                    "(default 10000,100000; empty to skip)")
     parser.add_argument("--rss-distinct", type=int, default=200, help="distinct JPEGs cycled through the rows")
+    parser.add_argument("--rss-modes", default=",".join(MEMORY_MODES),
+                        help=f"which ways to measure the memory test (default {','.join(MEMORY_MODES)})")
     parser.add_argument("--skip-speed", action="store_true", help="only the memory test")
     parser.add_argument("--work", type=Path, help="folder for the files (default: a temporary one, removed)")
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
-    parser.add_argument("--rss-child", nargs=2, metavar=("PARQUET", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--rss-child", nargs=4, metavar=("PARQUET", "OUT", "MODE", "STORE"), help=argparse.SUPPRESS)
+    parser.add_argument("--fill-store", nargs=2, metavar=("PARQUET", "STORE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.images < 8 or args.image_size < 16 or args.runs < 1 or args.workers < 0 or args.slice < 8:
         parser.error("--images must be >= 8, --image-size >= 16, --runs >= 1, --workers >= 0, --slice >= 8")
+    args.rss_modes = [m.strip() for m in args.rss_modes.split(",") if m.strip()]
+    if not args.rss_modes or set(args.rss_modes) - set(MEMORY_MODES):
+        parser.error(f"--rss-modes takes some of {', '.join(MEMORY_MODES)}, got {','.join(args.rss_modes)!r}")
     try:
         args.rss_rows = [int(v) for v in args.rss_rows.split(",") if v.strip()]
     except ValueError:
@@ -304,22 +318,122 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def rss_child(parquet: str, out: str) -> None:
-    """In a fresh process: peak RSS after imports, after listing, after reading every row."""
-    from tidy_detect.data.inputs import collect_inputs
-    from tidy_detect.data.sources import read_item
+_STORE_DIM = 4  # the memory test's store: real rows, tiny embeddings (the index is what resume holds)
+
+
+def _open_store(path: str) -> Any:
+    from tidy_detect.features.store import FeatureStore
+
+    return FeatureStore.open_for_writing(path, {"benchmark": "input_kinds memory"}, _STORE_DIM)
+
+
+def fill_store(parquet: str, store_path: str) -> None:
+    """A store holding a finished row for every row of ``parquet``, as a completed run leaves it
+    (what the ``resumed`` measurement plans against); its memory is not measured."""
+    import numpy as np
+
+    from tidy_detect.data.inputs import iter_inputs
+    from tidy_detect.data.sources import stat_item
+
+    store = _open_store(store_path)
+    zeros = np.zeros(_STORE_DIM, np.float32)
+    with store.writing():
+        rows: list[dict[str, Any]] = []
+        stat = None
+        for n, item in enumerate(iter_inputs([parquet])):
+            stat = stat or stat_item(item.path)  # a table row's stat is its file's
+            rows.append({"sha256": f"{n:064x}", "path": item.path, "label": item.label, "group": item.group,
+                         "num_bytes": stat.size, "mtime_ns": stat.mtime_ns, "ctime_ns": stat.ctime_ns,
+                         "inode": stat.inode, "global_image": zeros, "global_text": zeros, "local_images": [],
+                         "local_texts": [], "caption": "a picture"})
+            if len(rows) == 10_000:
+                store.write(rows)
+                rows = []
+        store.write(rows)
+
+
+def rss_child(parquet: str, out: str, mode: str, store_path: str) -> None:
+    """In a fresh process, extraction's input side without its models: list the inputs, plan the
+    resume against a store, then read and decode every pending image with the extractor's own
+    ``prefetch``. ``listed``: the inputs as one list (how layouts and sampling read them);
+    ``streamed``: the generic path, an ItemStream listed twice; ``resumed``: streamed against a
+    store that already holds every row (the plan alone: nothing is left to decode)."""
+    from tidy_detect.data.selection import select_inputs
+    from tidy_detect.features.extractor import ExtractionSummary, pending_items, prefetch
 
     imported = _rss_mib()
     started = time.perf_counter()
-    items = collect_inputs([parquet])
-    listed, list_s = _rss_mib(), time.perf_counter() - started
+    items = select_inputs([parquet], stream=mode != "listed").items
+    store = _open_store(store_path)
+    summary = ExtractionSummary()
+    plan = pending_items(items, store, summary=summary)
+    planned, plan_s = _rss_mib(), time.perf_counter() - started
     started = time.perf_counter()
-    total = 0
-    for item in items:
-        total += len(read_item(item.path)[0])
-    Path(out).write_text(json.dumps({"rows": len(items), "bytes_read": total, "rss_imported_mib": imported,
-                                     "rss_listed_mib": listed, "rss_streamed_mib": _rss_mib(), "list_s": list_s,
-                                     "stream_s": time.perf_counter() - started}))
+    decoded = errors = 0
+    for _, loaded, _ in prefetch(plan.todo, 10_000_000, 2, 16):
+        decoded += 1
+        errors += isinstance(loaded, Exception)
+    if mode == "resumed" and (summary.skipped != summary.total or decoded):
+        raise SystemExit(f"resume did not skip every row: {summary}")
+    Path(out).write_text(json.dumps({"mode": mode, "rows": summary.total, "decoded": decoded, "errors": errors,
+                                     "rss_imported_mib": imported, "rss_planned_mib": planned,
+                                     "rss_peak_mib": _rss_mib(), "plan_s": plan_s,
+                                     "decode_s": time.perf_counter() - started}))
+
+
+def bookkeeping(rows: int) -> dict[str, Any]:
+    """Python and NumPy memory (tracemalloc) per row of what a run keeps besides its inputs: the
+    store's index when resuming (``rows`` stored rows with table-row paths) and the content index
+    (``rows`` stored contents, then ``rows`` contents extracted in the run with labels), and the
+    time of a lookup in the index."""
+    import hashlib
+    import tracemalloc
+
+    import pyarrow as pa
+
+    from tidy_detect.features.extractor import ContentIndex, ExtractionSummary, LabelCheck
+    from tidy_detect.features.store import STAT_COLUMNS, StoreIndex
+
+    paths = [f"/data/sets/train-00001-of-00020.parquet!/image/{i}" for i in range(rows)]
+    shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(rows)]
+    batches = []
+    for start in range(0, rows, 8192):
+        n = min(8192, rows - start)
+        batches.append(pa.record_batch({
+            "sha256": shas[start:start + n], "path": paths[start:start + n],
+            "label": pa.array([i % 2 for i in range(n)], pa.int8()), "error": pa.nulls(n, pa.string()),
+            "error_kind": pa.nulls(n, pa.string()), "num_bytes": pa.array([25_000_000] * n, pa.int64()),
+            **{name: pa.array([1_700_000_000_000_000_000] * n, pa.int64()) for name in STAT_COLUMNS}}))
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    index = StoreIndex.from_batches(batches)
+    index_bytes = tracemalloc.get_traced_memory()[0] - before
+    before = tracemalloc.get_traced_memory()[0]
+    content = ContentIndex(index.contents())
+    stored_bytes = tracemalloc.get_traced_memory()[0] - before
+    fresh = ContentIndex()
+    labels, summary = LabelCheck(fresh), ExtractionSummary()
+    before = tracemalloc.get_traced_memory()[0]
+    for start in range(0, rows, 1000):  # what a fresh run adds per extracted image (rows_for_batch, LabelCheck)
+        batch = [{"sha256": hashlib.sha256(f"new {i}".encode()).hexdigest(), "label": i % 2, "path": paths[i]}
+                 for i in range(start, min(rows, start + 1000))]
+        for row in batch:
+            fresh.add(row["sha256"])
+        labels.check(batch, summary)
+    fresh_bytes = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    probe = paths[:20_000]
+    started = time.perf_counter()
+    found = sum(1 for path in probe if path in index)
+    contains_us = (time.perf_counter() - started) / len(probe) * 1e6
+    started = time.perf_counter()
+    entries = [index.get(path) for path in probe]
+    get_us = (time.perf_counter() - started) / len(probe) * 1e6
+    if found != len(probe) or any(e is None for e in entries) or len(content) != rows:
+        raise SystemExit("the index lost rows")
+    return {"rows": rows, "index_bytes_per_row": index_bytes / rows, "stored_content_bytes_per_row": stored_bytes / rows,
+            "run_content_bytes_per_image": fresh_bytes / rows, "index_contains_us": contains_us,
+            "index_get_us": get_us}
 
 
 def memory(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
@@ -327,13 +441,19 @@ def memory(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     for rows in args.rss_rows:
         path = work / f"rows-{rows}.parquet"
         size = write_big_parquet(path, rows, args.rss_distinct)
-        out = work / f"rss-{rows}.json"
-        subprocess.run([sys.executable, __file__, "--rss-child", str(path), str(out)], check=True)
-        found = json.loads(out.read_text())
-        found["file_mib"] = size / 2 ** 20
-        results.append(found)
+        for mode in args.rss_modes:
+            store = work / f"store-{rows}-{mode}"
+            if mode == "resumed":
+                subprocess.run([sys.executable, __file__, "--fill-store", str(path), str(store)], check=True)
+            out = work / f"rss-{rows}-{mode}.json"
+            subprocess.run([sys.executable, __file__, "--rss-child", str(path), str(out), mode, str(store)],
+                           check=True)
+            found = json.loads(out.read_text())
+            found["file_mib"] = size / 2 ** 20
+            results.append(found)
+            shutil.rmtree(store, ignore_errors=True)
+            print(f"  {rows:,} rows, {mode}: peak RSS {found['rss_peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
         path.unlink()
-        print(f"  {rows:,} rows: peak RSS {found['rss_streamed_mib']:.0f} MiB", file=sys.stderr, flush=True)
     return results
 
 
@@ -341,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.rss_child:
         rss_child(*args.rss_child)
+        return 0
+    if args.fill_store:
+        fill_store(*args.fill_store)
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     work = args.work or Path(tempfile.mkdtemp(prefix="tidy-input-kinds-"))
@@ -358,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
             report["speed"] = speed(kinds, args, work)
         if args.rss_rows:
             report["memory"] = memory(args, work)
+            report["bookkeeping"] = bookkeeping(max(args.rss_rows))
     finally:
         if stop is not None:
             stop()
@@ -377,12 +501,24 @@ def main(argv: list[str] | None = None) -> int:
                 line += f" {r['extract_images_per_s']:>14.1f} {r['extract_ratio']:>10.2f}"
             print(line)
     if "memory" in report:
-        print("\nlisting + reading every row of a Parquet image dataset (fresh process each)")
-        print(f"{'rows':>9} {'file MiB':>9} {'RSS imports':>12} {'RSS listed':>11} {'RSS streamed':>13} "
-              f"{'list s':>7} {'stream s':>9}")
+        print("\nextraction's input side without models (list, plan the resume, decode every pending row) over a "
+              "Parquet image dataset, fresh process each")
+        print(f"{'rows':>9} {'mode':>9} {'file MiB':>9} {'RSS imports':>12} {'RSS planned':>12} {'RSS peak':>9} "
+              f"{'per row':>8} {'plan s':>7} {'decode s':>9}")
+        base = {r["mode"]: r for r in report["memory"] if r["rows"] == report["memory"][0]["rows"]}
         for r in report["memory"]:
-            print(f"{r['rows']:>9,} {r['file_mib']:>9.0f} {r['rss_imported_mib']:>12.0f} {r['rss_listed_mib']:>11.0f} "
-                  f"{r['rss_streamed_mib']:>13.0f} {r['list_s']:>7.2f} {r['stream_s']:>9.2f}")
+            first = base[r["mode"]]
+            growth = (r["rss_peak_mib"] - first["rss_peak_mib"]) * 1024 / max(r["rows"] - first["rows"], 1)
+            print(f"{r['rows']:>9,} {r['mode']:>9} {r['file_mib']:>9.0f} {r['rss_imported_mib']:>12.0f} "
+                  f"{r['rss_planned_mib']:>12.0f} {r['rss_peak_mib']:>9.0f} "
+                  f"{(f'{growth:.2f} KiB' if r['rows'] != first['rows'] else '-'):>8} {r['plan_s']:>7.2f} "
+                  f"{r['decode_s']:>9.2f}")
+    if "bookkeeping" in report:
+        b = report["bookkeeping"]
+        print(f"\nbookkeeping at {b['rows']:,} rows (tracemalloc: Python and NumPy memory kept): store index "
+              f"{b['index_bytes_per_row']:.0f} B per stored row (lookup {b['index_contains_us']:.1f} us, entry "
+              f"{b['index_get_us']:.1f} us); contents {b['stored_content_bytes_per_row']:.0f} B per stored one, "
+              f"{b['run_content_bytes_per_image']:.0f} B per image extracted in the run")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0

@@ -59,7 +59,7 @@ IMAGE_SUFFIXES = frozenset(
 ImageSource = Union[str, Path, bytes, bytearray, memoryview, Image.Image]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: resume holds one per stored row
 class FileStat:
     """What resume compares to tell whether a file changed since it was read (see the store docs).
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,6 +14,7 @@ from PIL import Image
 
 from tidy_detect.config import RepresentationConfig, load_preset
 from tidy_detect.errors import StoreError
+from tidy_detect.features import extractor as extractor_module
 from tidy_detect.features.extractor import Extractor, extract
 from tidy_detect.features.store import FeatureStore
 
@@ -165,6 +167,35 @@ def test_identical_content_is_extracted_once(extractor, tmp_path):
     original, copy = rows["0_real/img0.png"], rows["1_fake/copy.png"]
     assert copy["label"] == 1 and original["label"] == 0
     assert copy["global_image"] == original["global_image"] and copy["caption"] == original["caption"]
+
+
+def test_a_copy_whose_original_failed_is_decoded_again_and_extracted_itself(extractor, tmp_path, monkeypatch):
+    root = tmp_path / "tree"
+    make_tree(root, {"gen": 2})
+    original_path = root / "gen" / "0_real" / "img0.png"
+    shutil.copy(original_path, root / "gen" / "1_fake" / "zcopy.png")  # listed after its original
+    process = extractor.process
+
+    def fails_on_the_original(items, images, local=True, **kwargs):
+        if any(item.path == str(original_path) for item in items):
+            raise RuntimeError("the model fails on this file")
+        return process(items, images, local=local, **kwargs)
+
+    decoded = []
+    real_decode = extractor_module._decode
+
+    def counting_decode(item, *args, **kwargs):
+        decoded.append(item.path.rsplit("/", 1)[-1])
+        return real_decode(item, *args, **kwargs)
+
+    monkeypatch.setattr(extractor, "process", fails_on_the_original)
+    monkeypatch.setattr(extractor_module, "_decode", counting_decode)
+    summary = extract([root], tmp_path / "store", extractor=extractor)
+    rows = {Path(r["path"]).name + ":" + Path(r["path"]).parent.name: r
+            for r in FeatureStore(tmp_path / "store").rows(["path", "error", "error_kind", "label"])}
+    assert rows["img0.png:0_real"]["error_kind"] == "model"
+    assert rows["zcopy.png:1_fake"]["error"] is None and rows["zcopy.png:1_fake"]["label"] == 1
+    assert summary.copied == 0 and decoded.count("zcopy.png") == 2  # put aside without pixels, then decoded again
 
 
 def test_store_of_another_config_is_refused(extractor, image_tree, tiny_bundle, tmp_path):

@@ -146,6 +146,26 @@ def test_same_content_with_another_label_is_warned_about(extractor, tmp_path, ca
     assert "same content as" in caplog.text
 
 
+def test_a_label_conflict_with_an_earlier_runs_row_names_that_row(extractor, tmp_path, caplog):
+    make_tree(tmp_path / "tree", {"gen": 1})
+    real = sorted((tmp_path / "tree").rglob("0_real/*.png"))[0]
+    first = tmp_path / "first.csv"
+    first.write_text(f"path,label\n{real},real\n")
+    extract([first], tmp_path / "store", extractor=extractor)
+    copies = []
+    for n in range(3):
+        copies.append(tmp_path / f"copy{n}.png")
+        copies[-1].write_bytes(real.read_bytes())
+    later = tmp_path / "later.csv"
+    later.write_text("path,label\n" + "".join(f"{c},{'real' if n == 1 else 'fake'}\n" for n, c in enumerate(copies)))
+    summary = extract([later], tmp_path / "store", extractor=extractor)
+    assert (summary.copied, summary.label_conflicts) == (3, 2)  # the resumed store's label, not this run's first
+    # each example names another image of that content with the other label (any of them)
+    assert [path for path, _ in summary.label_conflict_examples] == [str(copies[0]), str(copies[2])]
+    assert {other for _, other in summary.label_conflict_examples} <= {str(real), str(copies[1])}
+    assert f"{copies[2]} has the same content as an image labelled 0, but label 1" in caplog.text
+
+
 def test_files_are_written_with_the_users_umask(extractor, tmp_path):
     make_tree(tmp_path / "tree", {"gen": 1})
     previous = os.umask(0o022)

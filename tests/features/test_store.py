@@ -1,3 +1,4 @@
+import hashlib
 import json
 
 import numpy as np
@@ -195,3 +196,41 @@ def test_store_cli_errors_are_one_line_not_internal(tmp_path):
     (store.path / "config.json").write_text("[]")
     result = CliRunner().invoke(app, ["store", "info", str(store.path)])
     assert result.exit_code == 6 and "must hold a JSON object" in result.output
+
+
+def test_the_index_holds_columns_and_answers_like_a_dict(tmp_path):
+    from tidy_detect.features.store import StoreIndex
+
+    store = FeatureStore.open_for_writing(tmp_path / "s", EXTRACTION, DIM)
+    real = "ab" * 31 + "00"  # a hash ending in a zero byte, which fixed-width NumPy bytes would drop
+    store.write([{**_row(0), "sha256": real, "label": 1}, _row(1, error="boom"), {**_row(2), "sha256": "AB" * 32},
+                 {**_row(3), "stat": None}])
+    store.write([{**_row(0), "sha256": "cd" * 32, "label": 0}])  # a second row of a path: one of them is the path's
+    index = store.index()
+    assert isinstance(index, StoreIndex) and len(index) == 4 and set(index) == {f"/img/{i}.png" for i in range(4)}
+    assert (index["/img/0.png"].sha256, index["/img/0.png"].label) in [(real, 1), ("cd" * 32, 0)]
+    assert index["/img/2.png"].sha256 == "AB" * 32  # as written, not as re-encoded
+    assert index["/img/1.png"].has_error and index["/img/1.png"].error_kind == "corrupt"
+    assert index["/img/3.png"].stat is None and index["/img/3.png"].sha256 == "sha3"
+    assert "/img/9.png" not in index and index.get("/img/9.png") is None and 7 not in index
+    assert index.error_paths() == ["/img/1.png"]
+    assert index.pop("/img/0.png").sha256 in (real, "cd" * 32) and "/img/0.png" not in index and len(index) == 3
+    assert index.pop("/img/0.png", None) is None
+    sha, labels = index.contents()  # the rows with features, hashes as raw bytes
+    assert sorted(bytes(row) for row in sha) == sorted([bytes.fromhex("ab" * 32), hashlib.sha256(b"sha3").digest()])
+    assert list(labels) == [0, 0]
+
+
+def test_content_index_keeps_the_first_label_of_stored_and_new_contents():
+    import numpy as np
+
+    from tidy_detect.features.extractor import ContentIndex
+
+    a, b, c = ("11" * 32), ("22" * 32), ("33" * 32)
+    stored = np.frombuffer(bytes.fromhex(a + b + b), np.uint8).reshape(3, 32), np.array([-1, 0, 1], np.int8)
+    content = ContentIndex(stored)
+    assert a in content and b in content and c not in content and "x" * 64 not in content
+    assert content.add(b, 1) == 0  # the store's first labelled row of b said 0
+    assert content.add(a, 1) == 1 and content.add(a, 0) == 1  # a was stored without a label: this run's first
+    assert content.add(c) is None and c in content and content.add(c, 0) == 0
+    assert len(content) == 3

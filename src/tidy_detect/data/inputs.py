@@ -377,13 +377,25 @@ def items_from_table_set(found: hub.TableSet, options: SourceOptions | None = No
         InputError: as :func:`items_from_source`, or the files hold fewer or more rows than the
             dataset's info records for the split (an incomplete copy).
     """
-    items: list[ImageItem] = []
+    return list(iter_table_set(found, options))
+
+
+def iter_table_set(found: hub.TableSet, options: SourceOptions | None = None,
+                   skip_files: set[str] | None = None) -> Iterator[ImageItem]:
+    """:func:`items_from_table_set` one row at a time; the row count is checked when the last file
+    has been read (so a streamed run learns of an incomplete copy after listing, before any model
+    runs: the resume plan reads the whole listing first). Files in ``skip_files`` (absolute
+    names, already listed by another INPUT) are counted but not yielded again."""
+    count = 0
     for file in found.files:
-        items.extend(items_from_source(file, options, root_name=found.name, class_names=found.class_names))
-    if found.rows is not None and found.rows != len(items):
-        raise InputError(f"{found.root}: the split {found.split!r} has {len(items):,} rows in its files but the "
+        repeated = skip_files is not None and sources.container_name(file) in skip_files
+        for item in items_from_source(file, options, root_name=found.name, class_names=found.class_names):
+            count += 1
+            if not repeated:
+                yield item
+    if found.rows is not None and found.rows != count:
+        raise InputError(f"{found.root}: the split {found.split!r} has {count:,} rows in its files but the "
                          f"dataset's info records {found.rows:,}: the copy is incomplete or truncated")
-    return items
 
 
 def input_kind(text: str) -> str:
@@ -424,14 +436,55 @@ def input_kind(text: str) -> str:
 
 def collect_inputs(inputs: Iterable[str | Path], summary: InputSummary | None = None,
                    options: SourceOptions | None = None, split: str | None = None) -> list[ImageItem]:
-    """Expand every INPUT (see the module docstring) into image items, in order.
+    """Expand every INPUT (see the module docstring) into image items, in order: the list of
+    :func:`iter_inputs` (see there), with ``summary.images`` set to its length.
+
+    Raises:
+        InputError, ConfigError: as :func:`iter_inputs`.
+    """
+    summary = summary if summary is not None else InputSummary()
+    items = list(iter_inputs(inputs, summary, options, split))
+    summary.images = len(items)
+    return items
+
+
+def resolve_inputs(inputs: Iterable[str | Path], split: str | None = None) -> list[tuple[str, str]]:
+    """Every INPUT expanded (:func:`expand_inputs`) with its kind (:func:`input_kind`): what
+    :func:`iter_inputs` lists, resolved once so that a caller listing the same INPUTs again asks no
+    store twice for them.
+
+    Raises:
+        InputError: as :func:`expand_inputs` and :func:`input_kind`.
+        ConfigError: ``split`` given but no INPUT has splits.
+    """
+    names = expand_inputs(inputs)
+    kinds = [input_kind(text) for text in names]
+    if split is not None and not {"hub", "datasets"} & set(kinds):
+        raise ConfigError(f"--split {split}: splits need a dataset layout (--layout auto or a name) or a datasets "
+                          f"folder / hub dataset among the inputs, and none is one")
+    return list(zip(names, kinds))
+
+
+def iter_inputs(inputs: Iterable[str | Path], summary: InputSummary | None = None,
+                options: SourceOptions | None = None, split: str | None = None, *,
+                resolved: list[tuple[str, str]] | None = None) -> Iterator[ImageItem]:
+    """Every INPUT (see the module docstring) as image items, in order, one at a time: a table of
+    ten million rows is listed batch by batch and never held as a list.
 
     Files named directly are always included, whatever their suffix (a bad one becomes an error
-    record later). Duplicate paths are kept once.
+    record later). Each image is yielded once. Keeping that promise costs memory only where two
+    INPUTs can name the same image: the items of folders, manifests and single files are
+    remembered while a later INPUT may repeat them; an archive, shard or table read as an INPUT is
+    remembered by its name alone (its members' identities are unique within it, so the same file
+    given twice is skipped the second time, and a manifest line naming one of its members after it
+    is a repeat).
 
     Args:
+        summary: gets the non-image files seen in walked folders and the links reached twice
+            (``images`` is left to the caller, who counts what it consumes).
         options: which columns of tables (fields of WebDataset samples) hold what.
         split: the split of ``datasets`` folders and hub datasets.
+        resolved: the INPUTs as :func:`resolve_inputs` gave them (then ``inputs`` is not read).
 
     Raises:
         InputError: an INPUT that does not exist, a pattern that matches nothing, a bad
@@ -439,20 +492,28 @@ def collect_inputs(inputs: Iterable[str | Path], summary: InputSummary | None = 
         ConfigError: ``split`` given but no INPUT has splits.
     """
     summary = summary if summary is not None else InputSummary()
-    items: list[ImageItem] = []
-    seen: set[str] = set()
-    split_used = False
-    for text in expand_inputs(inputs):
-        kind = input_kind(text)
+    resolved = resolved if resolved is not None else resolve_inputs(inputs, split)
+    seen: set[str] = set()  # items of folders, manifests and files, while a later INPUT may repeat them
+    listed: set[str] = set()  # absolute names of the sources (archives, shards, tables) listed whole
+    for position, (text, kind) in enumerate(resolved):
+        remember = position < len(resolved) - 1  # nothing comes after the last INPUT to repeat its items
         if kind in ("hub", "datasets"):
-            found: Iterable[ImageItem] = items_from_table_set(hub.table_set(text, split), options)
-            split_used = True
-        elif kind == "folder":
-            found = walk_folder(trees.open_tree(text) if remote.is_uri(text) else Path(text), summary)
+            found_set = hub.table_set(text, split)
+            yield from (item for item in iter_table_set(found_set, options, skip_files=listed)
+                        if item.path not in seen)
+            listed.update(sources.container_name(file) for file in found_set.files)
+            continue
+        if kind == "source":
+            name = sources.container_name(text)
+            if name not in listed:
+                yield from (item for item in items_from_source(text, options) if item.path not in seen)
+                listed.add(name)
+            continue
+        if kind == "folder":
+            found: Iterable[ImageItem] = walk_folder(trees.open_tree(text) if remote.is_uri(text) else Path(text),
+                                                     summary)
         elif kind == "manifest":
             found = iter(read_manifest(text))
-        elif kind == "source":
-            found = items_from_source(text, options)
         elif kind == "file":
             found = iter([ImageItem(text if remote.is_uri(text) else str(Path(text).absolute()))])
         elif kind == "other":
@@ -460,14 +521,17 @@ def collect_inputs(inputs: Iterable[str | Path], summary: InputSummary | None = 
         else:
             raise InputError(f"{text}: no such file or folder")
         for item in found:
-            if item.path not in seen:
+            if item.path in seen or (listed and _member_of(item.path, listed)):
+                continue
+            if remember:
                 seen.add(item.path)
-                items.append(item)
-    if split is not None and not split_used:
-        raise ConfigError(f"--split {split}: splits need a dataset layout (--layout auto or a name) or a datasets "
-                          f"folder / hub dataset among the inputs, and none is one")
-    summary.images = len(items)
-    return items
+            yield item
+
+
+def _member_of(path: str, listed: set[str]) -> bool:
+    """Whether ``path`` names a member of a source already listed whole."""
+    parts = sources.split_identity(path)
+    return parts is not None and parts[0] in listed
 
 
 __all__ = [
@@ -483,10 +547,13 @@ __all__ = [
     "input_kind",
     "items_from_source",
     "items_from_table_set",
+    "iter_inputs",
+    "iter_table_set",
     "label_from_parts",
     "normalize_input",
     "parse_label",
     "read_manifest",
+    "resolve_inputs",
     "walk_folder",
     "walk_tree",
 ]

@@ -11,18 +11,62 @@ file is still extracted once.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from tidy_detect.data.inputs import ImageItem, InputSummary
 from tidy_detect.data.sources import SourceOptions
 from tidy_detect.errors import ConfigError, InputError
 
 
+class ItemStream:
+    """The images of INPUTs read generically (no layout, no sampling), listed anew each time it is
+    iterated (see :func:`tidy_detect.data.inputs.iter_inputs`), so a run over ten million table
+    rows never holds them as a list: extraction lists it three times, to check it before loading
+    models (:meth:`check`), to plan the resume and to extract. Listing reads a table's small
+    columns and an archive's headers (kept in memory for up to two million members, so the
+    second and third listing of an archive cost nothing). ``summary`` describes the latest
+    listing that ran to its end."""
+
+    def __init__(self, inputs: Sequence[str | Path], options: SourceOptions | None = None,
+                 split: str | None = None, limit: int | None = None) -> None:
+        self.inputs, self.options, self.split, self.limit = list(inputs), options, split, limit
+        self.summary = InputSummary()
+        self._resolved: list[tuple[str, str]] | None = None  # patterns expanded and kinds asked once
+
+    def __iter__(self) -> Iterator[ImageItem]:
+        from tidy_detect.data.inputs import iter_inputs, resolve_inputs
+
+        if self._resolved is None:
+            self._resolved = resolve_inputs(self.inputs, self.split)
+        summary = InputSummary()
+        listed = iter_inputs(self.inputs, summary, self.options, self.split, resolved=self._resolved)
+        if self.limit is not None:
+            listed = itertools.islice(listed, self.limit)
+        for item in listed:
+            summary.images += 1
+            yield item
+        self.summary = summary
+
+    def check(self) -> int:
+        """List the inputs once, to the end: the number of images. What cannot be listed (a
+        truncated archive or table, a bad manifest, a missing INPUT) raises here, so a caller can
+        refuse it before loading models or making a store.
+
+        Raises:
+            InputError, ConfigError: as :func:`tidy_detect.data.inputs.iter_inputs`.
+        """
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return f"ItemStream({self.inputs!r})"
+
+
 @dataclass
 class Selection:
-    items: list[ImageItem]  # each file once, grouped as on disk (shared reals under their own folder)
+    items: list[ImageItem] | ItemStream  # each file once, grouped as on disk (shared reals under their own folder)
     pairing: dict[str, str] = field(default_factory=dict)  # generator -> real folder it pairs with
     params: dict[str, Any] = field(default_factory=dict)  # how the list was sampled (empty: not sampled)
     ignored_files: int = 0
@@ -32,7 +76,8 @@ class Selection:
 def select_inputs(inputs: Iterable[str | Path], *, layout: str | None = None, split: str | None = None,
                   exclude: Iterable[str | Path] | None = None, pairing: Mapping[str, str] | None = None,
                   max_per_class: int | None = None, per_class: int | None = None, seed: int = 0,
-                  limit: int | None = None, source_options: SourceOptions | None = None) -> Selection:
+                  limit: int | None = None, source_options: SourceOptions | None = None,
+                  stream: bool = False) -> Selection:
     """Read INPUTs and sample them.
 
     Args:
@@ -44,6 +89,9 @@ def select_inputs(inputs: Iterable[str | Path], *, layout: str | None = None, sp
         seed: the sampling seed.
         limit: keep at most this many images (in order, after sampling).
         source_options: which columns of tables (fields of WebDataset samples) hold what.
+        stream: when the INPUTs are read generically and not sampled, ``items`` is an
+            :class:`ItemStream` (listed as it is iterated) instead of a list; layouts and
+            sampling need the whole list, so they always give one.
 
     Raises:
         ConfigError: both sampling options, or dataset options without a layout.
@@ -59,6 +107,12 @@ def select_inputs(inputs: Iterable[str | Path], *, layout: str | None = None, sp
     inputs = list(inputs)
     if max_per_class is not None and per_class is not None:
         raise ConfigError("give either --max-per-class (evaluation sampling) or --per-class (training subsets), not both")
+    if limit is not None and limit < 0:
+        raise InputError(f"limit must be >= 0, got {limit}")
+    if stream and layout is None and max_per_class is None and per_class is None:
+        if exclude or pairing:
+            raise ConfigError("exclude and pairing need a dataset layout (--layout auto or a name)")
+        return Selection(ItemStream(inputs, source_options, split, limit))
     summary = InputSummary()
     found_pairing: dict[str, str] = {}
     found_datasets: dict[str, str] = {}
@@ -87,8 +141,6 @@ def select_inputs(inputs: Iterable[str | Path], *, layout: str | None = None, sp
         items = [it for it in items if it.path in chosen]
         params = {"method": "max_per_class", "max_per_class": max_per_class, "seed": seed}
     if limit is not None:
-        if limit < 0:
-            raise InputError(f"limit must be >= 0, got {limit}")
         items = items[:limit]
     if params:
         params["layout"] = layout

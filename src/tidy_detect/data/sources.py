@@ -191,9 +191,14 @@ def source_stem(path: str | Path) -> str:
     return name[:-len(suffix)] if suffix else Path(name).stem
 
 
-def _absolute(container: str | Path) -> str:
+def container_name(container: str | Path) -> str:
+    """The name a source file has in its members' identities: a URI as written, a local path made
+    absolute."""
     text = str(container)
     return text if remote.is_uri(text) else os.path.abspath(text)
+
+
+_absolute = container_name
 
 
 def make_identity(container: str | Path, member: str | int) -> str:
@@ -1518,6 +1523,7 @@ __all__ = [
     "SourceRecord",
     "archive_members",
     "container_kind",
+    "container_name",
     "is_identity",
     "is_source_file",
     "iter_source",

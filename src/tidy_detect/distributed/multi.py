@@ -331,7 +331,7 @@ def _run_locked(items: Sequence[ImageItem], store: FeatureStore, workers: _Worke
     run_record = {"started": utc_now(), "engine": "local", **described[0]["runtime"], "exif_orientation": exif,
                   "devices": workers.devices, "per_device": [d["runtime"] for d in described]}
     plan = pending_items(items, store, retry_errors, workers=4, summary=summary)
-    labels = LabelCheck(plan.labels)
+    labels = LabelCheck(plan.known_content)
     # One batch size for all (the smallest any device chose), so that batches are whole for each.
     size = min(d["batch_size"] for d in described)
     batches = [plan.todo[i:i + size] for i in range(0, len(plan.todo), size)]
@@ -375,4 +375,5 @@ def _run_locked(items: Sequence[ImageItem], store: FeatureStore, workers: _Worke
             done_count += len(rows)
             if progress:
                 progress(done_count, summary.total, summary)
+        labels.finish(store, summary)
     return summary

@@ -37,7 +37,7 @@ from tidy_detect.data import remote, sources
 from tidy_detect.data.inputs import ImageItem
 from tidy_detect.data.perturb import Perturbation
 from tidy_detect.errors import ConfigError, ImageError, InputError, InputsFailedError, NothingProcessedError, TidyError
-from tidy_detect.features.store import FeatureStore, IndexEntry
+from tidy_detect.features.store import FeatureStore, IndexEntry, StoreIndex, content_digest
 from tidy_detect.models.device import DeviceMemoryError, is_cuda
 from tidy_detect.views import crop_box
 from tidy_detect.images import DEFAULT_MAX_FILE_BYTES, FileStat, LoadedImage, load_image, read_file, sha256_bytes
@@ -80,11 +80,6 @@ class ExtractionSummary:
     def failed(self) -> int:
         """Inputs without features: errors of this run plus error rows kept from earlier runs."""
         return self.errors + self.kept_errors
-
-    def add_label_conflict(self, path: str, other: str) -> None:
-        self.label_conflicts += 1
-        if len(self.label_conflict_examples) < 20:
-            self.label_conflict_examples.append((path, other))
 
     @property
     def images_per_second(self) -> float:
@@ -583,10 +578,11 @@ def _chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
 ProgressFn = Callable[[int, int, ExtractionSummary], None]
 
 
-def run_extraction(items: Sequence[ImageItem], store: FeatureStore, extractor: Extractor, *,
+def run_extraction(items: Iterable[ImageItem], store: FeatureStore, extractor: Extractor, *,
                    progress: ProgressFn | None = None, retry_errors: bool = False,
                    engine: str = "local", ignored_files: int = 0, exif: str = "apply") -> ExtractionSummary:
-    """Extract ``items`` into ``store``, skipping what it already holds (see :func:`pending_items`).
+    """Extract ``items`` (a list, or a re-iterable listed twice, see :func:`pending_items`) into
+    ``store``, skipping what it already holds.
 
     Images whose content (sha256) is already in the store get the stored features, not a second
     model run. Holds the store's writer lock for the whole run.
@@ -605,16 +601,19 @@ def run_extraction(items: Sequence[ImageItem], store: FeatureStore, extractor: E
         return _run_locked(items, store, extractor, progress, retry_errors, engine, ignored_files, exif)
 
 
-def _run_locked(items: Sequence[ImageItem], store: FeatureStore, extractor: Extractor, progress: ProgressFn | None,
+def _run_locked(items: Iterable[ImageItem], store: FeatureStore, extractor: Extractor, progress: ProgressFn | None,
                 retry_errors: bool, engine: str, ignored_files: int, exif: str) -> ExtractionSummary:
-    summary = ExtractionSummary(store=store.uri, total=len(items), ignored_files=ignored_files)
+    summary = ExtractionSummary(store=store.uri, ignored_files=ignored_files)
     started = time.perf_counter()
     run_record = {"started": utc_now(), "engine": engine, **extractor.runtime_info(), "exif_orientation": exif}
     plan = pending_items(items, store, retry_errors, workers=extractor.config.runtime.num_workers,
                          max_bytes=extractor.config.runtime.max_file_bytes, summary=summary)
+    listing = getattr(items, "summary", None)  # a streamed input counts its ignored files as it is listed
+    if listing is not None:
+        summary.ignored_files = listing.ignored_files
     todo, known_content = plan.todo, plan.known_content
-    labels = LabelCheck(plan.labels)
-    deferred: list[tuple[ImageItem, LoadedImage]] = []  # same content as a row written earlier
+    labels = LabelCheck(known_content)
+    deferred: list[Copy] = []  # same content as a row written earlier
     stage = extractor.stage_seconds
     before = dict(stage)
     done_count = summary.skipped
@@ -627,6 +626,11 @@ def _run_locked(items: Sequence[ImageItem], store: FeatureStore, extractor: Extr
     with recording_run(store, run_record, summary, started, on_end=stage_totals):
         perturbation = store.config.get("perturbation")
         perturbation = Perturbation.from_dict(perturbation) if perturbation else None
+        runtime = extractor.config.runtime
+
+        def decode(item: ImageItem) -> tuple[LoadedImage | ImageError, float]:
+            return _decode(item, runtime.max_pixels, perturbation, runtime.max_file_bytes, exif == "apply")
+
         batches = iter_decoded(todo, extractor, perturbation, exif_transpose=exif == "apply")
         for batch, prepared in with_prepared(extractor, batches):
             rows = rows_for_batch(extractor, batch, summary, known_content, deferred, prepared=prepared)
@@ -638,41 +642,157 @@ def _run_locked(items: Sequence[ImageItem], store: FeatureStore, extractor: Extr
             if progress:
                 progress(done_count - len(deferred), summary.total, summary)
         if deferred:
-            _write_copies(store, extractor, deferred, summary, labels)
+            _write_copies(store, extractor, deferred, summary, labels, decode)
             if progress:
                 progress(summary.total, summary.total, summary)
+        labels.finish(store, summary)
     return summary
+
+
+_UNSEEN = object()
+
+
+class ContentIndex:
+    """The contents a run has features for (from the store, or extracted in this run), each with
+    the label it first came with: what finds duplicates (their features are copied, not extracted
+    again) and label conflicts. A content is keyed by the first 16 bytes of its sha256; the
+    store's contents sit in sorted NumPy columns (17 bytes each), the run's own in a dict (about
+    0.1 KiB each), where hex strings and paths took about 0.35 KiB."""
+
+    def __init__(self, stored: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """``stored``: ``(sha256s as an (n, 32) uint8 array, labels or -1)``, in the store's
+        order (:meth:`~tidy_detect.features.store.StoreIndex.contents`)."""
+        self._first: dict[bytes, int | None] = {}  # key -> label of its first labelled row (this run's)
+        sha, labels = stored if stored is not None else (np.zeros((0, 32), np.uint8), np.zeros(0, np.int8))
+        hi = sha[:, :8].copy().view(">u8").ravel().astype(np.uint64)
+        lo = sha[:, 8:16].copy().view(">u8").ravel().astype(np.uint64)
+        # by key, a labelled row before an unlabelled one, then in store order: a key's first row
+        # is the label it first came with
+        order = np.lexsort((np.arange(len(labels)), labels == -1, lo, hi))
+        hi, lo, labels = hi[order], lo[order], labels[order]
+        first = np.ones(len(hi), bool)
+        first[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
+        self._hi, self._lo, self._labels = hi[first], lo[first], labels[first]
+
+    @staticmethod
+    def key(sha256: str) -> bytes:
+        # Half of a sha256 is 128 bits: a collision among 10^12 contents has a chance near 10^-15,
+        # and a false "seen" would only send an image down the copy path, which extracts it itself
+        # when the store holds no row of that content (see _write_copies).
+        return content_digest(sha256)[:16]
+
+    def _stored(self, key: bytes) -> int | None:
+        """The position of ``key`` among the store's contents, or None."""
+        hi, lo = np.uint64(int.from_bytes(key[:8], "big")), np.uint64(int.from_bytes(key[8:16], "big"))
+        k = int(np.searchsorted(self._hi, hi))
+        while k < len(self._hi) and self._hi[k] == hi:
+            if self._lo[k] == lo:
+                return k
+            k += 1
+        return None
+
+    def _label_of(self, key: bytes) -> Any:
+        """The first label of a known key (None: known without a label), or _UNSEEN."""
+        if key in self._first:
+            return self._first[key]
+        k = self._stored(key)
+        if k is None:
+            return _UNSEEN
+        return None if self._labels[k] < 0 else int(self._labels[k])
+
+    def add(self, sha256: str, label: int | None = None) -> int | None:
+        """Record content ``sha256`` (with ``label``, if its first labelled row); returns the
+        label it first came with (None while no labelled row has been seen)."""
+        key = self.key(sha256)
+        first = self._label_of(key)
+        if first is _UNSEEN or (first is None and label is not None):
+            self._first[key] = first = label
+        return first
+
+    def __contains__(self, sha256: object) -> bool:
+        return isinstance(sha256, str) and self._label_of(self.key(sha256)) is not _UNSEEN
+
+    def labels(self) -> dict[bytes, int | None]:
+        """Every known content's key and first label (for tests and small stores: it makes a
+        Python object per content)."""
+        found = {int(h).to_bytes(8, "big") + int(l).to_bytes(8, "big"): (None if b < 0 else int(b))
+                 for h, l, b in zip(self._hi, self._lo, self._labels)}
+        for key, label in self._first.items():
+            if label is not None or key not in found:
+                found[key] = label
+        return found
+
+    def __len__(self) -> int:
+        return len(self.labels())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ContentIndex) and other.labels() == self.labels()
 
 
 class LabelCheck:
     """Warns about images with the same content as another image but a different label (a
-    mislabelled manifest, or a real image that also sits among the fakes)."""
+    mislabelled manifest, or a real image that also sits among the fakes). The other image's
+    path is not kept per content (it would cost a path per image); :meth:`finish` finds it in the
+    store for the conflicts the summary shows."""
 
-    def __init__(self, known: dict[str, tuple[int, str]] | None = None) -> None:
-        self.labels: dict[str, tuple[int, str]] = dict(known or {})  # sha256 -> (label, first path)
+    EXAMPLES = 20
+
+    def __init__(self, content: ContentIndex | None = None) -> None:
+        self.content = content if content is not None else ContentIndex()
+        self._examples: list[tuple[str, str, int]] = []  # (path, sha256, the other label)
 
     def check(self, rows: Iterable[dict[str, Any]], summary: ExtractionSummary) -> None:
         for row in rows:
             sha, label = row.get("sha256"), row.get("label")
             if sha is None or label is None or row.get("error") is not None:
                 continue
-            first = self.labels.setdefault(sha, (label, row["path"]))
-            if first[0] != label and first[1] != row["path"]:
-                summary.add_label_conflict(row["path"], first[1])
-                log.warning("%s has the same content as %s but label %s instead of %s", row["path"], first[1],
-                            label, first[0])
+            first = self.content.add(sha, label)
+            if first != label:
+                summary.label_conflicts += 1
+                if len(self._examples) < self.EXAMPLES:
+                    self._examples.append((row["path"], sha, first))
+                log.warning("%s has the same content as an image labelled %s, but label %s", row["path"], first,
+                            label)
+
+    def finish(self, store: FeatureStore, summary: ExtractionSummary) -> None:
+        """Name the other image of each conflict kept as an example (one pass over the store's
+        content, path and label columns, only when there were conflicts)."""
+        if not self._examples:
+            return
+        wanted = {(sha, label) for _, sha, label in self._examples}
+        found: dict[tuple[str, int], list[str]] = {}
+        for batch in store.iter_batches(["sha256", "label", "path", "error"]):
+            for sha, label, path, error in zip(*(batch.column(i).to_pylist() for i in range(4))):
+                if error is None and (sha, label) in wanted and len(found.setdefault((sha, label), [])) < 2:
+                    found[(sha, label)].append(path)
+        for path, sha, label in self._examples:
+            other = next((p for p in found.get((sha, label), []) if p != path), None)
+            if other is not None:
+                summary.label_conflict_examples.append((path, other))
+        self._examples.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """An image whose content the run has extracted already: its row copies those features at the
+    end of the run. Only what that row needs is kept, not the pixels: a dataset with many
+    duplicates would otherwise hold every duplicate decoded until the run ends."""
+
+    item: ImageItem
+    sha256: str
+    stat: FileStat | None
 
 
 def rows_for_batch(extractor: Extractor, batch: Sequence[tuple[ImageItem, LoadedImage | ImageError, float]],
-                   summary: ExtractionSummary, known_content: set[str] | None = None,
-                   deferred: list[tuple[ImageItem, LoadedImage]] | None = None, local: bool = True,
+                   summary: ExtractionSummary, known_content: ContentIndex | None = None,
+                   deferred: list[Copy] | None = None, local: bool = True,
                    prepared: PreparedBatch | None = None) -> list[dict[str, Any]]:
     """Store rows for one decoded batch, in batch order: error rows for bad images, features for the rest.
 
     With ``known_content``/``deferred``, images whose content was already seen are put aside in
-    ``deferred`` (their features are copied later) instead of being extracted again; they have
-    no row here. ``local=False`` skips grounding (see :meth:`Extractor.process`). ``prepared``:
-    the batch's model inputs made ahead (:func:`with_prepared`).
+    ``deferred`` as a :class:`Copy` (their features are copied later) instead of being extracted
+    again; they have no row here. ``local=False`` skips grounding (see :meth:`Extractor.process`).
+    ``prepared``: the batch's model inputs made ahead (:func:`with_prepared`).
 
     Raises:
         DeviceMemoryError: a stage ran out of device memory (not retried image by image).
@@ -692,7 +812,7 @@ def rows_for_batch(extractor: Extractor, batch: Sequence[tuple[ImageItem, Loaded
             rows.append(error_row(item, error, loaded))
             summary.add_error(item.path, "input", str(error))
         elif known_content is not None and deferred is not None and loaded.sha256 in known_content:
-            deferred.append((item, loaded))
+            deferred.append(Copy(item, loaded.sha256, loaded.stat))
         else:
             if known_content is not None:
                 known_content.add(loaded.sha256)
@@ -709,7 +829,7 @@ def rows_for_batch(extractor: Extractor, batch: Sequence[tuple[ImageItem, Loaded
 DecodedBatch = list[tuple[ImageItem, LoadedImage | ImageError, float]]
 
 
-def iter_decoded(items: Sequence[ImageItem], extractor: Extractor, perturbation: Perturbation | None = None,
+def iter_decoded(items: Iterable[ImageItem], extractor: Extractor, perturbation: Perturbation | None = None,
                  exif_transpose: bool = True) -> Iterator[DecodedBatch]:
     """Decoded batches of ``items`` (decoding runs ahead in worker threads), in input order,
     of the extractor's resolved batch size."""
@@ -764,12 +884,35 @@ def with_prepared(extractor: Extractor, batches: Iterable[DecodedBatch]
 class ResumePlan:
     """What a run still has to do (see :func:`pending_items`)."""
 
-    todo: list[ImageItem]
-    known_content: set[str]  # content hashes the store has features for
-    labels: dict[str, tuple[int, str]]  # sha256 -> (label, path) of labelled rows with features
+    todo: Iterable[ImageItem]  # a list when the items were one; else listed again as it is iterated
+    known_content: ContentIndex  # contents the store has features for, with their first labels
 
 
-def pending_items(items: Sequence[ImageItem], store: FeatureStore, retry_errors: bool = False, *,
+class _Pending:
+    """The items of a streamed input that the store has no row for, found by listing the input
+    again: what :func:`pending_items` decided, without holding the items in between."""
+
+    def __init__(self, items: Iterable[ImageItem], index: StoreIndex, summary: ExtractionSummary,
+                 expected: int) -> None:
+        self.items, self.index, self.summary, self.expected = items, index, summary, expected
+
+    def __iter__(self) -> Iterator[ImageItem]:
+        listed = 0
+        for item in self.items:
+            listed += 1
+            if item.path not in self.index:
+                yield item
+        if listed != self.expected:  # the inputs changed between the two listings
+            log.warning("the inputs held %d images when the run was planned and %d when they were read again to "
+                        "extract (files were added or removed meanwhile); the run counts the second listing",
+                        self.expected, listed)
+            self.summary.total += listed - self.expected
+
+
+HASH_CHUNK = 256  # touched files hashed together while the plan streams through the inputs
+
+
+def pending_items(items: Iterable[ImageItem], store: FeatureStore, retry_errors: bool = False, *,
                   workers: int = 2, max_bytes: int = DEFAULT_MAX_FILE_BYTES,
                   summary: ExtractionSummary | None = None) -> ResumePlan:
     """Decide, for every item, whether the store's row for its path is still good.
@@ -789,53 +932,69 @@ def pending_items(items: Sequence[ImageItem], store: FeatureStore, retry_errors:
     A file that failed before (an error row) is retried the same way when it changed, and kept
     (``summary.kept_errors``) when it did not; ``retry_errors`` redoes every error row. A file
     that is gone keeps its row.
+
+    ``items`` is a list, or any re-iterable (such as :class:`~tidy_detect.data.selection.ItemStream`):
+    then it is read once here to decide and count (``summary.total``), and once more as
+    ``todo`` is iterated, so no list of the items is ever held; what is kept meanwhile is the
+    store's index and the paths of changed files.
     """
-    summary = summary if summary is not None else ExtractionSummary(total=len(items))
+    summary = summary if summary is not None else ExtractionSummary()
     index = store.index()
     if retry_errors:
-        failed = [p for p, entry in index.items() if entry.has_error]
+        failed = index.error_paths()
         if failed:
             store.remove_paths(failed)
             for path in failed:
                 index.pop(path)
-    todo: list[ImageItem] = []
-    to_hash: list[tuple[ImageItem, IndexEntry]] = []
+    total = new = kept = changed_count = 0
+    changed: set[str] = set()
+    restat: dict[str, FileStat] = {}
+    touched: list[tuple[ImageItem, IndexEntry]] = []
+
+    def hash_touched() -> None:
+        nonlocal kept, changed_count
+        found = _hash_files([item for item, _ in touched], workers, max_bytes)
+        for (item, entry), (digest, stat) in zip(touched, found):
+            summary.hashed += 1
+            if digest is not None and digest == entry.sha256:
+                if stat is not None and stat != entry.stat:
+                    restat[item.path] = stat
+                kept += entry.has_error
+            else:
+                changed.add(item.path)
+                changed_count += 1
+        touched.clear()
+
     for item in items:
+        total += 1
         entry = index.get(item.path)
         if entry is None:
-            todo.append(item)
+            new += 1
             continue
         now = sources.stat_item(item.path, entry.stat)  # a plain file's stat, or an archive member's container's
         if now is not None and (entry.stat is None or entry.stat != now):
-            to_hash.append((item, entry))
-        # else: untouched, or gone since (its row stays)
-    changed: list[ImageItem] = []
-    restat: dict[str, FileStat] = {}
-    for (item, entry), (digest, stat) in zip(to_hash, _hash_files([i for i, _ in to_hash], workers, max_bytes)):
-        summary.hashed += 1
-        if digest is not None and digest == entry.sha256:
-            if stat is not None and stat != entry.stat:
-                restat[item.path] = stat
-        else:
-            changed.append(item)
+            touched.append((item, entry))
+            if len(touched) >= HASH_CHUNK:
+                hash_touched()
+        else:  # untouched, or gone since (its row stays)
+            kept += entry.has_error
+    hash_touched()
     if changed:
         log.info("%d files changed since they were extracted; redoing them", len(changed))
-        store.remove_paths(item.path for item in changed)
-        for item in changed:
-            index.pop(item.path, None)
+        store.remove_paths(changed)
+        for path in changed:
+            index.pop(path, None)
     if restat:
         store.update_stats(restat)
-    pending = {item.path for item in todo} | {item.path for item in changed}
-    summary.skipped = sum(1 for item in items if item.path not in pending)
-    summary.kept_errors = sum(1 for item in items if item.path not in pending and index[item.path].has_error)
+    summary.total = total
+    summary.skipped = total - new - changed_count
+    summary.kept_errors = kept
     summary.changed = len(changed)
-    ordered = [item for item in items if item.path in pending]
-    good = [(path, entry) for path, entry in index.items() if entry.sha256 and not entry.has_error]
-    labels = {}
-    for path, entry in good:
-        if entry.label is not None:
-            labels.setdefault(entry.sha256, (entry.label, path))
-    return ResumePlan(ordered, {entry.sha256 for _, entry in good}, labels)
+    if isinstance(items, Sequence):
+        todo: Iterable[ImageItem] = [item for item in items if item.path not in index]
+    else:
+        todo = _Pending(items, index, summary, total)
+    return ResumePlan(todo, ContentIndex(index.contents()))
 
 
 def _hash_files(items: Sequence[ImageItem], workers: int, max_bytes: int
@@ -889,20 +1048,25 @@ def _process_isolating(extractor: Extractor, items: list[ImageItem], images: lis
         return rows
 
 
-def _write_copies(store: FeatureStore, extractor: Extractor, deferred: list[tuple[ImageItem, LoadedImage]],
-                  summary: ExtractionSummary, labels: LabelCheck | None = None) -> None:
-    """Rows for images whose content was already extracted: copy features, new path/label/group."""
-    originals = store.lookup({loaded.sha256 for _, loaded in deferred})
-    rows, redo_items, redo_images = [], [], []
-    for item, loaded in deferred:
-        source = originals.get(loaded.sha256)
-        if source is None:  # the original failed in the model stage: try this copy itself
-            redo_items.append(item)
-            redo_images.append(loaded)
+def _write_copies(store: FeatureStore, extractor: Extractor, deferred: list[Copy], summary: ExtractionSummary,
+                  labels: LabelCheck | None = None,
+                  decode: Callable[[ImageItem], tuple[LoadedImage | ImageError, float]] | None = None) -> None:
+    """Rows for images whose content was already extracted: copy features, new path/label/group.
+    A copy whose original has no features (it failed in the model stage) is decoded again with
+    ``decode`` (the run's decoding: its perturbation and EXIF choice) and extracted itself."""
+    originals = store.lookup({copy.sha256 for copy in deferred})
+    rows, redo = [], []
+    for copy in deferred:
+        source = originals.get(copy.sha256)
+        if source is None:
+            redo.append(copy.item)
             continue
-        rows.append({**source, "path": item.path, "label": item.label, "group": item.group, "stat": loaded.stat})
+        item = copy.item
+        rows.append({**source, "path": item.path, "label": item.label, "group": item.group, "stat": copy.stat})
         summary.copied += 1
-    rows.extend(_process_isolating(extractor, redo_items, redo_images, summary))
+    decode = decode or (lambda item: _decode(item, extractor.config.runtime.max_pixels))
+    for chunk in _chunks(redo, extractor.batch_size):
+        rows.extend(rows_for_batch(extractor, [(item, *decode(item)) for item in chunk], summary))
     if labels is not None:
         labels.check(rows, summary)
     for start in range(0, len(rows), 1024):
@@ -982,12 +1146,14 @@ def extract(inputs: Iterable[str | Path], out: str | Path, config: ExtractionCon
     Raises:
         InputError, ModelLoadError, StoreError, ConfigError.
     """
-    from tidy_detect.data.selection import select_inputs
+    from tidy_detect.data.selection import ItemStream, select_inputs
 
     selection = select_inputs(inputs, layout=layout, split=split, exclude=exclude, pairing=pairing,
                               max_per_class=max_per_class, per_class=per_class, seed=seed, limit=limit,
-                              source_options=source_options)
-    items = selection.items
+                              source_options=source_options, stream=True)
+    items = selection.items  # generic inputs stream: listed to plan, and again to extract (see pending_items)
+    if isinstance(items, ItemStream):
+        items.check()  # a damaged source or a bad manifest is refused before any model loads or store is made
     extractor = extractor or Extractor(config)
     extractor.load()
     store = FeatureStore.open_for_writing(out, extractor.extraction, extractor.dim,

@@ -39,8 +39,9 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -287,7 +288,7 @@ def vector_lists_to_numpy(array: pa.Array | pa.ChunkedArray, dim: int) -> list[n
     return [flat[offsets[i]:offsets[i + 1]] for i in range(len(array))]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: resume holds one per stored row
 class IndexEntry:
     """What the store holds for one path: resume decides from this whether to redo the file."""
 
@@ -296,6 +297,191 @@ class IndexEntry:
     error_kind: str | None
     stat: FileStat | None  # None for rows without a readable file (not found) or from older stores
     label: int | None = None
+
+
+_NO_LABEL = -1
+
+
+def content_digest(sha256: str) -> bytes:
+    """A row's content hash as 32 raw bytes. A hash that is not 64 hex digits (tidy-detect never
+    writes one, but a store is a user's file) is digested itself, so it still has 32 bytes."""
+    if len(sha256) == 64:
+        try:
+            return bytes.fromhex(sha256)
+        except ValueError:
+            pass
+    return hashlib.sha256(sha256.encode()).digest()
+
+
+@dataclass
+class _IndexColumns:
+    """The columns of a :class:`StoreIndex`, one entry per store row."""
+
+    hashes: np.ndarray  # int64: hash() of each path, for lookup
+    offsets: np.ndarray  # int64, rows + 1: where each path's UTF-8 bytes start in ``data``
+    data: bytes
+    sha: np.ndarray  # (rows, 32) uint8: the content hash's raw bytes (zeros where none)
+    has_sha: np.ndarray
+    has_error: np.ndarray
+    label: np.ndarray  # int8, -1 where none
+    stat: np.ndarray  # (rows, 4) int64: size, mtime_ns, ctime_ns, inode
+    has_stat: np.ndarray
+    error_kinds: dict[int, str] = field(default_factory=dict)  # row -> kind, for error rows
+    odd_sha: dict[int, str] = field(default_factory=dict)  # row -> a hash that is not 64 hex digits, as written
+
+
+class StoreIndex(Mapping[str, IndexEntry]):
+    """``path -> IndexEntry`` of every row of a store, held as columns instead of Python objects:
+    the paths' UTF-8 bytes in one buffer, content hashes as 32 raw bytes, stats and labels in
+    NumPy, and the paths' hashes sorted for lookup (a path's first row wins, as the store keeps one
+    row per path). About 0.15 KiB per row (most of it the path), where a dict of entries took
+    about 0.4; an entry is made when asked for. ``pop`` forgets a path (resume does, for rows it
+    removes)."""
+
+    def __init__(self, columns: _IndexColumns) -> None:
+        self._c = columns
+        self._order = np.argsort(columns.hashes, kind="stable")  # equal hashes keep the store's row order
+        self._hashes = columns.hashes[self._order]
+        self._gone = np.zeros(len(columns.hashes), bool)
+        columns.hashes = np.zeros(0, np.int64)  # kept sorted above
+        self._first = self._first_rows()
+
+    @classmethod
+    def from_batches(cls, batches: Iterable[pa.RecordBatch]) -> "StoreIndex":
+        """From record batches with the columns sha256, path, label, error, error_kind,
+        num_bytes and the stat columns. Each batch is turned into columns as it comes (the
+        Python strings of one batch at a time)."""
+        parts: dict[str, list[Any]] = {k: [] for k in ("hashes", "offsets", "data", "sha", "has_sha", "has_error",
+                                                       "label", "stat", "has_stat")}
+        error_kinds: dict[int, str] = {}
+        odd: dict[int, str] = {}
+        rows = size = 0
+        for batch in batches:
+            n = batch.num_rows
+            paths = batch.column("path").to_pylist()
+            parts["hashes"].append(np.fromiter(map(hash, paths), np.int64, count=n))
+            encoded = [p.encode("utf-8", "surrogatepass") for p in paths]
+            parts["offsets"].append(size + np.cumsum([len(e) for e in encoded], dtype=np.int64))
+            parts["data"].append(b"".join(encoded))
+            size += len(parts["data"][-1])
+            del paths, encoded
+            values = batch.column("sha256").to_pylist()
+            digests = [content_digest(v) if v else bytes(32) for v in values]
+            parts["sha"].append(np.frombuffer(b"".join(digests), np.uint8).reshape(n, 32))
+            parts["has_sha"].append(np.array([bool(v) for v in values], bool))
+            odd.update({rows + i: v for i, (v, d) in enumerate(zip(values, digests)) if v and d.hex() != v})
+            errors = batch.column("error").is_valid().to_numpy(zero_copy_only=False)
+            parts["has_error"].append(errors)
+            if errors.any():
+                kinds = batch.column("error_kind").to_pylist()
+                error_kinds.update({rows + int(i): kinds[i] for i in np.flatnonzero(errors) if kinds[i] is not None})
+            parts["label"].append(batch.column("label").fill_null(_NO_LABEL).to_numpy(zero_copy_only=False)
+                                  .astype(np.int8))
+            stats = [batch.column(name) for name in ("num_bytes", *STAT_COLUMNS)]
+            parts["has_stat"].append(np.logical_and.reduce([c.is_valid().to_numpy(zero_copy_only=False)
+                                                            for c in stats]))
+            parts["stat"].append(np.stack([c.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+                                           for c in stats], axis=1))
+            rows += n
+
+        def joined(name: str, empty: np.ndarray) -> np.ndarray:
+            # one column at a time, its batches dropped as soon as it is joined: the peak is the
+            # index plus one column, not twice the index
+            pieces, parts[name] = parts[name], []
+            return np.concatenate(pieces) if pieces else empty
+
+        no_rows = np.zeros(0, bool)
+        parts["offsets"].insert(0, np.zeros(1, np.int64))
+        data, parts["data"] = parts["data"], []
+        return cls(_IndexColumns(
+            hashes=joined("hashes", np.zeros(0, np.int64)), offsets=joined("offsets", np.zeros(1, np.int64)),
+            data=data[0] if len(data) == 1 else b"".join(data),
+            sha=joined("sha", np.zeros((0, 32), np.uint8)), has_sha=joined("has_sha", no_rows),
+            has_error=joined("has_error", no_rows), label=joined("label", np.zeros(0, np.int8)),
+            stat=joined("stat", np.zeros((0, 4), np.int64)), has_stat=joined("has_stat", no_rows),
+            error_kinds=error_kinds, odd_sha=odd))
+
+    def _first_rows(self) -> np.ndarray:
+        """Which rows are their path's first (a later row of the same path is shadowed)."""
+        first = np.ones(len(self._order), bool)
+        same = np.flatnonzero(self._hashes[1:] == self._hashes[:-1]) + 1  # rare: repeated paths, or hash ties
+        for k in same:
+            here = self._path_at(int(self._order[k]))
+            start = k - 1
+            while start >= 0 and self._hashes[start] == self._hashes[k]:
+                if self._path_at(int(self._order[start])) == here:
+                    first[self._order[k]] = False
+                    break
+                start -= 1
+        return first
+
+    def _path_bytes(self, row: int) -> bytes:
+        return self._c.data[self._c.offsets[row]:self._c.offsets[row + 1]]
+
+    def _path_at(self, row: int) -> str:
+        return self._path_bytes(row).decode("utf-8", "surrogatepass")
+
+    def _row(self, path: str) -> int | None:
+        if not isinstance(path, str):
+            return None
+        h = hash(path)
+        hashes = self._hashes
+        k = int(hashes.searchsorted(h))
+        encoded = None
+        while k < len(hashes) and hashes[k] == h:
+            row = int(self._order[k])
+            encoded = encoded or path.encode("utf-8", "surrogatepass")
+            if self._first[row] and self._path_bytes(row) == encoded:
+                return None if self._gone[row] else row
+            k += 1
+        return None
+
+    def _entry(self, row: int) -> IndexEntry:
+        c = self._c
+        stat = FileStat(*c.stat[row].tolist()) if c.has_stat[row] else None
+        label = int(c.label[row])
+        sha = (c.odd_sha.get(row) or c.sha[row].tobytes().hex()) if c.has_sha[row] else None
+        return IndexEntry(sha, bool(c.has_error[row]), c.error_kinds.get(row), stat,
+                          None if label == _NO_LABEL else label)
+
+    def __getitem__(self, path: str) -> IndexEntry:
+        row = self._row(path)
+        if row is None:
+            raise KeyError(path)
+        return self._entry(row)
+
+    def __contains__(self, path: object) -> bool:
+        return self._row(path) is not None  # type: ignore[arg-type]
+
+    def _live(self) -> np.ndarray:
+        return np.flatnonzero(self._first & ~self._gone)
+
+    def __iter__(self) -> Iterator[str]:
+        for row in self._live():
+            yield self._path_at(int(row))
+
+    def __len__(self) -> int:
+        return len(self._live())
+
+    def pop(self, path: str, *default: Any) -> IndexEntry | None:
+        row = self._row(path)
+        if row is None:
+            if default:
+                return default[0]
+            raise KeyError(path)
+        self._gone[row] = True
+        return self._entry(row)
+
+    def error_paths(self) -> list[str]:
+        """Paths whose row is an error row."""
+        return [self._path_at(int(row)) for row in self._live() if self._c.has_error[row]]
+
+    def contents(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(sha256s as an (n, 32) array of bytes, labels or -1)`` of the rows with features, in
+        store order."""
+        rows = self._live()
+        rows = rows[self._c.has_sha[rows] & ~self._c.has_error[rows]]
+        return self._c.sha[rows], self._c.label[rows]
 
 
 @dataclass
@@ -636,18 +822,11 @@ class FeatureStore:
     def __len__(self) -> int:
         return len(self.keys())
 
-    def index(self) -> dict[str, "IndexEntry"]:
+    def index(self) -> StoreIndex:
         """path -> :class:`IndexEntry` (content hash, error or not, file stat as read) for every
-        row: what resume needs, cheaply."""
-        found: dict[str, IndexEntry] = {}
+        row: what resume needs, cheaply (see :class:`StoreIndex`)."""
         columns = ["sha256", "path", "label", "error", "error_kind", "num_bytes", *STAT_COLUMNS]
-        for batch in self.iter_batches(columns):
-            values = [batch.column(i).to_pylist() for i in range(len(columns))]
-            for sha, path, label, error, kind, size, mtime, ctime, inode in zip(*values):
-                if path not in found:
-                    found[path] = IndexEntry(sha, error is not None, kind, row_stat(size, mtime, ctime, inode),
-                                             label)
-        return found
+        return StoreIndex.from_batches(self.iter_batches(columns, dedupe=False))  # a path's first row wins there
 
     def update_stats(self, stats: dict[str, FileStat]) -> int:
         """Record new file stats for rows whose files were touched but hold the same content, so

@@ -1,0 +1,163 @@
+"""Generic inputs listed one item at a time: each image once across INPUTs, and extraction that
+plans and extracts from two listings instead of a list (see iter_inputs, ItemStream, pending_items)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from tidy_detect.data import inputs as inputs_module
+from tidy_detect.data.inputs import collect_inputs, iter_inputs
+from tidy_detect.data.selection import ItemStream, select_inputs
+from tidy_detect.errors import ConfigError
+from tidy_detect.features.extractor import Extractor, ExtractionSummary, extract, pending_items
+from tidy_detect.features.store import FeatureStore
+from tidy_detect.config import load_preset
+
+from tests.conftest import make_tree
+from tests.data.conftest import make_parquet, make_saved_dataset, make_zip, tree_files
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "imgs"
+    make_tree(root, {"gen_a": 3})
+    return root
+
+
+def test_a_streamed_listing_is_the_list_and_is_not_held(tree, tmp_path):
+    table = make_parquet(tree_files(tree), tmp_path / "set.parquet")
+    listed = iter_inputs([table])
+    assert not isinstance(listed, list)
+    first = next(listed)  # the first row comes before the rest is listed
+    assert first.path.startswith(str(table))
+    assert [first, *listed] == collect_inputs([table])
+
+
+def test_each_image_once_across_inputs_without_remembering_table_rows(tree, tmp_path):
+    files = tree_files(tree)
+    table = make_parquet(files, tmp_path / "set.parquet")
+    archive = make_zip(files, tmp_path / "set.zip")
+    rows = collect_inputs([table])
+    members = collect_inputs([archive])
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path\n" + "\n".join(item.path for item in members[:2]) + "\n")
+
+    # the same table twice, a manifest naming members of an archive listed before it, a folder twice
+    items = collect_inputs([table, archive, manifest, tree, table, tree])
+    paths = [item.path for item in items]
+    assert len(paths) == len(set(paths)) == len(rows) + len(members) + len(files)
+    # a manifest before the archive: the archive's members it named are not listed twice
+    items = collect_inputs([manifest, archive])
+    assert [item.path for item in items] == [item.path for item in members[:2]] + \
+        [item.path for item in members[2:]]
+
+
+def test_a_datasets_folder_and_one_of_its_files_give_each_row_once(tree, tmp_path):
+    saved = make_saved_dataset(tree_files(tree), tmp_path / "saved")
+    arrow = sorted(saved.glob("*.arrow"))
+    assert len(arrow) > 1
+    whole = collect_inputs([saved])
+    for order in ([saved, arrow[0]], [arrow[0], saved]):
+        paths = [item.path for item in collect_inputs(order)]
+        assert sorted(paths) == sorted(item.path for item in whole)
+
+
+def test_split_without_a_dataset_is_refused_before_listing(tree, monkeypatch):
+    listed = []
+    monkeypatch.setattr(inputs_module, "walk_folder", lambda *a, **k: listed.append(a) or iter(()))
+    with pytest.raises(ConfigError, match="--split"):
+        next(iter_inputs([tree], split="train"))
+    assert listed == []
+
+
+def test_an_item_stream_lists_anew_each_time_and_stops_at_the_limit(tree, tmp_path):
+    table = make_parquet(tree_files(tree), tmp_path / "set.parquet", row_group_size=2)
+    selection = select_inputs([table, tree], stream=True, limit=4)
+    stream = selection.items
+    assert isinstance(stream, ItemStream)
+    assert list(stream) == list(stream) == collect_inputs([table])[:4]
+    assert stream.summary.images == 4
+    assert isinstance(select_inputs([table], stream=True, max_per_class=1).items, list)  # sampling needs the list
+    (tree / "gen_a" / "notes.txt").write_text("not an image")
+    stream = select_inputs([tree], stream=True).items
+    assert len(list(stream)) == 6 and stream.summary.ignored_files == 1
+
+
+class _Listing:
+    """A re-iterable input that counts how often it is listed."""
+
+    def __init__(self, items):
+        self.items, self.passes = list(items), 0
+
+    def __iter__(self):
+        self.passes += 1
+        yield from self.items
+
+
+@pytest.fixture(scope="module")
+def extractor(tiny_bundle):
+    config = load_preset(tiny_bundle / "tiny.toml").updated(runtime={"batch_size": 4, "num_workers": 2})
+    return Extractor(config).load()
+
+
+def test_extract_lists_a_streamed_input_to_check_plan_and_extract_never_as_a_list(extractor, tree, tmp_path,
+                                                                                      monkeypatch):
+    table = make_parquet(tree_files(tree), tmp_path / "set.parquet", row_group_size=2)
+    calls = []
+    original = inputs_module.iter_inputs
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(inputs_module, "iter_inputs", counting)
+    store = tmp_path / "store"
+    summary = extract([table], store, extractor=extractor)
+    assert len(calls) == 3  # checking before the models load, planning, extracting: never a list
+    assert (summary.total, summary.processed, summary.skipped) == (6, 6, 0)
+    assert sorted(FeatureStore(store).index()) == sorted(item.path for item in collect_inputs([table]))
+    calls.clear()
+    again = extract([table, table], store, extractor=extractor)  # the same table twice is one table
+    assert (again.total, again.processed, again.skipped) == (6, 0, 6) and len(calls) == 3
+
+
+def test_a_streamed_plan_matches_a_listed_plan(extractor, tree, tmp_path):
+    items = collect_inputs([tree])
+    store_path = tmp_path / "store"
+    extract([tree], store_path, extractor=extractor, limit=4)
+    store = FeatureStore(store_path)
+    listed_summary, streamed_summary = ExtractionSummary(), ExtractionSummary()
+    listed = pending_items(items, store, summary=listed_summary)
+    listing = _Listing(items)
+    streamed = pending_items(listing, store, summary=streamed_summary)
+    assert isinstance(listed.todo, list) and not isinstance(streamed.todo, list)
+    assert listing.passes == 1
+    assert list(streamed.todo) == listed.todo == items[4:]
+    assert listing.passes == 2
+    assert (streamed_summary.total, streamed_summary.skipped) == (listed_summary.total, listed_summary.skipped) \
+        == (6, 4)
+    assert streamed.known_content == listed.known_content and len(streamed.known_content) == 4
+
+
+def test_inputs_that_change_between_the_listings_are_counted_and_said(extractor, tree, tmp_path, caplog):
+    items = collect_inputs([tree])
+    store = FeatureStore.open_for_writing(tmp_path / "store", extractor.extraction, extractor.dim)
+    listing = _Listing(items[:3])
+    summary = ExtractionSummary()
+    plan = pending_items(listing, store, summary=summary)
+    listing.items = items  # three files appeared after planning
+    with caplog.at_level(logging.WARNING):
+        assert list(plan.todo) == items
+    assert summary.total == 6 and "held 3 images when the run was planned and 6 when" in caplog.text
+
+
+def test_an_item_stream_asks_what_its_inputs_are_once(tree, tmp_path, monkeypatch):
+    table = make_parquet(tree_files(tree), tmp_path / "set.parquet")
+    asked = []
+    original = inputs_module.input_kind
+    monkeypatch.setattr(inputs_module, "input_kind", lambda text: asked.append(text) or original(text))
+    stream = select_inputs([table, tree], stream=True).items
+    assert list(stream) == list(stream) == list(stream)
+    assert asked == [str(table), str(tree)]  # a brace pattern over remote shards is expanded once, not per listing
