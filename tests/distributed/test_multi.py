@@ -97,3 +97,52 @@ def test_the_command_line_takes_devices_or_gpus_not_both(tmp_path):
     clash = runner.invoke(app, ["extract", str(tmp_path), "--out", str(tmp_path / "s"), "--device", "cpu",
                                 "--devices", "cpu,cpu"])
     assert clash.exit_code == 2 and "were both given" in clash.output
+
+
+def test_a_streamed_table_is_fed_to_the_workers_a_few_batches_ahead(tiny_bundle, tmp_path, monkeypatch):
+    from tests.data.conftest import make_parquet, tree_files
+    from tidy_detect.distributed import multi
+    from tidy_detect.errors import InputError
+
+    root = tmp_path / "tree"
+    make_tree(root, {"a": 5, "b": 5})
+    table = make_parquet(tree_files(root), tmp_path / "set.parquet")
+    config = load_preset(tiny_bundle / "tiny.toml").updated(runtime={"batch_size": 1, "num_workers": 1,
+                                                                     "devices": ("cpu", "cpu")})
+    queued, most = [0], [0]
+    original_receive = multi._Workers.receive
+
+    def counting_receive(self, timeout):  # batches queued but not yet answered, seen whenever the run waits
+        message = original_receive(self, timeout)
+        if message[0] == "rows":
+            queued[0] -= 1
+        return message
+
+    original_start = multi._Workers.__init__
+
+    def counting_start(self, *args, **kwargs):
+        original_start(self, *args, **kwargs)
+        put = self.tasks.put
+
+        def counting_put(task, *a, **k):
+            if task is not None:
+                queued[0] += 1
+                most[0] = max(most[0], queued[0])
+            return put(task, *a, **k)
+
+        self.tasks.put = counting_put
+
+    monkeypatch.setattr(multi._Workers, "receive", counting_receive)
+    monkeypatch.setattr(multi._Workers, "__init__", counting_start)
+    summary = extract_with_engine("local", [table], tmp_path / "store", config)
+    assert (summary.total, summary.processed, summary.errors) == (20, 20, 0)
+    assert len(_rows(tmp_path / "store")) == 20
+    assert most[0] <= multi._batches_ahead([1, 1], 1) < 20  # never the whole input in the queue
+    again = extract_with_engine("local", [table], tmp_path / "store", config)
+    assert (again.skipped, again.processed) == (20, 0)
+
+    truncated = tmp_path / "cut.parquet"
+    truncated.write_bytes(table.read_bytes()[:len(table.read_bytes()) // 2])
+    monkeypatch.setattr(multi._Workers, "__init__", lambda *a, **k: pytest.fail("workers started"))
+    with pytest.raises(InputError, match="cut.parquet"):
+        extract_with_engine("local", [truncated], tmp_path / "other", config)

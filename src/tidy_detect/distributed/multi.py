@@ -8,7 +8,9 @@ mapper -> writer with one mapper per device:
   models, fingerprints included); it decides what is left by the local engine's resume rule
   (:func:`~tidy_detect.features.extractor.pending_items`) and holds the store's writer lock for
   the whole run;
-- the remaining images are queued in batches; each worker takes the next batch when it has room
+- the remaining images are queued in batches, a few ahead of the workers (generic inputs are
+  streamed, see :class:`~tidy_detect.data.selection.ItemStream`, and never held or queued whole);
+  each worker takes the next batch when it has room
   (a faster device takes more), decodes it in its own threads, prepares the next batch's inputs
   while the current one runs, and extracts it as the local engine does, on its device alone
   (``CUDA_VISIBLE_DEVICES`` names that one GPU before CUDA starts, so the process sees it as
@@ -45,7 +47,7 @@ from tidy_detect.config import ExtractionConfig
 from tidy_detect.data.inputs import ImageItem
 from tidy_detect.data.perturb import Perturbation
 from tidy_detect.errors import ConfigError, TidyError
-from tidy_detect.features.extractor import (STAGES, ExtractionSummary, LabelCheck, ProgressFn, pending_items,
+from tidy_detect.features.extractor import (STAGES, ExtractionSummary, LabelCheck, ProgressFn, in_chunks, pending_items,
                                             recording_run, resolve_exif, utc_now)
 from tidy_detect.features.store import FeatureStore, extraction_mismatches
 
@@ -137,6 +139,20 @@ def _worker_main(index: int, device: str, config_data: dict[str, Any], control: 
         results.put(("failed", index, "TidyError", f"{type(exc).__name__}: {exc}"))
 
 
+def _decode_window(batch_size: int) -> int:
+    """Images a worker decodes ahead of its models (it takes them from the queue before its first
+    batch is done)."""
+    return max(2 * batch_size, 4)
+
+
+def _batches_ahead(batch_sizes: Sequence[int], size: int) -> int:
+    """How many batches of ``size`` images to keep queued: each worker holds its decoding window
+    plus the batch it prepares ahead and the one it assembles before it answers, so fewer queued
+    than all of them together could leave every worker waiting for more while the parent waits
+    for an answer."""
+    return sum(-(-(_decode_window(b) + 2 * size) // size) for b in batch_sizes) + 1
+
+
 def _worker_run(index: int, config_data: dict[str, Any], control: Any, tasks: Any, results: Any,
                 threads: int) -> None:
     import torch
@@ -167,7 +183,7 @@ def _worker_run(index: int, config_data: dict[str, Any], control: Any, tasks: An
             order.append((batch_id, len(batch_items)))
             yield from batch_items
 
-    decoded = prefetch(items(), runtime.max_pixels, runtime.num_workers, max(2 * extractor.batch_size, 4),
+    decoded = prefetch(items(), runtime.max_pixels, runtime.num_workers, _decode_window(extractor.batch_size),
                        perturbation, runtime.max_file_bytes, start["exif_transpose"])
     ids: deque[int] = deque()
 
@@ -293,12 +309,14 @@ def extract_multi(inputs: Iterable[str | Path], out: str | Path, config: Extract
         StoreError, DeviceMemoryError as the local engine raises them (a worker's error ends
         the run, finished batches stay in the store); TidyError when a worker process dies.
     """
-    from tidy_detect.data.selection import select_inputs
+    from tidy_detect.data.selection import ItemStream, select_inputs
 
     devices = check_devices(config.runtime.devices)
     selection = select_inputs(inputs, layout=layout, split=split, exclude=exclude, pairing=pairing,
                               max_per_class=max_per_class, per_class=per_class, seed=seed, limit=limit,
-                              source_options=source_options)
+                              source_options=source_options, stream=True)
+    if isinstance(selection.items, ItemStream):
+        selection.items.check()  # bad inputs are refused before a worker loads its models
     workers = _Workers(devices, config)
     try:
         described = workers.descriptions()
@@ -322,32 +340,50 @@ def extract_multi(inputs: Iterable[str | Path], out: str | Path, config: Extract
         workers.stop()
 
 
-def _run_locked(items: Sequence[ImageItem], store: FeatureStore, workers: _Workers, described: list[dict[str, Any]],
+def _run_locked(items: Iterable[ImageItem], store: FeatureStore, workers: _Workers, described: list[dict[str, Any]],
                 progress: ProgressFn | None, retry_errors: bool, ignored_files: int, exif: str
                 ) -> MultiExtractionSummary:
-    summary = MultiExtractionSummary(store=getattr(store, "uri", None) or str(store.path), total=len(items),
-                                     ignored_files=ignored_files)
+    summary = MultiExtractionSummary(store=getattr(store, "uri", None) or str(store.path), ignored_files=ignored_files)
     started = time.perf_counter()
     run_record = {"started": utc_now(), "engine": "local", **described[0]["runtime"], "exif_orientation": exif,
                   "devices": workers.devices, "per_device": [d["runtime"] for d in described]}
     plan = pending_items(items, store, retry_errors, workers=4, summary=summary)
+    listing = getattr(items, "summary", None)  # a streamed input counts its ignored files as it is listed
+    if listing is not None:
+        summary.ignored_files = listing.ignored_files
     labels = LabelCheck(plan.known_content)
     # One batch size for all (the smallest any device chose), so that batches are whole for each.
     size = min(d["batch_size"] for d in described)
-    batches = [plan.todo[i:i + size] for i in range(0, len(plan.todo), size)]
+    batches = enumerate(in_chunks(plan.todo, size))
     perturbation = store.config.get("perturbation")
     for control in workers.controls:
         control.put({"perturbation": perturbation, "exif_transpose": exif == "apply"})
-    for batch_id, batch in enumerate(batches):
-        workers.tasks.put((batch_id, batch))
-    for _ in workers.processes:
-        workers.tasks.put(None)
+    # Batches are queued as workers finish others, a few ahead of them: a streamed input is never
+    # held whole, neither here nor in the queue.
+    ahead = _batches_ahead([d["batch_size"] for d in described], size)
+    sent = remaining = 0
+    listed = False
+
+    def feed() -> None:
+        nonlocal sent, remaining, listed
+        while not listed and remaining < ahead:
+            batch = next(batches, None)
+            if batch is None:
+                listed = True
+                for _ in workers.processes:
+                    workers.tasks.put(None)
+                return
+            workers.tasks.put(batch)
+            sent += 1
+            remaining += 1
+
     done_count = summary.skipped
     if progress:
         progress(done_count, summary.total, summary)
-    remaining = len(batches)
     with recording_run(store, run_record, summary, started):
-        while remaining or len(workers.done) < len(workers.processes):
+        feed()
+        while remaining or not listed or len(workers.done) < len(workers.processes):
+            feed()
             message = workers.receive(LOAD_TIMEOUT_SECONDS)
             kind, index = message[0], message[1]
             if kind == "failed":

@@ -564,7 +564,8 @@ def prefetch(items: Iterable[ImageItem], max_pixels: int, workers: int, window: 
                 future.cancel()
 
 
-def _chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
+def in_chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Lists of ``size`` items of ``iterable`` (the last one shorter), taken as they come."""
     chunk: list[Any] = []
     for x in iterable:
         chunk.append(x)
@@ -838,7 +839,7 @@ def iter_decoded(items: Iterable[ImageItem], extractor: Extractor, perturbation:
     window = max(2 * size, 4)
     decoded = prefetch(items, runtime.max_pixels, runtime.num_workers, window, perturbation, runtime.max_file_bytes,
                        exif_transpose)
-    yield from _chunks(decoded, size)
+    yield from in_chunks(decoded, size)
 
 
 def with_prepared(extractor: Extractor, batches: Iterable[DecodedBatch]
@@ -1065,7 +1066,7 @@ def _write_copies(store: FeatureStore, extractor: Extractor, deferred: list[Copy
         rows.append({**source, "path": item.path, "label": item.label, "group": item.group, "stat": copy.stat})
         summary.copied += 1
     decode = decode or (lambda item: _decode(item, extractor.config.runtime.max_pixels))
-    for chunk in _chunks(redo, extractor.batch_size):
+    for chunk in in_chunks(redo, extractor.batch_size):
         rows.extend(rows_for_batch(extractor, [(item, *decode(item)) for item in chunk], summary))
     if labels is not None:
         labels.check(rows, summary)
