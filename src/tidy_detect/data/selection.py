@@ -90,8 +90,8 @@ def select_inputs(inputs: Iterable[str | Path], *, layout: str | None = None, sp
         limit: keep at most this many images (in order, after sampling).
         source_options: which columns of tables (fields of WebDataset samples) hold what.
         stream: when the INPUTs are read generically and not sampled, ``items`` is an
-            :class:`ItemStream` (listed as it is iterated) instead of a list; layouts and
-            sampling need the whole list, so they always give one.
+            :class:`ItemStream` (listed as it is iterated, and once here to check it) instead of
+            a list; layouts and sampling need the whole list, so they always give one.
 
     Raises:
         ConfigError: both sampling options, or dataset options without a layout.
@@ -112,7 +112,9 @@ def select_inputs(inputs: Iterable[str | Path], *, layout: str | None = None, sp
     if stream and layout is None and max_per_class is None and per_class is None:
         if exclude or pairing:
             raise ConfigError("exclude and pairing need a dataset layout (--layout auto or a name)")
-        return Selection(ItemStream(inputs, source_options, split, limit))
+        stream = ItemStream(inputs, source_options, split, limit)
+        stream.check()  # what cannot be listed is refused now, before a caller loads models or makes a store
+        return Selection(stream, ignored_files=stream.summary.ignored_files)
     summary = InputSummary()
     found_pairing: dict[str, str] = {}
     found_datasets: dict[str, str] = {}

@@ -198,11 +198,8 @@ def container_name(container: str | Path) -> str:
     return text if remote.is_uri(text) else os.path.abspath(text)
 
 
-_absolute = container_name
-
-
 def make_identity(container: str | Path, member: str | int) -> str:
-    return f"{_absolute(container)}{SEPARATOR}{member}"
+    return f"{container_name(container)}{SEPARATOR}{member}"
 
 
 # Local containers seen to be files with no folder "NAME!" beside them (so no path through them
@@ -279,7 +276,7 @@ def iter_source(path: str | Path, options: SourceOptions | None = None,
     Raises:
         InputError: as :func:`list_source`; a table's damage may be found while iterating.
     """
-    return _container(_absolute(path)).records(options or SourceOptions(), class_names or {})
+    return _container(container_name(path)).records(options or SourceOptions(), class_names or {})
 
 
 def archive_members(path: str | Path) -> list[str]:
@@ -289,7 +286,7 @@ def archive_members(path: str | Path) -> list[str]:
     Raises:
         InputError: as :func:`list_source`, or the file is a table.
     """
-    container = _container(_absolute(path))
+    container = _container(container_name(path))
     if not isinstance(container, _Archive):
         raise InputError(f"{path}: a table, not an archive of files")
     return container.member_names()

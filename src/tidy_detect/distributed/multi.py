@@ -309,14 +309,12 @@ def extract_multi(inputs: Iterable[str | Path], out: str | Path, config: Extract
         StoreError, DeviceMemoryError as the local engine raises them (a worker's error ends
         the run, finished batches stay in the store); TidyError when a worker process dies.
     """
-    from tidy_detect.data.selection import ItemStream, select_inputs
+    from tidy_detect.data.selection import select_inputs
 
     devices = check_devices(config.runtime.devices)
     selection = select_inputs(inputs, layout=layout, split=split, exclude=exclude, pairing=pairing,
                               max_per_class=max_per_class, per_class=per_class, seed=seed, limit=limit,
-                              source_options=source_options, stream=True)
-    if isinstance(selection.items, ItemStream):
-        selection.items.check()  # bad inputs are refused before a worker loads its models
+                              source_options=source_options, stream=True)  # checked: refused before workers start
     workers = _Workers(devices, config)
     try:
         described = workers.descriptions()
@@ -348,9 +346,6 @@ def _run_locked(items: Iterable[ImageItem], store: FeatureStore, workers: _Worke
     run_record = {"started": utc_now(), "engine": "local", **described[0]["runtime"], "exif_orientation": exif,
                   "devices": workers.devices, "per_device": [d["runtime"] for d in described]}
     plan = pending_items(items, store, retry_errors, workers=4, summary=summary)
-    listing = getattr(items, "summary", None)  # a streamed input counts its ignored files as it is listed
-    if listing is not None:
-        summary.ignored_files = listing.ignored_files
     labels = LabelCheck(plan.known_content)
     # One batch size for all (the smallest any device chose), so that batches are whole for each.
     size = min(d["batch_size"] for d in described)

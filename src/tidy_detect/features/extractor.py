@@ -609,9 +609,6 @@ def _run_locked(items: Iterable[ImageItem], store: FeatureStore, extractor: Extr
     run_record = {"started": utc_now(), "engine": engine, **extractor.runtime_info(), "exif_orientation": exif}
     plan = pending_items(items, store, retry_errors, workers=extractor.config.runtime.num_workers,
                          max_bytes=extractor.config.runtime.max_file_bytes, summary=summary)
-    listing = getattr(items, "summary", None)  # a streamed input counts its ignored files as it is listed
-    if listing is not None:
-        summary.ignored_files = listing.ignored_files
     todo, known_content = plan.todo, plan.known_content
     labels = LabelCheck(known_content)
     deferred: list[Copy] = []  # same content as a row written earlier
@@ -1147,14 +1144,12 @@ def extract(inputs: Iterable[str | Path], out: str | Path, config: ExtractionCon
     Raises:
         InputError, ModelLoadError, StoreError, ConfigError.
     """
-    from tidy_detect.data.selection import ItemStream, select_inputs
+    from tidy_detect.data.selection import select_inputs
 
     selection = select_inputs(inputs, layout=layout, split=split, exclude=exclude, pairing=pairing,
                               max_per_class=max_per_class, per_class=per_class, seed=seed, limit=limit,
                               source_options=source_options, stream=True)
     items = selection.items  # generic inputs stream: listed to plan, and again to extract (see pending_items)
-    if isinstance(items, ItemStream):
-        items.check()  # a damaged source or a bad manifest is refused before any model loads or store is made
     extractor = extractor or Extractor(config)
     extractor.load()
     store = FeatureStore.open_for_writing(out, extractor.extraction, extractor.dim,
