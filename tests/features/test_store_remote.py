@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -105,6 +106,24 @@ def _row(i: int, rng=np.random.default_rng(0)) -> dict:
             "error_kind": None}
 
 
+def _duckdb_with_httpfs(s3):
+    """A DuckDB connection with its httpfs extension loaded from the ``duckdb-extension-httpfs`` wheel
+    (the test extra pins the DuckDB release that wheel is built for) and a secret for the endpoint."""
+    import duckdb
+    import duckdb_extension_httpfs
+
+    wheel = Path(duckdb_extension_httpfs.__file__).parent / "extensions" / f"v{duckdb.__version__}"
+    extension = wheel / "httpfs.duckdb_extension"
+    assert extension.is_file(), f"no httpfs extension for DuckDB {duckdb.__version__} in {wheel.parent}"
+    con = duckdb.connect()
+    con.execute(f"INSTALL '{extension}'")
+    con.execute("LOAD httpfs")
+    host = s3.endpoint.removeprefix("http://")
+    con.execute(f"""CREATE SECRET (TYPE s3, KEY_ID 'testing', SECRET 'testing', REGION 'us-east-1',
+                    ENDPOINT '{host}', URL_STYLE 'path', USE_SSL false)""")
+    return con
+
+
 def _rows_by_path(store: FeatureStore) -> dict[str, dict]:
     rows: dict[str, dict] = {}
     for row in store.rows():
@@ -187,8 +206,14 @@ def test_every_store_command_works_at_an_s3_uri_and_matches_a_local_store(s3, ti
     frame = pd.read_parquet(f"{uri}/shards/", storage_options=_pandas_options(s3))
     assert len(frame) == 8 and frame["path"].is_unique
     assert pl.read_parquet(f"{uri}/shards/*.parquet", storage_options=_polars_options(s3)).height == 8
-    # DuckDB reads S3 with its httpfs extension, which cannot be installed here; through an fsspec
-    # filesystem registered with it, it reads the same URI
+    # DuckDB with its own S3 reader (httpfs: the extension from PyPI, as it cannot be downloaded here),
+    # the glob listed by DuckDB itself
+    con = _duckdb_with_httpfs(s3)
+    query = f"""select "group", label, count(*) from read_parquet('{uri}/shards/*.parquet')
+                where error is null group by all order by all"""
+    counts = Counter((row["group"], row["label"]) for row in expected.values())
+    assert con.sql(query).fetchall() == sorted((group, label, n) for (group, label), n in counts.items())
+    # and through an fsspec filesystem registered with the connection, the way without the extension
     con = duckdb.connect()
     con.register_filesystem(s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3.endpoint}))
     count = con.sql(f"select count(*) from read_parquet('{uri}/shards/*.parquet') where error is null").fetchall()
@@ -255,6 +280,8 @@ def test_readers_never_see_half_a_shard_while_a_writer_writes(s3):
         finally:
             finished.set()
 
+    duck = _duckdb_with_httpfs(s3)
+    duck.execute("SET enable_http_metadata_cache = false")  # list the shards anew on every query
     seen = []
     writer = threading.Thread(target=write)
     writer.start()
@@ -265,7 +292,9 @@ def test_readers_never_see_half_a_shard_while_a_writer_writes(s3):
             if reader.shards() else pd.DataFrame({"path": []})
         polars_rows = pl.read_parquet(f"{uri}/shards/*.parquet", storage_options=_polars_options(s3)).height \
             if reader.shards() else 0
-        for n in (table.num_rows, len(frame), polars_rows):
+        duckdb_rows = duck.sql(f"select count(*) from read_parquet('{uri}/shards/*.parquet')").fetchone()[0] \
+            if reader.shards() else 0
+        for n in (table.num_rows, len(frame), polars_rows, duckdb_rows):
             assert n % per_shard == 0, n  # whole shards only
         assert table["global_image"].null_count == 0 and table["local_images"].null_count == 0
         assert len(set(table["path"].to_pylist())) == table.num_rows

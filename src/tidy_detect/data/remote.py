@@ -6,7 +6,8 @@ An INPUT (or a manifest's ``path``) may be a URI instead of a local path:
   filesystems. Credentials come the usual way and never from the command line: for S3 the AWS
   environment variables, ``~/.aws/credentials`` / ``~/.aws/config`` (``AWS_PROFILE``) or the
   instance's role; ``AWS_ENDPOINT_URL`` points at another S3-compatible endpoint (MinIO, Ceph).
-  For GCS, Google's application default credentials.
+  For GCS, Google's application default credentials; ``STORAGE_EMULATOR_HOST`` (as Google's client
+  libraries read it) points at an emulator, without credentials.
 - ``hf://datasets/ORG/NAME/PATH`` through ``huggingface_hub``'s ``HfFileSystem``, and any other
   protocol an installed fsspec implementation registers, each wrapped as a pyarrow filesystem
   (``PyFileSystem(FSSpecHandler(...))``).
@@ -49,7 +50,9 @@ STAT_TTL_S = 600.0  # how long a stat seen in a listing stands for the object
 # What decides which endpoint and credentials a filesystem object uses: a change (another test
 # server, another profile) must build a new one, not reuse a cached one.
 _ENVIRONMENT = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION",
-                "AWS_ACCESS_KEY_ID", "GOOGLE_APPLICATION_CREDENTIALS", "HF_ENDPOINT", "HF_TOKEN")
+                "AWS_ACCESS_KEY_ID", "GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST", "HF_ENDPOINT",
+                "HF_TOKEN")
+GCS_EMULATOR_ENV = "STORAGE_EMULATOR_HOST"  # what Google's client libraries and gcsfs read for a GCS emulator
 
 
 def scheme_of(text: str) -> str | None:
@@ -138,6 +141,25 @@ def resolve(uri: str) -> tuple[Any, str]:
     return fs, _path_in(prefix, scheme, rest)
 
 
+def gcs_emulator(uri: str) -> Any | None:
+    """pyarrow's GCS filesystem for the emulator ``STORAGE_EMULATOR_HOST`` names (``http://HOST:PORT``,
+    as Google's client libraries take it; no scheme means http), without credentials; None when the
+    variable is unset (then Google's application default credentials and endpoint apply).
+
+    Raises:
+        InputError: the variable is not ``[http[s]://]HOST:PORT``.
+    """
+    import pyarrow.fs as pafs
+
+    value = os.environ.get(GCS_EMULATOR_ENV, "").strip()
+    if not value:
+        return None
+    parsed = urllib.parse.urlsplit(value if "://" in value else f"http://{value}")
+    if parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.path.strip("/"):
+        raise InputError(f"{uri}: {GCS_EMULATOR_ENV} must be [http[s]://]HOST:PORT, got {value!r}")
+    return pafs.GcsFileSystem(anonymous=True, endpoint_override=parsed.netloc, scheme=parsed.scheme)
+
+
 def _path_in(prefix: str, scheme: str, rest: str) -> str:
     # pyarrow's S3/GCS filesystems take "bucket/key"; fsspec's take what their _strip_protocol gives
     # for the bucket (kept in ``prefix``) followed by the rest of the path.
@@ -151,6 +173,9 @@ def _make_filesystem(uri: str, scheme: str) -> tuple[Any, str]:
     import pyarrow.fs as pafs
 
     if scheme in NATIVE_SCHEMES:
+        emulated = gcs_emulator(uri) if scheme in ("gs", "gcs") else None
+        if emulated is not None:
+            return emulated, ""
         try:
             fs, _ = pafs.FileSystem.from_uri(uri)
         except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError

@@ -389,7 +389,11 @@ class ObjectLocation(StoreLocation):
         uri = head + sep + query
         scheme = _SCHEME.match(uri).group(1).lower()  # type: ignore[union-attr]
         try:
-            filesystem, root = pafs.FileSystem.from_uri(uri)
+            emulated = _gcs_emulator(uri) if scheme in ("gs", "gcs") and not query else None
+            if emulated is not None:
+                filesystem, root = emulated, head.split("://", 1)[1]
+            else:
+                filesystem, root = pafs.FileSystem.from_uri(uri)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
             filesystem, root = _fsspec_filesystem(uri, scheme, exc)
         except OSError as exc:
@@ -469,7 +473,8 @@ class ObjectLocation(StoreLocation):
 
     def read_bytes(self, name: str) -> bytes:
         try:
-            with self.filesystem.open_input_stream(self._key(name)) as handle:
+            # the bytes as stored (pyarrow would otherwise decompress a name ending in .gz, .bz2, ...)
+            with self.filesystem.open_input_stream(self._key(name), compression=None) as handle:
                 return handle.read()
         except OSError as exc:
             raise self._fail("reading", name, exc) from exc
@@ -477,7 +482,7 @@ class ObjectLocation(StoreLocation):
     def write_bytes(self, name: str, data: bytes) -> None:
         # One object, whole: a PUT (or a multipart upload) appears complete or not at all.
         try:
-            with self.filesystem.open_output_stream(self._key(name)) as handle:
+            with self.filesystem.open_output_stream(self._key(name), compression=None) as handle:
                 handle.write(data)
         except OSError as exc:
             raise self._fail("writing", name, exc) from exc
@@ -588,6 +593,17 @@ class ObjectLocation(StoreLocation):
             endpoint = f"{params.get('scheme', 'https')}://{endpoint}"
         return S3ConditionalWrites(bucket, prefix, region=getattr(self.filesystem, "region", None) or None,
                                    endpoint=endpoint)
+
+
+def _gcs_emulator(uri: str) -> Any | None:
+    """The GCS emulator's filesystem when ``STORAGE_EMULATOR_HOST`` is set (as for inputs)."""
+    from tidy_detect.data.remote import gcs_emulator
+    from tidy_detect.errors import InputError
+
+    try:
+        return gcs_emulator(uri)
+    except InputError as exc:
+        raise StoreError(str(exc)) from None
 
 
 def _fsspec_filesystem(uri: str, scheme: str, reason: BaseException) -> tuple[Any, str]:
