@@ -269,6 +269,61 @@ def test_detect_cli_cascade(trained, tmp_path):
     assert {r["stage"] for r in records} <= {"global", "full"} and "cascade:" in result.stderr
 
 
+def test_detect_streams_records_so_a_run_stopped_half_way_keeps_what_it_scored(trained, tmp_path, monkeypatch):
+    """Records go out batch by batch: when the run fails at its third batch, the first two
+    batches' records are in the file already (jsonl line by line, json as a closed array), and
+    detect never asked for its inputs as a list."""
+    import tidy_detect.data.inputs as inputs_module
+
+    real = Detector.score_batch
+    calls = {"n": 0}
+
+    def failing(self, batch, summary=None):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("the GPU fell off the bus")
+        return real(self, batch, summary)
+
+    monkeypatch.setattr(Detector, "score_batch", failing)
+    monkeypatch.setattr(inputs_module, "collect_inputs", lambda *a, **k: pytest.fail("detect listed its inputs whole"))
+    for fmt in ("jsonl", "json", "csv"):
+        calls["n"] = 0
+        out = tmp_path / f"partial.{fmt}"
+        result = _invoke_detect(trained, "--out", str(out), "--batch-size", "2")
+        assert result.exit_code == 70 and "fell off the bus" in result.output, result.output  # internal error
+        text = out.read_text()
+        if fmt == "jsonl":
+            paths = [json.loads(line)["path"] for line in text.splitlines()]
+        elif fmt == "json":
+            paths = [r["path"] for r in json.loads(text)]
+        else:
+            paths = [row["path"] for row in csv.DictReader(io.StringIO(text))]
+        assert len(paths) == 4 and len(set(paths)) == 4, (fmt, text[:500])
+
+
+def test_detect_save_store_scores_only_its_inputs_each_once(trained, tmp_path):
+    """With --save-store the records are read back from the store in one pass, batch by batch:
+    the store's other rows are not reported, and each input path has one record, scored as
+    without a store."""
+    store = tmp_path / "shared"
+    other = tmp_path / "other"
+    make_tree(other, {"else": 2}, seed=9)
+    assert runner.invoke(app, ["detect", str(other), "--head", str(trained["head"]), "-f", "json",
+                               "--save-store", str(store)]).exit_code == 0
+    folder = trained["root"] / "tree" / "gen" / "1_fake"
+    saved = runner.invoke(app, ["detect", str(folder), "--head", str(trained["head"]), "-f", "jsonl",
+                                "--save-store", str(store), "--batch-size", "2"])
+    assert saved.exit_code == 0, saved.output
+    plain = runner.invoke(app, ["detect", str(folder), "--head", str(trained["head"]), "-f", "jsonl"])
+    got = [json.loads(line) for line in saved.stdout.splitlines()]
+    want = {r["path"]: r["p_fake"] for r in map(json.loads, plain.stdout.splitlines())}
+    assert len(got) == 6 and {r["path"]: r["p_fake"] for r in got} == pytest.approx(want)
+    assert len(FeatureStore(store)) == 6 + len(list(other.rglob("*.png")))
+    batches = list(FeatureStore(store).iter_rows_among(want, batch_size=4))
+    assert [len(b) for b in batches] and all(len(b) <= 4 for b in batches)
+    assert sorted(r["path"] for b in batches for r in b) == sorted(want)
+
+
 def test_detect_exit_codes_say_when_nothing_was_scored(trained, tmp_path):
     from typer.testing import CliRunner
 

@@ -47,7 +47,7 @@ from tidy_detect.data.inputs import ImageItem
 from tidy_detect.errors import CheckpointError, ConfigError, ImageError
 from tidy_detect.features import discrepancy
 from tidy_detect.features.extractor import ExtractionSummary, Extractor, iter_decoded, rows_for_batch
-from tidy_detect.features.store import DTYPE_HINT, extraction_mismatches
+from tidy_detect.features.store import DTYPE_HINT, FeatureStore, extraction_mismatches
 from tidy_detect.head import DiscrepancyHead, OneClassHead, load_head
 from tidy_detect.images import LoadedImage, load_image
 from tidy_detect.provenance import ProvenanceOptions, not_read, read_provenance
@@ -355,6 +355,16 @@ class Detector:
                 for record, future in zip(records, pending):
                     record["provenance"] = future.result()
                 yield records
+
+    def detect_stored(self, store: FeatureStore, paths: Iterable[str]) -> Iterator[list[dict[str, Any]]]:
+        """Records for the rows of ``store`` whose path is among ``paths``, batch by batch in the
+        store's order, each path once, with each file's provenance read in worker threads: scoring
+        what a run saved without holding its rows."""
+        workers = max(1, self.extractor.config.runtime.num_workers)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tidy-provenance") as pool:
+            for rows in store.iter_rows_among(paths, batch_size=max(64, self.extractor.batch_size)):
+                provenance = list(pool.map(self.read_provenance, [row["path"] for row in rows]))
+                yield self.score_rows(rows, provenance=provenance)
 
     def provenance_for(self, items: Sequence[ImageItem]) -> list[dict[str, Any]]:
         """The provenance records of image items, in order (read in worker threads)."""

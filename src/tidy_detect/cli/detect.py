@@ -55,7 +55,7 @@ def detect_cmd(
     no image was found or none could be scored (after writing the records), 9 with --fail-on-error
     when any could not.
     """
-    from tidy_detect.data.inputs import collect_inputs
+    from tidy_detect.data.selection import ItemStream
     from tidy_detect.detect import Detector
     from tidy_detect.errors import ConfigError
 
@@ -73,9 +73,10 @@ def detect_cmd(
     from tidy_detect.provenance import ProvenanceOptions
 
     provenance = ProvenanceOptions.from_env(provenance_mode, c2pa_trust)
-    items = collect_inputs(inputs, options=source_options(image_column, label_column, group_column, caption_column),
-                           split=split)
-    if not items:
+    # listed as it is read, never held: a folder of a million images costs no list of them
+    items = ItemStream(inputs, source_options(image_column, label_column, group_column, caption_column), split)
+    total = items.check()
+    if not total:
         from tidy_detect.errors import NothingProcessedError
 
         raise NothingProcessedError(f"no images found in {', '.join(inputs)} (folders are searched for image "
@@ -85,8 +86,7 @@ def detect_cmd(
                              threshold=threshold, compile=compile_, cascade_head=cascade_head, band=(low, high),
                              clip=clip, captioner_model=captioner_model, grounder_model=grounder_model,
                              speedups=not no_speedups, provenance=provenance)
-    records = []
-    with extraction_progress("detecting") as progress:
+    with RecordWriter(fmt, out_file) as records, extraction_progress("detecting") as progress:
         if save_store is not None:
             from tidy_detect.features.extractor import run_extraction
             from tidy_detect.features.store import FeatureStore
@@ -94,18 +94,16 @@ def detect_cmd(
             store = FeatureStore.open_for_writing(save_store, detector.extractor.extraction, detector.extractor.dim,
                                                   accept_dtype=allow_dtype_mismatch)
             run_extraction(items, store, detector.extractor, progress=progress)
-            rows = store.rows_for_paths(item.path for item in items)
-            records = detector.score_rows([rows[item.path] for item in items],
-                                          provenance=detector.provenance_for(items))
+            for batch in detector.detect_stored(store, (item.path for item in items)):
+                records.add(batch)
         else:
             from tidy_detect.features.extractor import ExtractionSummary
 
-            summary = ExtractionSummary(total=len(items))
-            progress(0, len(items), summary)  # the rate counts from here, not from the first batch
+            summary = ExtractionSummary(total=total)
+            progress(0, total, summary)  # the rate counts from here, not from the first batch
             for batch in detector.detect_items(items, summary):
-                records.extend(batch)
-                progress(len(records), len(items), summary)
-    write_records(records, fmt, out_file)
+                records.add(batch)
+                progress(records.count, total, summary)
     if detector.cascade is not None:
         c = detector.cascade
         err.print(f"cascade: {c.escalated} of {c.images} images ({c.fraction_escalated:.1%}) were in the band "
@@ -113,87 +111,153 @@ def detect_cmd(
     check_records(records, fail_on_error)
 
 
-def check_records(records: list, fail_on_error: bool) -> None:
+def check_records(records: "RecordWriter", fail_on_error: bool) -> None:
     """The exit status of `detect`: 8 when nothing was scored, 9 for any error with --fail-on-error."""
     from tidy_detect.errors import InputsFailedError, NothingProcessedError
 
-    failed = [r for r in records if r.get("error")]
-    if not records:
+    if not records.count:
         raise NothingProcessedError("no images found in the inputs given (folders are searched for image "
                                     "suffixes such as .jpg, .png, .webp)")
-    if len(failed) == len(records):
-        raise NothingProcessedError(f"none of the {len(records)} images could be scored; first error: "
-                                    f"{failed[0]['error']}")
-    if fail_on_error and failed:
-        raise InputsFailedError(f"{len(failed)} of the {len(records)} images could not be scored (first: "
-                                f"{failed[0]['error']}) and --fail-on-error was given")
+    if records.errors == records.count:
+        raise NothingProcessedError(f"none of the {records.count} images could be scored; first error: "
+                                    f"{records.first_error}")
+    if fail_on_error and records.errors:
+        raise InputsFailedError(f"{records.errors} of the {records.count} images could not be scored (first: "
+                                f"{records.first_error}) and --fail-on-error was given")
+
+
+CSV_COLUMNS = ["path", "sha256", "p_fake", "label", "caption", "global_discrepancy", "n_objects", "top_object",
+               "top_object_discrepancy", "objects", "error", "provenance_declares_ai", "provenance_verified",
+               "provenance_summary", "provenance"]
+
+
+class RecordWriter:
+    """Detection records in one of FORMATS, written as they come.
+
+    ``jsonl`` and ``csv`` go out a line per record and ``json`` as one array, a record at a time,
+    to the file (or stdout), flushed after each batch: a folder of a million images never holds its
+    records, and a run stopped half-way keeps every record scored so far (the array is closed even
+    then). ``table`` is printed whole at the end, so it keeps its rows: it is for a screenful of
+    images; use jsonl or csv for folders. Counts what the exit status and the closing lines need.
+    """
+
+    def __init__(self, fmt: str, out_file: Optional[Path]) -> None:
+        self.fmt, self.out_file = fmt, out_file
+        self.count = self.errors = self.fakes = self.declared = 0
+        self.first_error: Optional[str] = None
+        self.random_weights = False
+        self._table_rows: list = []
+        self._handle = None
+        self._csv = None
+
+    def __enter__(self) -> "RecordWriter":
+        if self.fmt == "table":
+            return self
+        if self.out_file:
+            self.out_file.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = self.out_file.open("w", encoding="utf-8", newline="")
+        else:
+            self._handle = sys.stdout
+        if self.fmt == "csv":
+            import csv
+
+            self._csv = csv.writer(self._handle)
+            self._csv.writerow(CSV_COLUMNS)
+        elif self.fmt == "json":
+            self._handle.write("[")
+        return self
+
+    def add(self, records: list) -> None:
+        for r in records:
+            self._count(r)
+            if self.fmt == "table":
+                self._table_rows.append(_table_row(r))
+            elif self.fmt == "json":
+                import textwrap
+
+                self._handle.write(("\n" if self.count == 1 else ",\n") + textwrap.indent(json.dumps(r, indent=2), "  "))
+            elif self.fmt == "jsonl":
+                self._handle.write(json.dumps(r) + "\n")
+            else:
+                self._csv.writerow(_csv_row(r))
+        if self._handle is not None:
+            self._handle.flush()
+
+    def _count(self, r: dict) -> None:
+        self.count += 1
+        if r["error"]:
+            self.errors += 1
+            self.first_error = self.first_error or r["error"]
+        elif r["label"] == "fake":
+            self.fakes += 1
+        if (r.get("provenance") or {}).get("declares_ai") is True:
+            self.declared += 1
+        self.random_weights = self.random_weights or bool(r.get("random_weights"))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fmt == "table":
+            self._print_table()
+            return
+        if self.fmt == "json":
+            self._handle.write("\n]\n" if self.count else "]\n")
+        if self.out_file:
+            self._handle.close()
+            err.print(f"wrote {self.count} records to {self.out_file}")
+        else:
+            self._handle.flush()
+
+    def _print_table(self) -> None:
+        table = Table(show_lines=False, title="[yellow]RANDOM-WEIGHT MODELS: verdicts are meaningless[/]"
+                      if self.random_weights else None)
+        for col in ("image", "verdict", "p_fake", "caption", "most telling object", "global", "provenance"):
+            table.add_column(col, overflow="fold")
+        for row in self._table_rows:
+            table.add_row(*row)
+        if self.out_file:
+            self.out_file.parent.mkdir(parents=True, exist_ok=True)
+            with self.out_file.open("w", encoding="utf-8") as handle:
+                Console(file=handle, width=160).print(table)
+        else:
+            out.print(table)
+        err.print(f"{self.count} images: {self.fakes} fake, {self.count - self.fakes - self.errors} real, "
+                  f"{self.errors} errors")
+        if self.declared:
+            err.print(f"provenance: {self.declared} of {self.count} files declare generative AI in their own "
+                      f"metadata (see --format json for the evidence; it is not part of the verdict)", highlight=False)
+        if self.random_weights:
+            err.print("[bold yellow]random weights:[/] these models are the tiny test bundle (or others with random "
+                      "weights); the verdicts above mean nothing about the images", highlight=False)
 
 
 def write_records(records: list, fmt: str, out_file: Optional[Path]) -> None:
     """Print or save detection records in one of FORMATS."""
+    with RecordWriter(fmt, out_file) as writer:
+        writer.add(records)
+
+
+def _table_row(r: dict) -> tuple:
     from tidy_detect.detect import top_object
     from tidy_detect.provenance import short_label
 
-    if fmt == "table":
-        random_weights = any(r.get("random_weights") for r in records)
-        table = Table(show_lines=False,
-                      title="[yellow]RANDOM-WEIGHT MODELS: verdicts are meaningless[/]" if random_weights else None)
-        for col in ("image", "verdict", "p_fake", "caption", "most telling object", "global", "provenance"):
-            table.add_column(col, overflow="fold")
-        for r in records:
-            name = Path(r["path"]).name if not r["path"].startswith("<") else r["path"]
-            origin = short_label(r.get("provenance"))
-            if r["error"]:
-                table.add_row(name, "[red]error", "-", r["error"], "", "", origin)
-                continue
-            top = top_object(r)
-            verdict = "[red]fake" if r["label"] == "fake" else "[green]real"
-            caption = r["caption"] if len(r["caption"]) <= 70 else r["caption"][:67] + "..."
-            table.add_row(name, verdict, f"{r['p_fake']:.3f}", caption,
-                          f"{top['phrase']} ({top['discrepancy']:.3f})" if top else "-", f"{r['global_discrepancy']:.3f}",
-                          origin)
-        if out_file:
-            with out_file.open("w", encoding="utf-8") as handle:
-                Console(file=handle, width=160).print(table)
-        else:
-            out.print(table)
-        errors = sum(1 for r in records if r["error"])
-        fakes = sum(1 for r in records if r["label"] == "fake")
-        err.print(f"{len(records)} images: {fakes} fake, {len(records) - fakes - errors} real, {errors} errors")
-        declared = sum(1 for r in records if (r.get("provenance") or {}).get("declares_ai") is True)
-        if declared:
-            err.print(f"provenance: {declared} of {len(records)} files declare generative AI in their own metadata "
-                      f"(see --format json for the evidence; it is not part of the verdict)", highlight=False)
-        if random_weights:
-            err.print("[bold yellow]random weights:[/] these models are the tiny test bundle (or others with random "
-                      "weights); the verdicts above mean nothing about the images", highlight=False)
-        return
-    if fmt == "json":
-        text = json.dumps(records, indent=2) + "\n"
-    elif fmt == "jsonl":
-        text = "".join(json.dumps(r) + "\n" for r in records)
-    else:
-        import csv
-        import io
+    name = Path(r["path"]).name if not r["path"].startswith("<") else r["path"]
+    origin = short_label(r.get("provenance"))
+    if r["error"]:
+        return (name, "[red]error", "-", r["error"], "", "", origin)
+    top = top_object(r)
+    verdict = "[red]fake" if r["label"] == "fake" else "[green]real"
+    caption = r["caption"] if len(r["caption"]) <= 70 else r["caption"][:67] + "..."
+    return (name, verdict, f"{r['p_fake']:.3f}", caption,
+            f"{top['phrase']} ({top['discrepancy']:.3f})" if top else "-", f"{r['global_discrepancy']:.3f}", origin)
 
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["path", "sha256", "p_fake", "label", "caption", "global_discrepancy", "n_objects",
-                         "top_object", "top_object_discrepancy", "objects", "error", "provenance_declares_ai",
-                         "provenance_verified", "provenance_summary", "provenance"])
-        for r in records:
-            top = top_object(r)
-            writer.writerow([r["path"], r["sha256"] or "", "" if r["p_fake"] is None else r["p_fake"], r["label"] or "",
-                             r["caption"] or "", "" if r["global_discrepancy"] is None else r["global_discrepancy"],
-                             len(r["objects"]), top["phrase"] if top else "", top["discrepancy"] if top else "",
-                             json.dumps(r["objects"]), r["error"] or "", *_provenance_columns(r.get("provenance"))])
-        text = buffer.getvalue()
-    if out_file:
-        out_file.parent.mkdir(parents=True, exist_ok=True)
-        out_file.write_text(text, encoding="utf-8")
-        err.print(f"wrote {len(records)} records to {out_file}")
-    else:
-        sys.stdout.write(text)
+
+def _csv_row(r: dict) -> list:
+    from tidy_detect.detect import top_object
+
+    top = top_object(r)
+    return [r["path"], r["sha256"] or "", "" if r["p_fake"] is None else r["p_fake"], r["label"] or "",
+            r["caption"] or "", "" if r["global_discrepancy"] is None else r["global_discrepancy"],
+            len(r["objects"]), top["phrase"] if top else "", top["discrepancy"] if top else "",
+            json.dumps(r["objects"]), r["error"] or "", *_provenance_columns(r.get("provenance"))]
 
 
 def _provenance_columns(provenance: Optional[dict]) -> list:

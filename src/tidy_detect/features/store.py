@@ -892,13 +892,23 @@ class FeatureStore:
 
     def rows_for_paths(self, paths: Iterable[str]) -> dict[str, dict[str, Any]]:
         """Rows (embeddings as NumPy arrays) of the given image paths that the store holds."""
+        return {row["path"]: row for rows in self.iter_rows_among(paths) for row in rows}
+
+    def iter_rows_among(self, paths: Iterable[str], batch_size: int = 256) -> Iterator[list[dict[str, Any]]]:
+        """The rows (embeddings as NumPy arrays) of the given image paths, a list of at most
+        ``batch_size`` at a time in the store's order, each path's first row once; one pass over
+        the shards, holding the paths asked for (not their rows)."""
         wanted = pa.array(sorted(set(paths)), pa.string())
-        found: dict[str, dict[str, Any]] = {}
-        for batch in self.iter_batches():
+        seen: set[str] = set()
+        for batch in self.iter_batches(batch_size=batch_size):
             batch = batch.filter(pc.is_in(batch.column("path"), value_set=wanted))
+            rows = []
             for row in _rows_with_arrays(batch, self.dim):
-                found.setdefault(row["path"], row)
-        return found
+                if row["path"] not in seen:
+                    seen.add(row["path"])
+                    rows.append(row)
+            if rows:
+                yield rows
 
     def iter_arrays(self, representation: RepresentationConfig, batch_size: int = 8192,
                     labeled_only: bool = False) -> Iterator[FeatureArrays]:
