@@ -77,11 +77,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rss-distinct", type=int, default=200, help="distinct JPEGs cycled through the rows")
     parser.add_argument("--rss-modes", default=",".join(MEMORY_MODES),
                         help=f"which ways to measure the memory test (default {','.join(MEMORY_MODES)})")
+    parser.add_argument("--extract-rows", default="", help="row counts for a whole `tidy-detect extract` with the "
+                        "tiny models over a Parquet dataset of distinct images, peak RSS of each run (e.g. "
+                        "2000,10000,40000; about 60 images/s on 2 cores; default: not run)")
     parser.add_argument("--skip-speed", action="store_true", help="only the memory test")
     parser.add_argument("--work", type=Path, help="folder for the files (default: a temporary one, removed)")
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
     parser.add_argument("--rss-child", nargs=4, metavar=("PARQUET", "OUT", "MODE", "STORE"), help=argparse.SUPPRESS)
     parser.add_argument("--fill-store", nargs=2, metavar=("PARQUET", "STORE"), help=argparse.SUPPRESS)
+    parser.add_argument("--extract-child", nargs=4, metavar=("PARQUET", "STORE", "PRESET", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.images < 8 or args.image_size < 16 or args.runs < 1 or args.workers < 0 or args.slice < 8:
         parser.error("--images must be >= 8, --image-size >= 16, --runs >= 1, --workers >= 0, --slice >= 8")
@@ -92,6 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rss_rows = [int(v) for v in args.rss_rows.split(",") if v.strip()]
     except ValueError:
         parser.error(f"--rss-rows takes integers separated by commas, got {args.rss_rows!r}")
+    try:
+        args.extract_rows = [int(v) for v in args.extract_rows.split(",") if v.strip()]
+    except ValueError:
+        parser.error(f"--extract-rows takes integers separated by commas, got {args.extract_rows!r}")
     return args
 
 
@@ -436,6 +444,67 @@ def bookkeeping(rows: int) -> dict[str, Any]:
             "index_get_us": get_us}
 
 
+def write_distinct_parquet(path: Path, rows: int) -> int:
+    """``rows`` rows of image structs, every image different (32 px PNGs whose first pixels count
+    the rows), so extraction runs the models on each one; written 1000 at a time."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    base = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("label", pa.int64())])
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, rows, 1000):
+            images = []
+            for i in range(start, min(rows, start + 1000)):
+                pixels = base.copy()
+                pixels[0, :4, 0] = np.frombuffer(i.to_bytes(4, "little"), np.uint8)
+                buffer = io.BytesIO()
+                Image.fromarray(pixels).save(buffer, "PNG")
+                images.append(buffer.getvalue())
+            writer.write_table(pa.table({"image": [{"bytes": b, "path": f"{start + k:07d}.png"}
+                                                   for k, b in enumerate(images)],
+                                         "label": [(start + k) % 2 for k in range(len(images))]}, schema=schema),
+                               row_group_size=500)
+    return path.stat().st_size
+
+
+def extract_child(parquet: str, store: str, preset: str, out: str) -> None:
+    """One `tidy-detect extract` in this process; its peak RSS and rate to ``out``."""
+    from tidy_detect.cli import app
+
+    started = time.perf_counter()
+    try:
+        app(["extract", parquet, "--out", store, "--preset", preset, "--device", "cpu", "--batch-size", "32"],
+            standalone_mode=False)
+    finally:
+        seconds = time.perf_counter() - started
+        Path(out).write_text(json.dumps({"rss_peak_mib": _rss_mib(), "seconds": seconds}))
+
+
+def extract_memory(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    from tidy_detect.features.store import FeatureStore
+    from tidy_detect.models.tiny import make_tiny_bundle
+
+    preset = make_tiny_bundle(work / "tiny")
+    results = []
+    for rows in args.extract_rows:
+        path = work / f"distinct-{rows}.parquet"
+        size = write_distinct_parquet(path, rows)
+        store, out = work / f"extract-store-{rows}", work / f"extract-{rows}.json"
+        subprocess.run([sys.executable, __file__, "--extract-child", str(path), str(store), str(preset), str(out)],
+                       check=True, stdout=subprocess.DEVNULL)
+        found = json.loads(out.read_text())
+        found.update(rows=rows, file_mib=size / 2 ** 20, stored=len(FeatureStore(store)))
+        results.append(found)
+        print(f"  extract {rows:,} rows: peak RSS {found['rss_peak_mib']:.0f} MiB, {found['seconds']:.0f} s",
+              file=sys.stderr, flush=True)
+        shutil.rmtree(store, ignore_errors=True)
+        path.unlink()
+    return results
+
+
 def memory(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     results = []
     for rows in args.rss_rows:
@@ -465,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.fill_store:
         fill_store(*args.fill_store)
         return 0
+    if args.extract_child:
+        extract_child(*args.extract_child)
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     work = args.work or Path(tempfile.mkdtemp(prefix="tidy-input-kinds-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -482,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.rss_rows:
             report["memory"] = memory(args, work)
             report["bookkeeping"] = bookkeeping(max(args.rss_rows))
+        if args.extract_rows:
+            report["extract_memory"] = extract_memory(args, work)
     finally:
         if stop is not None:
             stop()
@@ -519,6 +593,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{b['index_bytes_per_row']:.0f} B per stored row (lookup {b['index_contains_us']:.1f} us, entry "
               f"{b['index_get_us']:.1f} us); contents {b['stored_content_bytes_per_row']:.0f} B per stored one, "
               f"{b['run_content_bytes_per_image']:.0f} B per image extracted in the run")
+    if "extract_memory" in report:
+        print("\nthe whole `tidy-detect extract` (tiny models, batch 32) over a Parquet dataset of distinct images, "
+              "fresh process each")
+        print(f"{'rows':>9} {'file MiB':>9} {'stored':>8} {'RSS peak':>9} {'per row':>9} {'images/s':>9}")
+        first = report["extract_memory"][0]
+        for r in report["extract_memory"]:
+            growth = (r["rss_peak_mib"] - first["rss_peak_mib"]) * 1024 / max(r["rows"] - first["rows"], 1)
+            print(f"{r['rows']:>9,} {r['file_mib']:>9.1f} {r['stored']:>8,} {r['rss_peak_mib']:>9.0f} "
+                  f"{(f'{growth:.2f} KiB' if r is not first else '-'):>9} {r['rows'] / r['seconds']:>9.1f}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0

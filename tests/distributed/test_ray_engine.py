@@ -270,6 +270,43 @@ def test_batches_are_cut_from_the_whole_list():
         (0, ["/x/1.png"]), (1, ["/x/4.png", "/x/5.png"]), (2, ["/x/6.png"])]
 
 
+def test_a_streamed_input_is_cut_into_the_batches_of_its_list(tmp_path):
+    """A re-iterable input (an ItemStream) is planned and cut while it is listed again, into the
+    batches a list of the same images gives, so shard names do not depend on how it was read."""
+    import hashlib
+
+    from tidy_detect.data.selection import ItemStream
+    from tidy_detect.data.sources import read_item
+    from tidy_detect.features.extractor import pending_items
+
+    from tests.data.conftest import make_parquet, tree_files
+
+    make_tree(tmp_path / "tree", {"a": 3, "b": 2}, seed=5)
+    table = make_parquet(tree_files(tmp_path / "tree"), tmp_path / "t.parquet")
+    store = FeatureStore.open_for_writing(tmp_path / "store", {"clip": {"source": "x", "dim": 4}}, 4)
+    stream = ItemStream([table])
+    listed = list(stream)
+    done = [listed[1], listed[5], listed[6]]  # rows the store already holds
+    store.write([{"path": it.path, "sha256": hashlib.sha256(read_item(it.path)[0]).hexdigest(), "error": "unreadable",
+                  "error_kind": "corrupt", "label": it.label} for it in done])
+    want = [(b, [it.path for it in batch]) for b, batch in plan_batches(listed, pending_items(listed, store).todo, 3)]
+    plan = pending_items(stream, store)
+    assert not isinstance(plan.todo, list)
+    got = [(b, [it.path for it in batch]) for b, batch in plan_batches(stream, plan.todo, 3)]
+    assert got == want and sum(len(p) for _, p in got) == len(listed) - 3
+
+
+def test_each_image_is_counted_once_and_finished_batches_are_forgotten():
+    from tidy_detect.distributed.ray_engine import _Accounts
+
+    accounts = _Accounts({0: 2, 3: 1})
+    assert accounts.first_time(0, "a") and not accounts.first_time(0, "a")  # Ray redid it
+    assert accounts.missing() == (2, [0, 3])
+    assert accounts.first_time(0, "b") and 0 not in accounts.open  # complete: only its count is kept
+    assert not accounts.first_time(0, "b")
+    assert accounts.first_time(3, "c") and accounts.done == 3 and accounts.missing() == (0, [])
+
+
 def test_every_image_item_field_travels_to_the_workers():
     import dataclasses
 
@@ -370,3 +407,20 @@ def test_a_replaced_file_is_extracted_again_by_the_ray_engine(cluster, config, t
 
     assert len(rows) == 1 and rows[0]["sha256"] == hashlib.sha256(target.read_bytes()).hexdigest()
     assert len(FeatureStore(store_path)) == 4
+
+
+def test_a_table_reaches_the_cluster_streamed_with_each_row_once(cluster, config, tmp_path, monkeypatch):
+    """Generic inputs go to the cluster without ever being listed as a whole (collect_inputs would
+    be): the rows of a table twice over, each once in the store, and a rerun skips them all."""
+    import tidy_detect.data.inputs as inputs_module
+
+    from tests.data.conftest import make_parquet, tree_files
+
+    make_tree(tmp_path / "tree", {"a": 2, "b": 1}, seed=6)
+    table = make_parquet(tree_files(tmp_path / "tree"), tmp_path / "t.parquet")
+    monkeypatch.setattr(inputs_module, "collect_inputs", lambda *a, **k: pytest.fail("listed whole"))
+    summary = extract_ray([table, table], tmp_path / "store", config, ONE_WORKER)
+    assert (summary.total, summary.processed, summary.errors) == (6, 6, 0)
+    _assert_each_image_once(FeatureStore(tmp_path / "store"), 6)
+    again = extract_ray([table], tmp_path / "store", config, ONE_WORKER)
+    assert (again.total, again.skipped, again.processed) == (6, 6, 0)

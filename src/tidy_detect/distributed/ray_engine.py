@@ -3,7 +3,9 @@
 The local runner's reader -> mapper -> writer, spread out by Ray Data:
 
 - the driver lists the inputs, asks the store what is left (:func:`pending_items`) and cuts the
-  remaining images into model batches;
+  remaining images into model batches, put in Ray's object store block by block as they are cut
+  (read generically and not sampled, the inputs are streamed: listed to check, to plan and to
+  cut, never held as a list);
 - reader: decode tasks (``map_batches``, CPU slots anywhere in the cluster) read, hash, decode and
   perturb the images of a batch and pass the RGB pixels on;
 - mapper + writer: an actor pool, each actor loading the models once (on its own GPU, or CPU
@@ -40,7 +42,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator
 
 from tidy_detect.config import CPU_BATCH_SIZE, ExtractionConfig
 from tidy_detect.data.inputs import ImageItem
@@ -441,36 +443,87 @@ class ExtractionWorker:
 # ---------------------------------------------------------------------------------------------
 # The runner
 
-def plan_batches(items: Sequence[ImageItem], todo: Sequence[ImageItem], batch_size: int
-                 ) -> list[tuple[int, list[ImageItem]]]:
-    """The pending images as (batch id, items), batch ``i // batch_size`` of the whole input list.
+def plan_batches(items: Iterable[ImageItem], todo: Iterable[ImageItem], batch_size: int
+                 ) -> Iterator[tuple[int, list[ImageItem]]]:
+    """The pending images as (batch id, items), batch ``i // batch_size`` of the whole input list,
+    in order, cut as they come.
 
     Cutting from the whole list rather than from what is pending keeps a batch's contents, and so
-    its shard's name, the same from one run to the next. A path listed twice is done once.
+    its shard's name, the same from one run to the next. A path listed twice is done once. ``todo``
+    is the resume plan's list, or its streamed plan (see
+    :func:`~tidy_detect.features.extractor.pending_items`), whose positions in the listing come
+    with it: then nothing is held but the batch being cut.
     """
-    pending = {item.path for item in todo}
-    batches: dict[int, list[ImageItem]] = {}
-    for position, item in enumerate(items):
-        if item.path in pending:
-            pending.discard(item.path)
-            batches.setdefault(position // batch_size, []).append(item)
-    return sorted(batches.items())
+    if hasattr(todo, "with_positions"):
+        positioned: Iterable[tuple[int, ImageItem]] = todo.with_positions()
+    else:
+        pending = {item.path for item in todo}
+
+        def in_list() -> Iterator[tuple[int, ImageItem]]:
+            for position, item in enumerate(items):
+                if item.path in pending:
+                    pending.discard(item.path)
+                    yield position, item
+
+        positioned = in_list()
+    current_id, current = -1, []
+    for position, item in positioned:
+        batch_id = position // batch_size
+        if current and batch_id != current_id:
+            yield current_id, current
+            current = []
+        current_id = batch_id
+        current.append(item)
+    if current:
+        yield current_id, current
 
 
-def _input_blocks(batches: list[tuple[int, list[ImageItem]]]) -> list[Any]:
+def _input_blocks(ray: Any, batches: Iterable[tuple[int, list[ImageItem]]], per_block: int
+                  ) -> tuple[list[Any], dict[int, int]]:
+    """The batches as Arrow blocks of ``per_block`` batches, each put in Ray's object store as it
+    is cut (the driver keeps references, and each batch's size to account for its images)."""
     import pyarrow as pa
 
     schema = _input_schema()
-    per_block = max(1, math.ceil(len(batches) / MAX_INPUT_BLOCKS))
-    blocks = []
-    for start in range(0, len(batches), per_block):
-        rows = [{"batch": batch_id, "items": [{name: getattr(it, name) for name in _ITEM_FIELDS} for it in batch]}
-                for batch_id, batch in batches[start:start + per_block]]
-        blocks.append(pa.Table.from_pylist(rows, schema=schema))
-    return blocks
+    refs: list[Any] = []
+    sizes: dict[int, int] = {}
+    rows: list[dict[str, Any]] = []
+    for batch_id, batch in batches:
+        sizes[batch_id] = len(batch)
+        rows.append({"batch": batch_id, "items": [{name: getattr(it, name) for name in _ITEM_FIELDS} for it in batch]})
+        if len(rows) == per_block:
+            refs.append(ray.put(pa.Table.from_pylist(rows, schema=schema)))
+            rows = []
+    if rows:
+        refs.append(ray.put(pa.Table.from_pylist(rows, schema=schema)))
+    return refs, sizes
 
 
-def run_extraction_ray(items: Sequence[ImageItem], store: FeatureStore, config: ExtractionConfig,
+class _Accounts:
+    """Which images of each batch have come back, each image counted once even if Ray redid its
+    batch; a finished batch is forgotten but for its id, so what is held is the batches in flight."""
+
+    def __init__(self, sizes: dict[int, int]) -> None:
+        self.open = {batch_id: set() for batch_id in sizes}
+        self.sizes = sizes
+        self.done = 0
+
+    def first_time(self, batch_id: int, path: str) -> bool:
+        seen = self.open.get(batch_id)
+        if seen is None or path in seen:
+            return False  # a batch already complete, or an image already counted
+        seen.add(path)
+        self.done += 1
+        if len(seen) == self.sizes[batch_id]:
+            del self.open[batch_id]
+        return True
+
+    def missing(self) -> tuple[int, list[int]]:
+        """Images that got no status, and the batches they are in."""
+        return sum(self.sizes[b] - len(seen) for b, seen in self.open.items()), sorted(self.open)
+
+
+def run_extraction_ray(items: Iterable[ImageItem], store: FeatureStore, config: ExtractionConfig,
                        options: RayOptions | None = None, *, progress: ProgressFn | None = None,
                        retry_errors: bool = False, ignored_files: int = 0,
                        models: ModelDescription | None = None, exif: str = "apply") -> RayExtractionSummary:
@@ -481,7 +534,9 @@ def run_extraction_ray(items: Sequence[ImageItem], store: FeatureStore, config: 
     store is compacted after a completed run. Must run inside :func:`ray_cluster`.
 
     Args:
-        items: the images, in input order (batches are cut from this order).
+        items: the images, in input order (batches are cut from this order): a list, or a
+            re-iterable such as :class:`~tidy_detect.data.selection.ItemStream`, listed again to
+            plan the resume and to cut the batches, never held whole.
         store: opened for writing with the models' extraction config (see :func:`open_store`).
         config: the extraction config every worker builds its models from.
         options: cluster resources; see :class:`RayOptions`.
@@ -499,12 +554,12 @@ def run_extraction_ray(items: Sequence[ImageItem], store: FeatureStore, config: 
         return _run_ray_locked(items, store, config, options, progress, retry_errors, ignored_files, models)
 
 
-def _run_ray_locked(items: Sequence[ImageItem], store: FeatureStore, config: ExtractionConfig,
+def _run_ray_locked(items: Iterable[ImageItem], store: FeatureStore, config: ExtractionConfig,
                     options: RayOptions | None, progress: ProgressFn | None, retry_errors: bool, ignored_files: int,
                     models: ModelDescription | None) -> RayExtractionSummary:
     ray = _import_ray()
     options = options or RayOptions()
-    summary = RayExtractionSummary(store=store.uri, total=len(items), ignored_files=ignored_files)
+    summary = RayExtractionSummary(store=store.uri, ignored_files=ignored_files)  # total: from the plan
     started = time.perf_counter()
     run_record: dict[str, Any] = {"started": utc_now(), "engine": "ray", **(models.runtime if models else {}),
                                   "exif_orientation": store.config.get("exif_orientation"),
@@ -512,9 +567,11 @@ def _run_ray_locked(items: Sequence[ImageItem], store: FeatureStore, config: Ext
     # The driver hashes touched files itself (I/O bound, so a few threads regardless of its cores).
     plan = pending_items(items, store, retry_errors, workers=4,
                          max_bytes=config.runtime.max_file_bytes, summary=summary)
-    batches = plan_batches(items, plan.todo, config.runtime.batch_size or CPU_BATCH_SIZE)
-    expected = {item.path for _, batch in batches for item in batch}
-    seen: set[str] = set()
+    batch_size = config.runtime.batch_size or CPU_BATCH_SIZE
+    # At most MAX_INPUT_BLOCKS blocks: the number of batches is at most the listing's, cut in order.
+    per_block = max(1, math.ceil(math.ceil(summary.total / batch_size) / MAX_INPUT_BLOCKS))
+    refs, sizes = _input_blocks(ray, plan_batches(items, plan.todo, batch_size), per_block)
+    accounts = _Accounts(sizes)
     if progress:
         progress(summary.skipped, summary.total, summary)
     iterator = None
@@ -524,33 +581,33 @@ def _run_ray_locked(items: Sequence[ImageItem], store: FeatureStore, config: Ext
             iterator.close()  # stops the pipeline and its actors now, not whenever it is collected
 
     with recording_run(store, run_record, summary, started, on_end=stop_pipeline):
-        if batches:
+        if refs:
             _warn_if_short(ray, options)
             with _quiet_ray_data(ray):
-                dataset = _pipeline(ray, batches, store, config, options, models.extraction if models else None)
+                dataset = _pipeline(ray, refs, store, config, options, models.extraction if models else None)
                 iterator = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
                 last_log = time.perf_counter()
                 for statuses in iterator:
-                    _account(summary, statuses, seen)
+                    _account(summary, statuses, accounts)
                     if progress:
-                        progress(summary.skipped + len(seen), summary.total, summary)
+                        progress(summary.skipped + accounts.done, summary.total, summary)
                     if time.perf_counter() - last_log >= PROGRESS_LOG_SECONDS:
                         last_log = time.perf_counter()
-                        log.info("ray: %d/%d images, %.2f images/s, %d errors", summary.skipped + len(seen),
-                                 summary.total, len(seen) / (last_log - started), summary.errors)
-        missing = expected - seen
+                        log.info("ray: %d/%d images, %.2f images/s, %d errors", summary.skipped + accounts.done,
+                                 summary.total, accounts.done / (last_log - started), summary.errors)
+        missing, batches = accounts.missing()
         if missing:  # Ray promises every row; say so loudly if it ever does not
             summary.status = "incomplete"
-            log.warning("%d images got no status from the cluster (e.g. %s); rerun to redo them",
-                        len(missing), next(iter(missing)))
+            log.warning("%d images in %d batches got no status from the cluster (e.g. batch %d); rerun to redo them",
+                        missing, len(batches), batches[0])
     return summary
 
 
-def _pipeline(ray: Any, batches: list[tuple[int, list[ImageItem]]], store: FeatureStore,
-              config: ExtractionConfig, options: RayOptions, reference: dict[str, Any] | None = None) -> Any:
-    """Ray Data: input blocks -> decode tasks -> extraction actors (which write the shards)."""
-    blocks = _input_blocks(batches)
-    dataset = ray.data.from_arrow(blocks)
+def _pipeline(ray: Any, blocks: list[Any], store: FeatureStore, config: ExtractionConfig, options: RayOptions,
+              reference: dict[str, Any] | None = None) -> Any:
+    """Ray Data: input blocks (object references) -> decode tasks -> extraction actors (which write
+    the shards)."""
+    dataset = ray.data.from_arrow_refs(blocks)
     # batch_size=1: one row is one model batch, so Ray never re-cuts a model batch.
     dataset = dataset.map_batches(
         decode_batches, batch_size=1, batch_format="pyarrow", num_cpus=options.decode_cpus,
@@ -568,15 +625,14 @@ def _pipeline(ray: Any, batches: list[tuple[int, list[ImageItem]]], store: Featu
         **gpu)
 
 
-def _account(summary: RayExtractionSummary, statuses: Any, seen: set[str]) -> None:
+def _account(summary: RayExtractionSummary, statuses: Any, accounts: _Accounts) -> None:
     """Fold a block of status records into the summary, each image once (even if Ray redid it)."""
     for record in statuses.to_pylist():
         if record["refusal"] is not None:
             raise _refusal_error(record["refusal_kind"], record["refusal"])
         path = record["path"]
-        if path in seen:
+        if not accounts.first_time(record["batch"], path):
             continue
-        seen.add(path)
         if record["error"] is None:
             summary.processed += 1
         else:
@@ -614,7 +670,7 @@ def open_store(ray: Any, out: str | Path, config: ExtractionConfig, options: Ray
     return store, models
 
 
-def extract_items_ray(items: Sequence[ImageItem], out: str | Path, config: ExtractionConfig,
+def extract_items_ray(items: Iterable[ImageItem], out: str | Path, config: ExtractionConfig,
                       options: RayOptions | None = None, *, progress: ProgressFn | None = None,
                       retry_errors: bool = False, perturbation: Perturbation | None = None,
                       pairing: dict[str, str] | None = None, ignored_files: int = 0,
@@ -657,8 +713,8 @@ def extract_ray(inputs: Iterable[str | Path], out: str | Path, config: Extractio
     config = config or ExtractionConfig()
     selection = select_inputs(inputs, layout=layout, split=split, exclude=exclude, pairing=pairing,
                               max_per_class=max_per_class, per_class=per_class, seed=seed, limit=limit,
-                              source_options=source_options)
-    items = selection.items
+                              source_options=source_options, stream=True)
+    items = selection.items  # a list for layouts and sampling; else listed as it is read (ItemStream)
     return extract_items_ray(items, out, config, options, progress=progress, retry_errors=retry_errors,
                              perturbation=perturbation, pairing=selection.pairing,
                              ignored_files=selection.ignored_files, params=selection.params or None,

@@ -895,11 +895,16 @@ class _Pending:
         self.items, self.index, self.summary, self.expected = items, index, summary, expected
 
     def __iter__(self) -> Iterator[ImageItem]:
+        for _, item in self.with_positions():
+            yield item
+
+    def with_positions(self) -> Iterator[tuple[int, ImageItem]]:
+        """(position in the whole listing, item) of each pending item, in order."""
         listed = 0
         for item in self.items:
             listed += 1
             if item.path not in self.index:
-                yield item
+                yield listed - 1, item
         if listed != self.expected:  # the inputs changed between the two listings
             log.warning("the inputs held %d images when the run was planned and %d when they were read again to "
                         "extract (files were added or removed meanwhile); the run counts the second listing",
