@@ -22,6 +22,12 @@ def tree_files(root: Path, suffixes: tuple[str, ...] = (".png", ".jpg")) -> list
                   if p.suffix.lower() in suffixes)
 
 
+def item_view(items, cut: str) -> list[tuple]:
+    """(name inside the input, label, group, caption) of items, for comparing an input read from
+    one place with the same input read from another (``cut``: the prefix of the paths)."""
+    return [(i.path[len(cut):], i.label, i.group, i.caption) for i in items]
+
+
 def label_of(name: str) -> int:
     return 1 if "1_fake" in name or "/ai/" in name else 0
 

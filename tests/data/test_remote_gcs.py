@@ -8,6 +8,7 @@ answer it."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 import sys
@@ -32,8 +33,8 @@ from tidy_detect.features.extractor import Extractor, extract  # noqa: E402
 from tidy_detect.features.store import FeatureStore  # noqa: E402
 
 from tests.conftest import make_tree  # noqa: E402
-from tests.data.conftest import _free_port, make_parquet, make_saved_dataset, make_shards, make_tar, make_zip, \
-    tree_files  # noqa: E402
+from tests.data.conftest import _free_port, item_view, make_parquet, make_saved_dataset, make_shards, \
+    make_tar, make_zip, tree_files  # noqa: E402
 
 BUCKET = "tidy-gcs"
 runner = CliRunner()
@@ -49,7 +50,7 @@ def emulator():
     import pyarrow.fs as pafs
 
     fs = pafs.GcsFileSystem(anonymous=True, endpoint_override=f"127.0.0.1:{port}", scheme="http",
-                            retry_time_limit=__import__("datetime").timedelta(seconds=2))
+                            retry_time_limit=datetime.timedelta(seconds=2))
     deadline = time.monotonic() + 60
     while True:  # until the server answers
         try:
@@ -109,9 +110,6 @@ def tree(tmp_path_factory):
     return root
 
 
-def _view(items, cut):
-    return [(i.path[len(cut):], i.label, i.group, i.caption) for i in items]
-
 
 def _sources(tree: Path, tmp_path: Path) -> dict[str, Path]:
     files = tree_files(tree)
@@ -122,11 +120,11 @@ def _sources(tree: Path, tmp_path: Path) -> dict[str, Path]:
 
 def test_every_input_kind_on_gcs_lists_and_reads_as_on_disk(gcs, tree, tmp_path):
     folder = gcs.put_tree("data/bench", tree)
-    assert _view(collect_inputs([folder]), folder) == _view(collect_inputs([tree]), str(tree))
+    assert item_view(collect_inputs([folder]), folder) == item_view(collect_inputs([tree]), str(tree))
     for kind, local in _sources(tree, tmp_path).items():
         uri = gcs.put_file(f"sources/{local.name}", local)
         want, got = collect_inputs([local]), collect_inputs([uri])
-        assert _view(got, uri) == _view(want, str(local)) and len(got) == 6, kind
+        assert item_view(got, uri) == item_view(want, str(local)) and len(got) == 6, kind
         for a, b in zip(reversed(want), reversed(got)):  # ranged reads, out of order
             assert read_item(b.path)[0] == read_item(a.path)[0], (kind, b.path)
     files = tree_files(tree)

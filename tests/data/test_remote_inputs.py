@@ -21,7 +21,8 @@ from tidy_detect.features.store import FeatureStore
 from tidy_detect.images import FileStat
 
 from tests.conftest import make_tree, random_image
-from tests.data.conftest import make_parquet, make_saved_dataset, make_shards, make_tar, make_zip, tree_files
+from tests.data.conftest import item_view, make_parquet, make_saved_dataset, make_shards, make_tar, make_zip, \
+    tree_files
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +32,12 @@ def tree(tmp_path_factory):
     return root
 
 
-def _view(items, cut):
-    """(name inside the input, label, group, caption) of items, for comparing local and remote."""
-    return [(i.path[len(cut):], i.label, i.group, i.caption) for i in items]
-
 
 def test_a_folder_on_s3_lists_and_reads_as_on_disk(s3, tree):
     uri = s3.put_tree("data/bench", tree)
     items = collect_inputs([uri])
     local = collect_inputs([tree])
-    assert _view(items, uri) == _view(local, str(tree))
+    assert item_view(items, uri) == item_view(local, str(tree))
     assert all(i.path.startswith("s3://") for i in items)
     data, stat = read_item(items[0].path)
     assert data == open(local[0].path, "rb").read()
@@ -69,7 +66,7 @@ def test_each_source_on_s3_gives_the_items_and_bytes_of_the_local_file(s3, tree,
     local = _kinds(tree, tmp_path)[kind]
     uri = s3.put_file(f"sources/{local.name}", local)
     want, got = collect_inputs([local]), collect_inputs([uri])
-    assert _view(got, uri) == _view(want, str(local)) and len(got) == 6
+    assert item_view(got, uri) == item_view(want, str(local)) and len(got) == 6
     for a, b in zip(reversed(want), reversed(got)):  # out of order too
         assert read_item(b.path)[0] == read_item(a.path)[0]
     assert stat_item(got[0].path).inode == 0
@@ -86,8 +83,8 @@ def test_datasets_folders_and_shard_patterns_on_s3(s3, tree, tmp_path):
     pattern = make_shards(files, tmp_path / "shards", per_shard=4)
     s3.put_tree("wds", tmp_path / "shards")
     remote_pattern = s3.uri("wds/shard-{0000..0001}.tar")
-    assert _view(collect_inputs([remote_pattern]), s3.uri("wds")) == _view(collect_inputs([pattern]),
-                                                                           str(tmp_path / "shards"))
+    assert item_view(collect_inputs([remote_pattern]), s3.uri("wds")) == \
+        item_view(collect_inputs([pattern]), str(tmp_path / "shards"))
 
 
 @pytest.mark.parametrize("container", ["folder", "zip"])
@@ -194,7 +191,7 @@ def test_fsspec_filesystems_are_read_through_pyarrow(tree, tmp_path):
     memory.pipe("/tidy-test/bench.parquet", make_parquet(tree_files(tree), tmp_path / "bench.parquet").read_bytes())
     try:
         got = collect_inputs(["memory://tidy-test/bench"])
-        assert _view(got, "memory://tidy-test/bench") == _view(collect_inputs([tree]), str(tree))
+        assert item_view(got, "memory://tidy-test/bench") == item_view(collect_inputs([tree]), str(tree))
         assert read_item(got[0].path)[0] == open(collect_inputs([tree])[0].path, "rb").read()
         table = collect_inputs(["memory://tidy-test/bench.parquet"])
         assert [read_item(i.path)[0] for i in table] == [d for _, d in tree_files(tree)]

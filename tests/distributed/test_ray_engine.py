@@ -302,7 +302,7 @@ def test_each_image_is_counted_once_and_finished_batches_are_forgotten():
     accounts = _Accounts({0: 2, 3: 1})
     assert accounts.first_time(0, "a") and not accounts.first_time(0, "a")  # Ray redid it
     assert accounts.missing() == (2, [0, 3])
-    assert accounts.first_time(0, "b") and 0 not in accounts.open  # complete: only its count is kept
+    assert accounts.first_time(0, "b") and 0 not in accounts.waiting and not accounts.partial  # complete: dropped
     assert not accounts.first_time(0, "b")
     assert accounts.first_time(3, "c") and accounts.done == 3 and accounts.missing() == (0, [])
 

@@ -501,26 +501,30 @@ def _input_blocks(ray: Any, batches: Iterable[tuple[int, list[ImageItem]]], per_
 
 class _Accounts:
     """Which images of each batch have come back, each image counted once even if Ray redid its
-    batch; a finished batch is forgotten but for its id, so what is held is the batches in flight."""
+    batch. Only batches still in flight are held: a finished batch's entry is dropped, and the
+    paths seen are kept only for a batch that has come back in part."""
 
     def __init__(self, sizes: dict[int, int]) -> None:
-        self.open = {batch_id: set() for batch_id in sizes}
-        self.sizes = sizes
+        self.waiting = dict(sizes)  # batch -> its size, until all its images are in
+        self.partial: dict[int, set[str]] = {}
         self.done = 0
 
     def first_time(self, batch_id: int, path: str) -> bool:
-        seen = self.open.get(batch_id)
-        if seen is None or path in seen:
-            return False  # a batch already complete, or an image already counted
+        if batch_id not in self.waiting:
+            return False  # a batch already complete (Ray redid it)
+        seen = self.partial.setdefault(batch_id, set())
+        if path in seen:
+            return False
         seen.add(path)
         self.done += 1
-        if len(seen) == self.sizes[batch_id]:
-            del self.open[batch_id]
+        if len(seen) == self.waiting[batch_id]:
+            del self.waiting[batch_id], self.partial[batch_id]
         return True
 
     def missing(self) -> tuple[int, list[int]]:
         """Images that got no status, and the batches they are in."""
-        return sum(self.sizes[b] - len(seen) for b, seen in self.open.items()), sorted(self.open)
+        return (sum(size - len(self.partial.get(b, ())) for b, size in self.waiting.items()),
+                sorted(self.waiting))
 
 
 def run_extraction_ray(items: Iterable[ImageItem], store: FeatureStore, config: ExtractionConfig,
