@@ -234,3 +234,29 @@ def test_content_index_keeps_the_first_label_of_stored_and_new_contents():
     assert content.add(a, 1) == 1 and content.add(a, 0) == 1  # a was stored without a label: this run's first
     assert content.add(c) is None and c in content and content.add(c, 0) == 0
     assert len(content) == 3
+
+
+def test_content_index_answers_the_same_when_its_run_keys_are_merged_into_columns(monkeypatch):
+    """The run's keys move from a small dict into sorted columns as it fills: with a buffer of 3
+    (a merge every few adds) the answers equal those of an index that never merges."""
+    import hashlib
+    import random
+
+    import numpy as np
+
+    from tidy_detect.features.extractor import ContentIndex
+
+    rng = random.Random(4)
+    shas = [hashlib.sha256(bytes([k])).hexdigest() for k in range(40)]
+    stored = (np.frombuffer(bytes.fromhex("".join(shas[:10])), np.uint8).reshape(10, 32),
+              np.array([-1, 0, 1] * 3 + [-1], np.int8))
+    merged, plain = ContentIndex(stored), ContentIndex(stored)
+    monkeypatch.setattr(merged, "BUFFER", 3)
+    plain.BUFFER = 10 ** 9
+    for _ in range(300):
+        sha, label = rng.choice(shas), rng.choice([None, 0, 1])
+        assert merged.add(sha, label) == plain.add(sha, label), sha
+        probe = rng.choice(shas)
+        assert (probe in merged) == (probe in plain)
+    assert len(merged._run[0]) > 0 and merged.labels() == plain.labels() and merged == plain
+    assert all(sha in merged for sha in shas) and "ab" * 32 not in merged

@@ -653,14 +653,18 @@ _UNSEEN = object()
 class ContentIndex:
     """The contents a run has features for (from the store, or extracted in this run), each with
     the label it first came with: what finds duplicates (their features are copied, not extracted
-    again) and label conflicts. A content is keyed by the first 16 bytes of its sha256; the
-    store's contents sit in sorted NumPy columns (17 bytes each), the run's own in a dict (about
-    0.1 KiB each), where hex strings and paths took about 0.35 KiB."""
+    again) and label conflicts. A content is keyed by the first 16 bytes of its sha256, held in
+    sorted NumPy columns (17 bytes each: two 64-bit halves and a label): the store's, and the
+    run's own, which gather in a dict of at most ``BUFFER`` keys first and are merged into their
+    columns when it fills (hex strings and paths took about 0.35 KiB a content, a dict of every
+    key 85 bytes)."""
+
+    BUFFER = 1 << 16  # the run's newest keys, in a dict until merged into the sorted columns
 
     def __init__(self, stored: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """``stored``: ``(sha256s as an (n, 32) uint8 array, labels or -1)``, in the store's
         order (:meth:`~tidy_detect.features.store.StoreIndex.contents`)."""
-        self._first: dict[bytes, int | None] = {}  # key -> label of its first labelled row (this run's)
+        self._new: dict[bytes, int | None] = {}  # key -> first label, this run's newest keys
         sha, labels = stored if stored is not None else (np.zeros((0, 32), np.uint8), np.zeros(0, np.int8))
         hi = sha[:, :8].copy().view(">u8").ravel().astype(np.uint64)
         lo = sha[:, 8:16].copy().view(">u8").ravel().astype(np.uint64)
@@ -670,7 +674,9 @@ class ContentIndex:
         hi, lo, labels = hi[order], lo[order], labels[order]
         first = np.ones(len(hi), bool)
         first[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
-        self._hi, self._lo, self._labels = hi[first], lo[first], labels[first]
+        self._stored = (hi[first], lo[first], labels[first].astype(np.int8))
+        empty = np.zeros(0, np.uint64)
+        self._run = (empty, empty.copy(), np.zeros(0, np.int8))  # this run's merged keys, sorted by hi
 
     @staticmethod
     def key(sha256: str) -> bytes:
@@ -679,24 +685,28 @@ class ContentIndex:
         # when the store holds no row of that content (see _write_copies).
         return content_digest(sha256)[:16]
 
-    def _stored(self, key: bytes) -> int | None:
-        """The position of ``key`` among the store's contents, or None."""
+    @staticmethod
+    def _find(columns: tuple[np.ndarray, np.ndarray, np.ndarray], key: bytes) -> int | None:
+        """The position of ``key`` in sorted ``(hi, lo, labels)`` columns, or None."""
+        his, los, _ = columns
         hi, lo = np.uint64(int.from_bytes(key[:8], "big")), np.uint64(int.from_bytes(key[8:16], "big"))
-        k = int(np.searchsorted(self._hi, hi))
-        while k < len(self._hi) and self._hi[k] == hi:
-            if self._lo[k] == lo:
+        k = int(np.searchsorted(his, hi))
+        while k < len(his) and his[k] == hi:
+            if los[k] == lo:
                 return k
             k += 1
         return None
 
     def _label_of(self, key: bytes) -> Any:
         """The first label of a known key (None: known without a label), or _UNSEEN."""
-        if key in self._first:
-            return self._first[key]
-        k = self._stored(key)
-        if k is None:
-            return _UNSEEN
-        return None if self._labels[k] < 0 else int(self._labels[k])
+        if key in self._new:
+            return self._new[key]
+        for columns in (self._run, self._stored):  # the run's label wins over the store's unlabelled row
+            k = self._find(columns, key)
+            if k is not None:
+                label = int(columns[2][k])
+                return None if label < 0 else label
+        return _UNSEEN
 
     def add(self, sha256: str, label: int | None = None) -> int | None:
         """Record content ``sha256`` (with ``label``, if its first labelled row); returns the
@@ -704,8 +714,26 @@ class ContentIndex:
         key = self.key(sha256)
         first = self._label_of(key)
         if first is _UNSEEN or (first is None and label is not None):
-            self._first[key] = first = label
+            k = None if key in self._new else self._find(self._run, key)
+            if k is not None:
+                self._run[2][k] = label  # the run's key gets its first label
+            else:
+                self._new[key] = label  # new, or a stored key without a label gets this run's
+                if len(self._new) >= self.BUFFER:
+                    self._merge()
+            first = label
         return first
+
+    def _merge(self) -> None:
+        keys = b"".join(self._new)
+        halves = np.frombuffer(keys, ">u8").astype(np.uint64).reshape(-1, 2)
+        labels = np.array([-1 if v is None else v for v in self._new.values()], np.int8)
+        hi = np.concatenate([self._run[0], halves[:, 0]])
+        lo = np.concatenate([self._run[1], halves[:, 1]])
+        lab = np.concatenate([self._run[2], labels])
+        order = np.argsort(hi, kind="stable")  # two sorted runs: a merge; equal halves keep both keys
+        self._run = (hi[order], lo[order], lab[order])
+        self._new = {}
 
     def __contains__(self, sha256: object) -> bool:
         return isinstance(sha256, str) and self._label_of(self.key(sha256)) is not _UNSEEN
@@ -713,11 +741,11 @@ class ContentIndex:
     def labels(self) -> dict[bytes, int | None]:
         """Every known content's key and first label (for tests and small stores: it makes a
         Python object per content)."""
-        found = {int(h).to_bytes(8, "big") + int(l).to_bytes(8, "big"): (None if b < 0 else int(b))
-                 for h, l, b in zip(self._hi, self._lo, self._labels)}
-        for key, label in self._first.items():
-            if label is not None or key not in found:
-                found[key] = label
+        found: dict[bytes, int | None] = {}
+        for his, los, labels in (self._stored, self._run):  # the run's keys after, so they win
+            for h, l, b in zip(his, los, labels):
+                found[int(h).to_bytes(8, "big") + int(l).to_bytes(8, "big")] = None if b < 0 else int(b)
+        found.update(self._new)
         return found
 
     def __len__(self) -> int:
