@@ -505,6 +505,14 @@ def extract_memory(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]
     return results
 
 
+def _footer_mib(path: Path) -> float:
+    """The Parquet footer's size: what any reader holds while the file is open (it grows with the
+    row groups, and here with the min/max statistics of the image bytes the writer keeps)."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.serialized_size / 2 ** 20
+
+
 def memory(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     results = []
     for rows in args.rss_rows:
@@ -519,6 +527,7 @@ def memory(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
                            check=True)
             found = json.loads(out.read_text())
             found["file_mib"] = size / 2 ** 20
+            found["footer_mib"] = _footer_mib(path)
             results.append(found)
             shutil.rmtree(store, ignore_errors=True)
             print(f"  {rows:,} rows, {mode}: peak RSS {found['rss_peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
@@ -577,13 +586,14 @@ def main(argv: list[str] | None = None) -> int:
     if "memory" in report:
         print("\nextraction's input side without models (list, plan the resume, decode every pending row) over a "
               "Parquet image dataset, fresh process each")
-        print(f"{'rows':>9} {'mode':>9} {'file MiB':>9} {'RSS imports':>12} {'RSS planned':>12} {'RSS peak':>9} "
-              f"{'per row':>8} {'plan s':>7} {'decode s':>9}")
+        print(f"{'rows':>9} {'mode':>9} {'file MiB':>9} {'footer MiB':>11} {'RSS imports':>12} {'RSS planned':>12} "
+              f"{'RSS peak':>9} {'per row':>8} {'plan s':>7} {'decode s':>9}")
         base = {r["mode"]: r for r in report["memory"] if r["rows"] == report["memory"][0]["rows"]}
         for r in report["memory"]:
             first = base[r["mode"]]
             growth = (r["rss_peak_mib"] - first["rss_peak_mib"]) * 1024 / max(r["rows"] - first["rows"], 1)
-            print(f"{r['rows']:>9,} {r['mode']:>9} {r['file_mib']:>9.0f} {r['rss_imported_mib']:>12.0f} "
+            print(f"{r['rows']:>9,} {r['mode']:>9} {r['file_mib']:>9.0f} {r['footer_mib']:>11.1f} "
+                  f"{r['rss_imported_mib']:>12.0f} "
                   f"{r['rss_planned_mib']:>12.0f} {r['rss_peak_mib']:>9.0f} "
                   f"{(f'{growth:.2f} KiB' if r['rows'] != first['rows'] else '-'):>8} {r['plan_s']:>7.2f} "
                   f"{r['decode_s']:>9.2f}")
