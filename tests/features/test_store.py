@@ -260,3 +260,23 @@ def test_content_index_answers_the_same_when_its_run_keys_are_merged_into_column
         assert (probe in merged) == (probe in plain)
     assert len(merged._run[0]) > 0 and merged.labels() == plain.labels() and merged == plain
     assert all(sha in merged for sha in shas) and "ab" * 32 not in merged
+
+
+def test_the_keys_a_read_has_seen_are_each_let_through_once_across_merges(monkeypatch):
+    """iter_batches' de-duplication keeps 64-bit key hashes in sorted runs, merged as they pile up
+    (every 2 batches here): it lets each key through once, like a set, whatever the merges."""
+    import numpy as np
+
+    from tidy_detect.features.store import _SeenKeys
+
+    rng = np.random.default_rng(0)
+    seen, reference = _SeenKeys(), set()
+    monkeypatch.setattr(seen, "RUNS", 2)
+    for _ in range(300):
+        hashes = rng.integers(-3000, 3000, rng.integers(1, 60)).astype(np.int64)
+        want = []
+        for h in hashes.tolist():
+            want.append(h not in reference)
+            reference.add(h)
+        assert seen.first_time(hashes).tolist() == want
+    assert len(seen) == len(reference) and len(seen._main) > 0

@@ -781,7 +781,7 @@ class FeatureStore:
         schema = store_schema(self.dim)
         wanted = list(columns) if columns is not None else None
         read = schema.names if wanted is None else list(dict.fromkeys([*wanted, *KEY_COLUMNS] if dedupe else wanted))
-        seen: set[int] = set()
+        seen = _SeenKeys()
         for shard, open_shard in self.location.parquet_files(SHARD_DIR, self._shard_names()):
             try:
                 with open_shard() as reader:
@@ -1128,18 +1128,55 @@ def _read_config(location: StoreLocation) -> dict[str, Any]:
     return config
 
 
-def _drop_seen(batch: pa.RecordBatch, seen: set[int]) -> pa.RecordBatch:
+class _SeenKeys:
+    """The (sha256, path) keys a read has passed, as their 64-bit hashes in sorted NumPy runs
+    (8 bytes a row, where a set of Python ints took about 70). Each batch's new keys are a small
+    run; ``RUNS`` of them are merged into a middle run, which is merged into the main one once it
+    is an eighth of its size, so merging costs O(n log n) over a whole read."""
+
+    RUNS = 16
+
+    def __init__(self) -> None:
+        self._main = np.zeros(0, np.int64)
+        self._middle = np.zeros(0, np.int64)
+        self._small: list[np.ndarray] = []
+
+    def _known(self, hashes: np.ndarray) -> np.ndarray:
+        known = np.zeros(len(hashes), bool)
+        for run in (self._main, self._middle, *self._small):
+            if len(run):
+                at = np.minimum(np.searchsorted(run, hashes), len(run) - 1)
+                known |= run[at] == hashes
+        return known
+
+    def first_time(self, hashes: np.ndarray) -> np.ndarray:
+        """Which of ``hashes`` (a batch, in order) were not seen before, counting each once; they
+        are remembered."""
+        _, first = np.unique(hashes, return_index=True)
+        keep = np.zeros(len(hashes), bool)
+        keep[first] = True
+        keep &= ~self._known(hashes)
+        if keep.any():
+            self._small.append(np.sort(hashes[keep]))
+            if len(self._small) >= self.RUNS:
+                self._middle = np.sort(np.concatenate([self._middle, *self._small]))
+                self._small = []
+                if len(self._middle) >= len(self._main) // 8:
+                    self._main = np.sort(np.concatenate([self._main, self._middle]))
+                    self._middle = np.zeros(0, np.int64)
+        return keep
+
+    def __len__(self) -> int:
+        return len(self._main) + len(self._middle) + sum(len(run) for run in self._small)
+
+
+def _drop_seen(batch: pa.RecordBatch, seen: _SeenKeys) -> pa.RecordBatch:
     shas = batch.column("sha256").to_pylist()
     paths = batch.column("path").to_pylist()
-    keep = []
-    for i, key in enumerate(zip(shas, paths)):
-        h = hash(key)
-        if h not in seen:
-            seen.add(h)
-            keep.append(i)
-    if len(keep) == batch.num_rows:
+    keep = seen.first_time(np.fromiter(map(hash, zip(shas, paths)), np.int64, count=batch.num_rows))
+    if keep.all():
         return batch
-    return batch.take(pa.array(keep, pa.int64()))
+    return batch.filter(pa.array(keep))
 
 
 def _rows_with_arrays(batch: pa.RecordBatch, dim: int) -> Iterator[dict[str, Any]]:
