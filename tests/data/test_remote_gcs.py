@@ -33,7 +33,7 @@ from tidy_detect.features.extractor import Extractor, extract  # noqa: E402
 from tidy_detect.features.store import FeatureStore  # noqa: E402
 
 from tests.conftest import make_tree  # noqa: E402
-from tests.data.conftest import _free_port, item_view, make_parquet, make_saved_dataset, make_shards, \
+from tests.data.conftest import Bucket, _free_port, item_view, make_parquet, make_saved_dataset, make_shards, \
     make_tar, make_zip, tree_files  # noqa: E402
 
 BUCKET = "tidy-gcs"
@@ -66,8 +66,9 @@ def emulator():
     process.wait()
 
 
-class Gcs:
-    """A fresh prefix in the emulator's bucket, uploads to it, and listings of it."""
+class Gcs(Bucket):
+    """A fresh prefix in the emulator's bucket: uploads (put_file and put_tree as the S3 bucket's),
+    and listings of it."""
 
     def __init__(self, fs, prefix: str) -> None:
         self.fs, self.prefix = fs, prefix
@@ -78,14 +79,6 @@ class Gcs:
     def put(self, key: str, data: bytes) -> str:
         with self.fs.open_output_stream(f"{BUCKET}/{self.prefix}/{key}", compression=None) as out:
             out.write(data)
-        return self.uri(key)
-
-    def put_file(self, key: str, path: Path) -> str:
-        return self.put(key, Path(path).read_bytes())
-
-    def put_tree(self, key: str, root: Path) -> str:
-        for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
-            self.put(f"{key}/{path.relative_to(root).as_posix()}", path.read_bytes())
         return self.uri(key)
 
     def keys(self, key: str = "") -> list[str]:
