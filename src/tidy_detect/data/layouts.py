@@ -42,7 +42,10 @@ rows) back into one item per (image, generator) given ``Dataset.pairing``.
 
 In walked trees a file is an image by its suffix, case-insensitively (``a.v2.final.PNG`` is one);
 hidden files and folders are skipped; items are sorted by (group, label, path), so the list does
-not depend on the order the file system lists folders in.
+not depend on the order the file system lists folders in. :func:`open_dataset` gives the same
+dataset unlisted: its extraction view is walked as it is iterated (folders and files sorted by
+name), which is how a streamed extraction and the sampling protocol read a million-image tree
+without holding it.
 
 **Where the tree is.** Every layout reads a local folder, a zip or tar archive (``bench.zip``,
 ``GenImage.tar.gz``: the members' paths are the tree, and each image's path is its identity
@@ -66,8 +69,8 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from tidy_detect.data import hub, remote, sources, trees
 from tidy_detect.data.inputs import LABEL_FOLDERS, ImageItem, InputSummary, collect_inputs, expand_inputs, \
-    input_kind, items_from_source, items_from_table_set, normalize_input
-from tidy_detect.data.sampling import list_counts, load_list
+    input_kind, items_from_source, iter_table_set, normalize_input
+from tidy_detect.data.sampling import list_counts, load_list, pairing_users
 from tidy_detect.data.sources import SourceOptions
 from tidy_detect.data.trees import Folder, WalkCounts, subfolders  # noqa: F401  (subfolders: part of this API)
 from tidy_detect.errors import ConfigError, InputError, UnknownNameError
@@ -289,10 +292,16 @@ def _choose_split(base: Folder, split: str | None, splits: Sequence[str]) -> tup
 
 @dataclass
 class Found:
-    """What a reader returns to ``read_dataset``."""
+    """What a reader returns to ``read_dataset``: its checks done, its files not listed yet.
 
-    items: list[ImageItem]
-    pairing: dict[str, str]
+    ``items`` yields the extraction view (see :meth:`Dataset.extraction_items`) as the tree is
+    walked: every file once, a shared real under its real folder's name, in walk order. The
+    walker's counts are complete when it is exhausted. ``pairing`` None means each group pairs
+    with itself (its groups are known only once walked).
+    """
+
+    items: Iterable[ImageItem]
+    pairing: dict[str, str] | None
     split: str | None = None
     keep_order: bool = False  # manifests keep the user's order
 
@@ -360,14 +369,13 @@ def _looks_like_manifest(root: Folder) -> bool:
 def read_manifest_layout(root: Folder, *, split: str | None, pairing: Mapping[str, str] | None,
                          walker: Walker) -> Found:
     items, seen = [], set()
-    for item in load_list(root):
+    for item in load_list(root):  # a manifest is read whole: it is a list already
         if walker.exclude and walker.exclude.matches(item.path, _posix_relative(item.path, walker.root)):
             walker.skipped[EXCLUDED] += 1
         elif (item.path, item.group) not in seen:
             seen.add((item.path, item.group))
             items.append(item)
-    groups = sorted({str(item.group) for item in items})
-    return Found(items, {g: g for g in groups}, keep_order=True)
+    return Found(items, None, keep_order=True)
 
 
 def _genimage_splits(folder: Folder) -> list[str]:
@@ -405,14 +413,15 @@ def read_genimage(root: Folder, *, split: str | None, pairing: Mapping[str, str]
         split = present[0]
     elif split not in present:
         raise InputError(f"{root}: no GenImage split {split!r}; found: {', '.join(present)}")
-    items = []
+    folders = []
     for group, base in bases:
         if split not in _genimage_splits(base):
             walker.notes.append(f"{group}: no {split}/ai or {split}/nature folder under {base}; not listed")
             continue
-        for folder, label in GENIMAGE_LABELS.items():
-            if (base / split / folder).is_dir():
-                items.extend(ImageItem(path, label, group) for path, _ in walker.images(base / split / folder))
+        folders.extend((group, base / split / folder, label) for folder, label in GENIMAGE_LABELS.items()
+                       if (base / split / folder).is_dir())
+    items = (ImageItem(path, label, group) for group, folder, label in folders
+             for path, _ in walker.images(folder))
     return Found(items, {g: g for g, _ in bases}, split)
 
 
@@ -468,41 +477,39 @@ def _merge_pairing(default: Mapping[str, str], pairing: Mapping[str, str] | None
     return chosen
 
 
-def _paired_items(pairing: Mapping[str, str], base: Folder, walker: Walker) -> list[ImageItem]:
-    """Fakes of each group with the reals of the folder it pairs with, each folder walked once.
+def _paired_items(pairing: Mapping[str, str], base: Folder, walker: Walker) -> Iterator[ImageItem]:
+    """Fakes of each group, and the reals of each folder paired with, each folder walked once as
+    it is iterated (the extraction view: a shared real under its real folder's name).
 
     A fake folder holds fakes in ``1_fake`` or directly; when it pairs with itself its reals are
     in ``0_real``, otherwise a ``0_real`` in it is skipped. A shared real folder holds reals in
     ``0_real`` or directly (a ``1_fake`` in it is skipped).
 
     Raises:
-        InputError: a group pairs with another group's fake folder.
+        InputError: a group pairs with another group's fake folder (at once, before any walk).
     """
-    fakes: dict[str, list[str]] = {}
-    reals: dict[str, list[str]] = {}
     for group, real in pairing.items():
         if real in pairing and pairing[real] != real:
             raise InputError(f"{group!r} pairs with {real!r}, which is a fake folder paired with "
                              f"{pairing[real]!r}; pair it with a real folder")
-        fakes[group], own = [], []
+    return _walk_paired(dict(pairing), base, walker)
+
+
+def _walk_paired(pairing: Mapping[str, str], base: Folder, walker: Walker) -> Iterator[ImageItem]:
+    for group, real in pairing.items():
         for path, parts in walker.images(base / group):
-            (own if _label_position(parts)[0] == 0 else fakes[group]).append(path)
-        if real == group:
-            reals[group] = own
-        elif own:
-            walker.skipped[REALS_IN_FAKE_FOLDER] += len(own)
+            if _label_position(parts)[0] != 0:
+                yield ImageItem(path, 1, group)
+            elif real == group:
+                yield ImageItem(path, 0, group)
+            else:
+                walker.skipped[REALS_IN_FAKE_FOLDER] += 1
     for real in sorted(set(pairing.values()) - set(pairing)):
-        reals[real] = []
         for path, parts in walker.images(base / real):
             if _label_position(parts)[0] == 1:
                 walker.skipped[FAKES_IN_REAL_FOLDER] += 1
             else:
-                reals[real].append(path)
-    items = []
-    for group, real in pairing.items():
-        items.extend(ImageItem(path, 1, group) for path in fakes[group])
-        items.extend(ImageItem(path, 0, group) for path in reals[real])
-    return items
+                yield ImageItem(path, 0, real)
 
 
 def _looks_like_unifd(root: Folder) -> bool:
@@ -578,18 +585,16 @@ def read_cnndetection(root: Folder, *, split: str | None, pairing: Mapping[str, 
                       walker: Walker) -> Found:
     base, split = _choose_split(root, split, SPLITS)
     class_group = CNNDETECTION_TRAIN_GENERATOR if _is_class_split(base) else None
-    items = _label_folder_items(base, walker, class_group)
-    return Found(items, {g: g for g in {str(i.group) for i in items}}, split)
+    return Found(_label_folder_items(base, walker, class_group), None, split)
 
 
-def _label_folder_items(base: Folder, walker: Walker, class_group: str | None = None) -> list[ImageItem]:
+def _label_folder_items(base: Folder, walker: Walker, class_group: str | None = None) -> Iterator[ImageItem]:
     """Images in ``0_real``/``1_fake`` folders under ``base``, grouped by the folders above them.
 
     With ``class_group``, every image belongs to that group and the first folder is its subgroup
     (a training split of class folders); otherwise the first folder is the group and the folders
     down to the label folder are the subgroup.
     """
-    items = []
     fallback = base.absolute().name
     for path, parts in walker.images(base):
         label, first = _label_position(parts)
@@ -601,8 +606,7 @@ def _label_folder_items(base: Folder, walker: Walker, class_group: str | None = 
             group, subgroup = class_group, "/".join(above) or None
         else:
             group, subgroup = (above[0] if above else fallback), "/".join(above[1:]) or None
-        items.append(ImageItem(path, label, group, None, subgroup))
-    return items
+        yield ImageItem(path, label, group, None, subgroup)
 
 
 def _looks_like_generic(root: Folder) -> bool:
@@ -613,11 +617,9 @@ def _looks_like_generic(root: Folder) -> bool:
                  expects="any tree with 0_real/1_fake folders: [<group>/[<subgroup>/...]]{0_real,1_fake}/*")
 def read_generic(root: Folder, *, split: str | None, pairing: Mapping[str, str] | None, walker: Walker) -> Found:
     if root.name in LABEL_FOLDERS:  # a label folder given itself: the label is the root's name
-        group = root.absolute().parent.name
-        items = [ImageItem(path, LABEL_FOLDERS[root.name], group) for path, _ in walker.images(root)]
-    else:
-        items = _label_folder_items(root, walker)
-    return Found(items, {g: g for g in {str(i.group) for i in items}})
+        group, label = root.absolute().parent.name, LABEL_FOLDERS[root.name]
+        return Found((ImageItem(path, label, group) for path, _ in walker.images(root)), None)
+    return Found(_label_folder_items(root, walker), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -653,6 +655,52 @@ def _root_text(root: str | Path) -> str:
     return normalize_input(root)
 
 
+@dataclass
+class Listing:
+    """One dataset opened by :func:`open_dataset`: layout chosen, options and folders checked,
+    files not listed yet. ``items`` yields its extraction view once (see :class:`Found`);
+    :func:`read_dataset` makes it a :class:`Dataset`, a streamed run
+    (:class:`~tidy_detect.data.selection.LayoutStream`) walks it as it extracts.
+    """
+
+    name: str
+    layout: str
+    root: str
+    items: Iterable[ImageItem]
+    split: str | None
+    pairing: dict[str, str] | None  # None: every group pairs with itself
+    walker: Walker | None  # tree layouts: what the walk skipped, and notes
+    container: str
+    keep_order: bool  # manifests and tables: file order, not (group, label, path)
+    expects: str = ""  # the tree a layout reads, for the error when it finds nothing
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return dict(sorted(self.walker.skipped.items())) if self.walker else {}
+
+    def empty_error(self) -> InputError:
+        """The error for a listing that yielded nothing."""
+        if self.walker is None:
+            return InputError(f"{self.root}: holds no rows")
+        skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.walker.skipped.items()))
+        return InputError(f"{self.root}: no images found for layout {self.layout!r} (expected {self.expects})"
+                          + (f"; skipped: {skipped}" if skipped else ""))
+
+    def pairing_of(self, groups: Iterable[str]) -> dict[str, str]:
+        """The pairing, sorted; without one, each of ``groups`` (those listed) with itself."""
+        pairing = self.pairing if self.pairing is not None else {g: g for g in groups}
+        return dict(sorted(pairing.items()))
+
+    def dataset(self, listed: Sequence[ImageItem]) -> Dataset:
+        """The :class:`Dataset` of what ``items`` yielded (``listed``, after the walk)."""
+        if not listed:
+            raise self.empty_error()
+        pairing = self.pairing_of({str(item.group) for item in listed})
+        items = tuple(listed) if self.keep_order else tuple(sorted(expand_pairing(listed, pairing), key=_item_order))
+        return Dataset(self.name, self.layout, self.root, items, self.split, pairing, self.skipped,
+                       tuple(self.walker.notes) if self.walker else (), self.container)
+
+
 def read_dataset(root: str | Path, layout: str = "auto", split: str | None = None,
                  exclude: Iterable[str | Path] | None = None, pairing: Mapping[str, str] | None = None,
                  options: SourceOptions | None = None) -> Dataset:
@@ -684,13 +732,27 @@ def read_dataset(root: str | Path, layout: str = "auto", split: str | None = Non
         InputError: a missing root, a tree that does not fit the layout, a tree layout named for
             a table, a bad pairing, an unreadable exclude list, or no images found.
     """
+    listing = open_dataset(root, layout, split, exclude, pairing, options)
+    return listing.dataset(list(listing.items))
+
+
+def open_dataset(root: str | Path, layout: str = "auto", split: str | None = None,
+                 exclude: Iterable[str | Path] | None = None, pairing: Mapping[str, str] | None = None,
+                 options: SourceOptions | None = None) -> Listing:
+    """:func:`read_dataset` up to the walk: everything it checks is checked here, and the
+    :class:`Listing`'s ``items`` walk the tree (or read the table) as they are iterated, holding
+    nothing; a tree that yields no image raises when it ends (:meth:`Listing.empty_error`).
+
+    Raises:
+        As :func:`read_dataset`.
+    """
     text = root if isinstance(root, trees.Node) else _root_text(root)
     kind = "folder" if isinstance(text, trees.Node) else input_kind(text)
     if kind in ("hub", "datasets") or (kind == "source" and sources.container_kind(text) in ("parquet", "arrow")):
         if layout != "auto":
             raise InputError(f"{root}: a table ({_kind_name(text, kind)}), whose labels are in its columns; "
                              f"--layout {layout} reads folder trees: use --layout auto, or drop --layout")
-        return _columns_dataset(text, kind, split, exclude, pairing, options)
+        return _columns_listing(text, kind, split, exclude, pairing, options)
     if kind == "missing":
         raise InputError(f"{root}: no such file or folder")
     path = text if isinstance(text, trees.Node) else trees.open_tree(text)
@@ -717,21 +779,17 @@ def read_dataset(root: str | Path, layout: str = "auto", split: str | None = Non
         raise InputError(f"{root}: the {name} layout reads a folder ({spec.expects}), got a file")
     walker = Walker(path.parent if spec.is_file else path, ExcludeList.from_files(exclude))
     found = spec.reader(path, split=split, pairing=pairing, walker=walker)
-    if not found.items:
-        skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(walker.skipped.items()))
-        raise InputError(f"{root}: no images found for layout {name!r} (expected {spec.expects})"
-                         + (f"; skipped: {skipped}" if skipped else ""))
-    items = found.items if found.keep_order else sorted(found.items, key=_item_order)
-    return Dataset(
+    return Listing(
         name=path.absolute().name if not spec.is_file else path.stem,
         layout=name,
         root=str(path.absolute()),
-        items=tuple(items),
+        items=found.items,
         split=found.split,
-        pairing=dict(sorted(found.pairing.items())),
-        skipped=dict(sorted(walker.skipped.items())),
-        notes=tuple(walker.notes),
+        pairing=found.pairing,
+        walker=walker,
         container=_container_name(path),
+        keep_order=found.keep_order,
+        expects=spec.expects,
     )
 
 
@@ -759,41 +817,37 @@ def _no_tree_options(root: object, layout: str, exclude: Iterable[str | Path] | 
                           f"samples with their own labels): filter it before, or read a tree layout")
 
 
-def _columns_dataset(text: str, kind: str, split: str | None, exclude: Iterable[str | Path] | None,
-                     pairing: Mapping[str, str] | None, options: SourceOptions | None) -> Dataset:
+def _columns_listing(text: str, kind: str, split: str | None, exclude: Iterable[str | Path] | None,
+                     pairing: Mapping[str, str] | None, options: SourceOptions | None) -> Listing:
     _no_tree_options(text, COLUMNS, exclude, pairing)
     if kind in ("hub", "datasets"):
         found = hub.table_set(text, split)
         assert found is not None  # input_kind said it is one
-        items, name, chosen, container = items_from_table_set(found, options), found.name, found.split, found.kind
+        items: Iterable[ImageItem] = iter_table_set(found, options)
+        name, chosen, container = found.name, found.split, found.kind
     else:
         if split:
             raise ConfigError(f"split chooses a split of a layout or a datasets dataset; {text} is one table")
-        items, name, chosen = list(items_from_source(text, options)), sources.source_stem(text), None
+        items, name, chosen = items_from_source(text, options), sources.source_stem(text), None
         container = sources.container_kind(text) or "table"
     if remote.is_uri(text):
         container = f"{container} on {remote.scheme_of(text)}"
-    if not items:
-        raise InputError(f"{text}: holds no rows")
-    groups = sorted({str(i.group) for i in items})
     root = text if remote.is_uri(text) or hub.is_hub_id(text) else os.path.abspath(text)
-    return Dataset(name, COLUMNS, root, tuple(items), chosen, {g: g for g in groups}, {}, (), container)
+    return Listing(name, COLUMNS, root, items, chosen, None, None, container, keep_order=True)
 
 
 def _webdataset(path: trees.Node, split: str | None, exclude: Iterable[str | Path] | None,
-                pairing: Mapping[str, str] | None, options: SourceOptions | None) -> Dataset | None:
+                pairing: Mapping[str, str] | None, options: SourceOptions | None) -> Listing | None:
     """An archive no tree layout fits, read by its WebDataset sidecars; None when no member has a
     sidecar label (then it is unlabelled, and the layout error stands)."""
     archive = path.tree.display
-    items = list(items_from_source(archive, options))
-    if not any(i.label is not None for i in items):
+    if not any(i.label is not None for i in items_from_source(archive, options)):  # stops at the first label
         return None
     _no_tree_options(archive, WEBDATASET, exclude, pairing)
     if split:
         raise ConfigError(f"split is used only by layouts with splits; {archive} is read as webdataset")
-    groups = sorted({str(i.group) for i in items})
-    return Dataset(sources.source_stem(archive), WEBDATASET, archive, tuple(items), None, {g: g for g in groups},
-                   {}, (), _container_name(path))
+    return Listing(sources.source_stem(archive), WEBDATASET, archive, items_from_source(archive, options), None,
+                   None, None, _container_name(path), keep_order=True)
 
 
 def merge_datasets(datasets: Sequence[Dataset], root: str) -> Dataset:
@@ -837,10 +891,7 @@ def expand_pairing(items: Iterable[ImageItem], pairing: Mapping[str, str]) -> li
     Returns:
         The expanded items, in input order (the copies of one real next to each other).
     """
-    users: dict[str, list[str]] = collections.defaultdict(list)
-    for group, source in sorted(pairing.items()):
-        if source != group:
-            users[source].append(group)
+    users = pairing_users(pairing)
     expanded = []
     for item in items:
         if item.label == 0 and str(item.group) in users:
@@ -851,13 +902,19 @@ def expand_pairing(items: Iterable[ImageItem], pairing: Mapping[str, str]) -> li
     return expanded
 
 
+def dataset_roots(inputs: Iterable[str | Path]) -> list[str]:
+    """The roots :func:`datasets_for_inputs` reads: brace patterns expanded, local paths made
+    absolute, each once, in order."""
+    return list(dict.fromkeys(text if remote.is_uri(text) or hub.is_hub_id(text) else os.path.abspath(text)
+                              for text in expand_inputs(inputs)))
+
+
 def datasets_for_inputs(inputs: Iterable[str | Path], layout: str, *, split: str | None = None,
                         exclude: Iterable[str | Path] | None = None, pairing: Mapping[str, str] | None = None,
                         options: SourceOptions | None = None) -> list[Dataset]:
     """:func:`read_dataset` of every INPUT (each root once, brace patterns expanded), with the
     same options."""
-    roots = dict.fromkeys(text if remote.is_uri(text) or hub.is_hub_id(text) else os.path.abspath(text)
-                          for text in expand_inputs(inputs))
+    roots = dataset_roots(inputs)
     return [read_dataset(root, layout, split=split, exclude=exclude, pairing=pairing, options=options)
             for root in roots]
 
@@ -925,10 +982,12 @@ __all__ = [
     "ExcludeList",
     "LAYOUTS",
     "Layout",
+    "Listing",
     "UNIFD_PAIRING",
     "COLUMNS",
     "SOURCE_LAYOUTS",
     "WEBDATASET",
+    "dataset_roots",
     "datasets_for_inputs",
     "detect_layout",
     "expand_pairing",
@@ -937,6 +996,7 @@ __all__ = [
     "items_for_inputs",
     "layout_names",
     "merge_datasets",
+    "open_dataset",
     "parse_pairing",
     "read_dataset",
     "register_layout",

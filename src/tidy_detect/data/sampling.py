@@ -16,6 +16,7 @@ The exact list is saved as a CSV manifest (``save_list``) that ``--layout manife
 
 from __future__ import annotations
 
+import array
 import collections
 import csv
 import hashlib
@@ -23,7 +24,7 @@ import io
 import json
 import random
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from tidy_detect.data.inputs import ImageItem, read_manifest
 from tidy_detect.errors import ConfigError, InputError
@@ -149,6 +150,148 @@ def stratified_per_class(items: Iterable[ImageItem], per_class: int, seed: int =
     return [item for _, part in sorted(chosen, key=lambda kv: kv[0]) for item in part]
 
 
+def pairing_users(pairing: Mapping[str, str]) -> dict[str, list[str]]:
+    """Real folder -> the groups whose reals it holds (sorted), for folders other groups pair
+    with; a folder that also pairs with itself keeps its own reals (it is among its users)."""
+    users: dict[str, list[str]] = collections.defaultdict(list)
+    for group, source in sorted(pairing.items()):
+        if source != group:
+            users[source].append(group)
+    for source, groups in users.items():
+        if pairing.get(source) == source:
+            groups.append(source)
+            groups.sort()
+    return dict(users)
+
+
+def shuffle_prefix(n: int, count: int | None, seed: int) -> list[int]:
+    """The first ``count`` positions (all with None) that :func:`_shuffled` puts first in a cell of
+    ``n`` items: ``random.Random(seed).shuffle`` of ``range(n)``, which depends only on ``n`` and
+    the seed, done on a packed array (8 bytes a position, freed on return)."""
+    order = array.array("q", range(n))
+    random.Random(seed).shuffle(order)
+    return order[:count].tolist() if count is not None else order.tolist()
+
+
+class _Cells:
+    """Ranks of items within cells, for samplers that read a listing twice: the first pass counts
+    each cell and checks that its items come in sorted order (:func:`_item_key`), so that an
+    item's rank in the listing is its rank in the sorted cell; the second pass meets each item
+    at the same rank again. One key and one count per cell are held."""
+
+    def __init__(self) -> None:
+        self.sizes: collections.Counter[Any] = collections.Counter()
+        self.last: dict[Any, tuple[str, str, str]] = {}
+        self.sorted = True
+
+    def count(self, cell: Any, item: ImageItem) -> None:
+        key = _item_key(item)
+        if cell in self.last and not self.last[cell] < key:
+            self.sorted = False  # e.g. "a-b/x.png" walked after "a/y.png": ranks would differ
+        self.last[cell] = key
+        self.sizes[cell] += 1
+
+
+def sample_listing(listing: Callable[[], Iterable[tuple[Any, ImageItem]]], pairing: Mapping[str, str], *,
+                   max_per_class: int | None = None, per_class: int | None = None, seed: int = DEFAULT_SEED,
+                   unique_paths: bool = True) -> list[ImageItem]:
+    """The sampling protocol over a listing read again for each pass, holding only the sample.
+
+    ``listing()`` yields ``(order, item)`` anew each call, with the same items in the same order
+    each time (a directory walk, a table): ``order`` sorts the evaluation sample the way the whole
+    list would have been (its position, or the dataset's (group, label, path) order). The result
+    equals what the list functions give over the whole list: with ``max_per_class``,
+    ``[it for it in items if it.path in chosen]`` for the paths :func:`sample_per_class` chooses
+    from ``expand_pairing(items, pairing)``; with ``per_class``, :func:`stratified_per_class`.
+
+    Two passes (three when ``unique_paths`` is False: a path listed under two groups is kept
+    under both when either is chosen): count each cell, then take the items at the ranks the
+    seeded shuffle puts first. That needs each cell's items to come in sorted order; when one
+    does not (a folder named like another plus a suffix, ``car`` and ``car-2``), the listing is
+    read into a list once and sampled as a list.
+
+    Raises:
+        ConfigError, InputError: as :func:`sample_per_class` and :func:`stratified_per_class`.
+    """
+    if per_class is not None:
+        _check_count("per_class", per_class)
+    elif max_per_class is not None:
+        _check_count("max_per_class", max_per_class)
+    _check_seed(seed)
+    users = pairing_users(pairing)
+
+    def cells_of(item: ImageItem) -> list[Any]:
+        if per_class is not None:
+            if item.label not in (0, 1):
+                raise InputError(f"{item.path}: stratified sampling needs labelled images (0_real/1_fake), "
+                                 f"got label {item.label!r}")
+            return [(item.label, (str(item.group or ""), item.subgroup or ""))]
+        if item.label == 0 and str(item.group) in users:
+            return [(group, 0) for group in users[str(item.group)]]
+        return [_cell_key(item)]
+
+    cells = _Cells()
+    for _, item in listing():
+        for cell in cells_of(item):
+            cells.count(cell, item)
+    if per_class is not None:
+        picks = _stratified_picks(cells.sizes, per_class, seed)
+    else:
+        picks = {cell: dict.fromkeys(shuffle_prefix(n, max_per_class, seed)) for cell, n in cells.sizes.items()}
+    if not cells.sorted:
+        listed = list(listing())
+        items = [item for _, item in listed]
+        if per_class is not None:
+            return stratified_per_class(items, per_class, seed)
+        by_cell: dict[Any, list[ImageItem]] = collections.defaultdict(list)
+        for item in items:  # the cells of expand_pairing(items, pairing), whose copies keep each item's key
+            for cell in cells_of(item):
+                by_cell[cell].append(item)
+        paths = {it.path for cell in by_cell.values() for it in _shuffled(cell, seed)[:max_per_class]}
+        return [it for _, it in sorted(((o, it) for o, it in listed if it.path in paths), key=_first)]
+    ranks: collections.Counter[Any] = collections.Counter()
+    chosen: list[tuple[Any, ImageItem]] = []
+    for order, item in listing():
+        hit = None
+        for cell in cells_of(item):
+            rank = ranks[cell]
+            ranks[cell] += 1
+            if rank in picks[cell]:
+                hit = (cell, picks[cell].get(rank)) if hit is None else hit
+        if hit is not None:
+            chosen.append((order, item) if per_class is None else ((*_stratum_order(hit[0]), hit[1]), item))
+    if per_class is None and not unique_paths:
+        paths = {item.path for _, item in chosen}
+        chosen = [(order, item) for order, item in listing() if item.path in paths]
+    return [item for _, item in sorted(chosen, key=_first)]
+
+
+def _first(pair: tuple[Any, ImageItem]) -> Any:
+    return pair[0]
+
+
+def _stratum_order(cell: tuple[int, tuple[str, str]]) -> tuple[str, int, str]:
+    label, (group, subgroup) = cell
+    return (group, label, subgroup)
+
+
+def _stratified_picks(sizes: Mapping[Any, int], per_class: int, seed: int) -> dict[Any, dict[int, int]]:
+    """(label, stratum) -> {rank in the sorted stratum: position in the sample} for
+    :func:`stratified_per_class`'s quotas (its errors too)."""
+    picks: dict[Any, dict[int, int]] = {}
+    for label in (0, 1):
+        by_stratum = {stratum: n for (lab, stratum), n in sizes.items() if lab == label}
+        available = sum(by_stratum.values())
+        if available < per_class:
+            name = "real" if label == 0 else "fake"
+            raise InputError(f"--per-label {per_class} asks for {per_class} {name} images, but the dataset has "
+                             f"{available}; lower --per-label")
+        for stratum, quota in stratum_quotas(by_stratum, per_class).items():
+            ranks = shuffle_prefix(by_stratum[stratum], quota, seed)
+            picks[(label, stratum)] = {rank: position for position, rank in enumerate(ranks)}
+    return picks
+
+
 def list_counts(items: Iterable[ImageItem]) -> dict[str, dict[str, int]]:
     """``{group: {"real": n, "fake": n, "unlabelled": n}}`` of a list, groups sorted."""
     names = {0: "real", 1: "fake", None: "unlabelled"}
@@ -236,8 +379,11 @@ __all__ = [
     "list_counts",
     "load_list",
     "load_list_params",
+    "pairing_users",
+    "sample_listing",
     "sample_per_class",
     "save_list",
+    "shuffle_prefix",
     "stratified_per_class",
     "stratum_quotas",
 ]

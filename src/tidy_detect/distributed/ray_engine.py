@@ -718,7 +718,7 @@ def extract_ray(inputs: Iterable[str | Path], out: str | Path, config: Extractio
     selection = select_inputs(inputs, layout=layout, split=split, exclude=exclude, pairing=pairing,
                               max_per_class=max_per_class, per_class=per_class, seed=seed, limit=limit,
                               source_options=source_options, stream=True)
-    items = selection.items  # a list for layouts and sampling; else listed as it is read (ItemStream)
+    items = selection.items  # a sample is a list; else listed as it is read (ItemStream, LayoutStream)
     return extract_items_ray(items, out, config, options, progress=progress, retry_errors=retry_errors,
                              perturbation=perturbation, pairing=selection.pairing,
                              ignored_files=selection.ignored_files, params=selection.params or None,
