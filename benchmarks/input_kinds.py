@@ -22,13 +22,16 @@ kind it reports:
 Then, in fresh processes, the peak RSS of extraction's input side over a Parquet image dataset:
 list it, plan the resume against a store, read and decode every pending row with the extractor's
 own decoding threads (no models), for each row count of ``--rss-rows`` (default 10,000 and
-100,000) and three ways: ``listed`` (the inputs held as one list, as layouts and sampling need),
+100,000) and three ways: ``listed`` (the inputs held as one list, as runs held them before they streamed),
 ``streamed`` (the generic path: listed once to plan, once to extract) and ``resumed`` (streamed
 against a store already holding every row: the resume plan's own memory). The target is flat,
 independent of the dataset's size; ``per row`` is the growth from the smallest count. The rows
 hold a cycle of ``--rss-distinct`` small JPEGs, so the file is large while writing it stays cheap.
-Last, what a run keeps per image besides its inputs, at the largest count (tracemalloc): the
-store's index when resuming, and the contents it knows (stored, and extracted in the run).
+The table also shows the anonymous and file-backed parts of the RSS once the plan is made: a large
+resume index lives in mapped files (page cache), see ``--spill-min-mb``. Last, what a run keeps
+per image besides its inputs, at the largest count (tracemalloc): the store's index when resuming,
+and the contents it knows (stored, and extracted in the run), with the index in memory and with
+every column in mapped files, each with the peak while it was built.
 
     python benchmarks/input_kinds.py                       # 3000 images, 30 rounds, 2 threads
     python benchmarks/input_kinds.py --s3 --models --images 600
@@ -80,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--extract-rows", default="", help="row counts for a whole `tidy-detect extract` with the "
                         "tiny models over a Parquet dataset of distinct images, peak RSS of each run (e.g. "
                         "2000,10000,40000; about 60 images/s on 2 cores; default: not run)")
+    parser.add_argument("--spill-min-mb", type=float, help="columns of the resume index spilled to mapped files from "
+                        "this size on (default: the library's, 4 MiB; 0 spills every column, as at ten million rows; "
+                        "TIDY_DETECT_SPILL_DIR=off keeps them in memory)")
     parser.add_argument("--skip-speed", action="store_true", help="only the memory test")
     parser.add_argument("--work", type=Path, help="folder for the files (default: a temporary one, removed)")
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
@@ -326,6 +332,20 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def _rss_parts_mib() -> tuple[float, float]:
+    """(anonymous, file-backed) resident memory of this process now: the mapped files of a spilled
+    index are file-backed page cache, which the kernel can drop; anonymous memory it cannot."""
+    found = {"RssAnon:": 0.0, "RssFile:": 0.0}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key = line.split(":", 1)[0] + ":"
+            if key in found:
+                found[key] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return found["RssAnon:"], found["RssFile:"]
+
+
 _STORE_DIM = 4  # the memory test's store: real rows, tiny embeddings (the index is what resume holds)
 
 
@@ -363,7 +383,7 @@ def fill_store(parquet: str, store_path: str) -> None:
 def rss_child(parquet: str, out: str, mode: str, store_path: str) -> None:
     """In a fresh process, extraction's input side without its models: list the inputs, plan the
     resume against a store, then read and decode every pending image with the extractor's own
-    ``prefetch``. ``listed``: the inputs as one list (how layouts and sampling read them);
+    ``prefetch``. ``listed``: the inputs as one list (how runs read them before they streamed);
     ``streamed``: the generic path, an ItemStream listed twice; ``resumed``: streamed against a
     store that already holds every row (the plan alone: nothing is left to decode)."""
     from tidy_detect.data.selection import select_inputs
@@ -376,6 +396,7 @@ def rss_child(parquet: str, out: str, mode: str, store_path: str) -> None:
     summary = ExtractionSummary()
     plan = pending_items(items, store, summary=summary)
     planned, plan_s = _rss_mib(), time.perf_counter() - started
+    anon, file_backed = _rss_parts_mib()  # the plan (and the index it keeps) alive
     started = time.perf_counter()
     decoded = errors = 0
     for _, loaded, _ in prefetch(plan.todo, 10_000_000, 2, 16):
@@ -385,6 +406,7 @@ def rss_child(parquet: str, out: str, mode: str, store_path: str) -> None:
         raise SystemExit(f"resume did not skip every row: {summary}")
     Path(out).write_text(json.dumps({"mode": mode, "rows": summary.total, "decoded": decoded, "errors": errors,
                                      "rss_imported_mib": imported, "rss_planned_mib": planned,
+                                     "rss_planned_anon_mib": anon, "rss_planned_file_mib": file_backed,
                                      "rss_peak_mib": _rss_mib(), "plan_s": plan_s,
                                      "decode_s": time.perf_counter() - started}))
 
@@ -412,13 +434,24 @@ def bookkeeping(rows: int) -> dict[str, Any]:
             "label": pa.array([i % 2 for i in range(n)], pa.int8()), "error": pa.nulls(n, pa.string()),
             "error_kind": pa.nulls(n, pa.string()), "num_bytes": pa.array([25_000_000] * n, pa.int64()),
             **{name: pa.array([1_700_000_000_000_000_000] * n, pa.int64()) for name in STAT_COLUMNS}}))
+    from tidy_detect.features.spill import Spill
+
     tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
-    index = StoreIndex.from_batches(batches)
-    index_bytes = tracemalloc.get_traced_memory()[0] - before
-    before = tracemalloc.get_traced_memory()[0]
-    content = ContentIndex(index.contents())
-    stored_bytes = tracemalloc.get_traced_memory()[0] - before
+    kept = {}
+    for way in ("memory", "spilled"):  # the index in memory (TIDY_DETECT_SPILL_DIR=off), then in mapped files
+        spill = Spill(min_bytes=0 if way == "spilled" else 10 ** 15)  # spilled: every column, whatever its size
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        index = StoreIndex.from_batches(batches, spill)
+        index_bytes, index_peak = (value - before for value in tracemalloc.get_traced_memory())
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        content = ContentIndex(index.iter_contents(), spill)
+        stored_bytes, stored_peak = (value - before for value in tracemalloc.get_traced_memory())
+        kept[way] = {"index": index_bytes / rows, "index_peak": index_peak / rows, "stored": stored_bytes / rows,
+                     "stored_peak": stored_peak / rows}
+        if way == "memory":
+            del index, content  # measured apart: the next way starts from nothing held
     fresh = ContentIndex()
     labels, summary = LabelCheck(fresh), ExtractionSummary()
     before = tracemalloc.get_traced_memory()[0]
@@ -439,9 +472,10 @@ def bookkeeping(rows: int) -> dict[str, Any]:
     get_us = (time.perf_counter() - started) / len(probe) * 1e6
     if found != len(probe) or any(e is None for e in entries) or len(content) != rows:
         raise SystemExit("the index lost rows")
-    return {"rows": rows, "index_bytes_per_row": index_bytes / rows, "stored_content_bytes_per_row": stored_bytes / rows,
-            "run_content_bytes_per_image": fresh_bytes / rows, "index_contains_us": contains_us,
-            "index_get_us": get_us}
+    return {"rows": rows, "index_bytes_per_row": kept["memory"]["index"],
+            "stored_content_bytes_per_row": kept["memory"]["stored"], "spilled": kept["spilled"],
+            "in_memory": kept["memory"], "run_content_bytes_per_image": fresh_bytes / rows,
+            "index_contains_us": contains_us, "index_get_us": get_us}
 
 
 def write_distinct_parquet(path: Path, rows: int) -> int:
@@ -523,7 +557,8 @@ def memory(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
             if mode == "resumed":
                 subprocess.run([sys.executable, __file__, "--fill-store", str(path), str(store)], check=True)
             out = work / f"rss-{rows}-{mode}.json"
-            subprocess.run([sys.executable, __file__, "--rss-child", str(path), str(out), mode, str(store)],
+            spill = [] if args.spill_min_mb is None else ["--spill-min-mb", str(args.spill_min_mb)]
+            subprocess.run([sys.executable, __file__, "--rss-child", str(path), str(out), mode, str(store), *spill],
                            check=True)
             found = json.loads(out.read_text())
             found["file_mib"] = size / 2 ** 20
@@ -538,6 +573,10 @@ def memory(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.rss_child:
+        if args.spill_min_mb is not None:
+            from tidy_detect.features import spill
+
+            spill.MIN_BYTES = int(args.spill_min_mb * 2 ** 20)
         rss_child(*args.rss_child)
         return 0
     if args.fill_store:
@@ -587,21 +626,26 @@ def main(argv: list[str] | None = None) -> int:
         print("\nextraction's input side without models (list, plan the resume, decode every pending row) over a "
               "Parquet image dataset, fresh process each")
         print(f"{'rows':>9} {'mode':>9} {'file MiB':>9} {'footer MiB':>11} {'RSS imports':>12} {'RSS planned':>12} "
-              f"{'RSS peak':>9} {'per row':>8} {'plan s':>7} {'decode s':>9}")
+              f"{'(anon/file)':>12} {'RSS peak':>9} {'per row':>8} {'plan s':>7} {'decode s':>9}")
         base = {r["mode"]: r for r in report["memory"] if r["rows"] == report["memory"][0]["rows"]}
         for r in report["memory"]:
             first = base[r["mode"]]
             growth = (r["rss_peak_mib"] - first["rss_peak_mib"]) * 1024 / max(r["rows"] - first["rows"], 1)
+            parts = f"{r.get('rss_planned_anon_mib', 0):.0f}/{r.get('rss_planned_file_mib', 0):.0f}"
             print(f"{r['rows']:>9,} {r['mode']:>9} {r['file_mib']:>9.0f} {r['footer_mib']:>11.1f} "
                   f"{r['rss_imported_mib']:>12.0f} "
-                  f"{r['rss_planned_mib']:>12.0f} {r['rss_peak_mib']:>9.0f} "
+                  f"{r['rss_planned_mib']:>12.0f} {parts:>12} {r['rss_peak_mib']:>9.0f} "
                   f"{(f'{growth:.2f} KiB' if r['rows'] != first['rows'] else '-'):>8} {r['plan_s']:>7.2f} "
                   f"{r['decode_s']:>9.2f}")
     if "bookkeeping" in report:
         b = report["bookkeeping"]
-        print(f"\nbookkeeping at {b['rows']:,} rows (tracemalloc: Python and NumPy memory kept): store index "
-              f"{b['index_bytes_per_row']:.0f} B per stored row (lookup {b['index_contains_us']:.1f} us, entry "
-              f"{b['index_get_us']:.1f} us); contents {b['stored_content_bytes_per_row']:.0f} B per stored one, "
+        print(f"\nbookkeeping at {b['rows']:,} rows (tracemalloc: Python and NumPy memory kept, and the peak while "
+              f"it was built), bytes per row:")
+        for way in ("in_memory", "spilled"):
+            k = b[way]
+            print(f"  {way:<9}: store index {k['index']:.0f} (building {k['index_peak']:.0f}), stored contents "
+                  f"{k['stored']:.0f} (building {k['stored_peak']:.0f})")
+        print(f"  lookup in the spilled index {b['index_contains_us']:.1f} us, entry {b['index_get_us']:.1f} us; "
               f"{b['run_content_bytes_per_image']:.0f} B per image extracted in the run")
     if "extract_memory" in report:
         print("\nthe whole `tidy-detect extract` (tiny models, batch 32) over a Parquet dataset of distinct images, "

@@ -37,6 +37,7 @@ from tidy_detect.data import remote, sources
 from tidy_detect.data.inputs import ImageItem
 from tidy_detect.data.perturb import Perturbation
 from tidy_detect.errors import ConfigError, ImageError, InputError, InputsFailedError, NothingProcessedError, TidyError
+from tidy_detect.features.spill import Spill
 from tidy_detect.features.store import FeatureStore, IndexEntry, StoreIndex, content_digest
 from tidy_detect.models.device import DeviceMemoryError, is_cuda
 from tidy_detect.views import crop_box
@@ -661,20 +662,33 @@ class ContentIndex:
 
     BUFFER = 1 << 16  # the run's newest keys, in a dict until merged into the sorted columns
 
-    def __init__(self, stored: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    def __init__(self, stored: tuple[np.ndarray, np.ndarray] | Iterable[tuple[np.ndarray, np.ndarray]] | None = None,
+                 spill: Spill | None = None) -> None:
         """``stored``: ``(sha256s as an (n, 32) uint8 array, labels or -1)``, in the store's
-        order (:meth:`~tidy_detect.features.store.StoreIndex.contents`)."""
+        order (:meth:`~tidy_detect.features.store.StoreIndex.contents`), or such pairs in slices
+        (:meth:`~tidy_detect.features.store.StoreIndex.iter_contents`). ``spill``: where the
+        store's columns go once sorted when they are large (see :mod:`tidy_detect.features.spill`)."""
         self._new: dict[bytes, int | None] = {}  # key -> first label, this run's newest keys
-        sha, labels = stored if stored is not None else (np.zeros((0, 32), np.uint8), np.zeros(0, np.int8))
-        hi = sha[:, :8].copy().view(">u8").ravel().astype(np.uint64)
-        lo = sha[:, 8:16].copy().view(">u8").ravel().astype(np.uint64)
-        # by key, a labelled row before an unlabelled one, then in store order: a key's first row
-        # is the label it first came with
-        order = np.lexsort((np.arange(len(labels)), labels == -1, lo, hi))
-        hi, lo, labels = hi[order], lo[order], labels[order]
+        his, los, labs = [], [], []
+        for sha, lab in ([stored] if isinstance(stored, tuple) else stored or ()):  # a slice's 32-byte hashes at a time
+            his.append(sha[:, :8].copy().view(">u8").ravel().astype(np.uint64))
+            los.append(sha[:, 8:16].copy().view(">u8").ravel().astype(np.uint64))
+            labs.append(np.asarray(lab, np.int8))
+        hi = np.concatenate(his) if his else np.zeros(0, np.uint64)
+        lo = np.concatenate(los) if los else np.zeros(0, np.uint64)
+        labels = np.concatenate(labs) if labs else np.zeros(0, np.int8)
+        del his, los, labs
+        # by key, a labelled row before an unlabelled one, then in store order (lexsort is
+        # stable): a key's first row is the label it first came with
+        order = np.lexsort((labels == -1, lo, hi))
+        hi = hi[order]
+        lo = lo[order]
+        labels = labels[order]
+        del order
         first = np.ones(len(hi), bool)
         first[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
-        self._stored = (hi[first], lo[first], labels[first].astype(np.int8))
+        spill = spill or Spill()
+        self._stored = (spill.put(hi[first]), spill.put(lo[first]), spill.put(labels[first]))
         empty = np.zeros(0, np.uint64)
         self._run = (empty, empty.copy(), np.zeros(0, np.int8))  # this run's merged keys, sorted by hi
 
@@ -1025,7 +1039,7 @@ def pending_items(items: Iterable[ImageItem], store: FeatureStore, retry_errors:
         todo: Iterable[ImageItem] = [item for item in items if item.path not in index]
     else:
         todo = _Pending(items, index, summary, total)
-    return ResumePlan(todo, ContentIndex(index.contents()))
+    return ResumePlan(todo, ContentIndex(index.iter_contents()))
 
 
 def _hash_files(items: Sequence[ImageItem], workers: int, max_bytes: int

@@ -61,6 +61,7 @@ from tidy_detect.features.storage import (  # noqa: F401
     write_json_atomic,
 )
 from tidy_detect.images import FileStat
+from tidy_detect.features.spill import Spill
 
 log = logging.getLogger(__name__)
 
@@ -315,11 +316,11 @@ def content_digest(sha256: str) -> bytes:
 
 @dataclass
 class _IndexColumns:
-    """The columns of a :class:`StoreIndex`, one entry per store row."""
+    """The columns of a :class:`StoreIndex`, one entry per store row (arrays, or maps of files:
+    see :mod:`tidy_detect.features.spill`)."""
 
-    hashes: np.ndarray  # int64: hash() of each path, for lookup
     offsets: np.ndarray  # int64, rows + 1: where each path's UTF-8 bytes start in ``data``
-    data: bytes
+    data: np.ndarray  # uint8: the paths' UTF-8 bytes, one after another
     sha: np.ndarray  # (rows, 32) uint8: the content hash's raw bytes (zeros where none)
     has_sha: np.ndarray
     has_error: np.ndarray
@@ -336,87 +337,90 @@ class StoreIndex(Mapping[str, IndexEntry]):
     NumPy, and the paths' hashes sorted for lookup (a path's first row wins, as the store keeps one
     row per path). About 0.15 KiB per row (most of it the path), where a dict of entries took
     about 0.4; an entry is made when asked for. ``pop`` forgets a path (resume does, for rows it
-    removes)."""
+    removes).
 
-    def __init__(self, columns: _IndexColumns) -> None:
+    A large index's columns are built into files and mapped (:class:`~tidy_detect.features.spill.Spill`):
+    the run holds no memory per stored row, only page cache the kernel can drop; building it
+    sorts the paths' hashes in memory (16 bytes a row, freed once sorted)."""
+
+    def __init__(self, hashes: np.ndarray, columns: _IndexColumns, spill: Spill | None = None) -> None:
         self._c = columns
-        self._order = np.argsort(columns.hashes, kind="stable")  # equal hashes keep the store's row order
-        self._hashes = columns.hashes[self._order]
-        self._gone = np.zeros(len(columns.hashes), bool)
-        columns.hashes = np.zeros(0, np.int64)  # kept sorted above
-        self._first = self._first_rows()
+        self._spill = spill or Spill()
+        order = np.argsort(hashes, kind="stable")  # equal hashes keep the store's row order
+        sorted_hashes = hashes[order]
+        del hashes
+        self._order = self._spill.put(order)
+        del order
+        self._hashes = self._spill.put(sorted_hashes)
+        del sorted_hashes
+        self._gone: set[int] = set()  # rows popped (resume removes a few)
+        self._shadowed = self._shadowed_rows()
 
     @classmethod
-    def from_batches(cls, batches: Iterable[pa.RecordBatch]) -> "StoreIndex":
+    def from_batches(cls, batches: Iterable[pa.RecordBatch], spill: Spill | None = None) -> "StoreIndex":
         """From record batches with the columns sha256, path, label, error, error_kind,
         num_bytes and the stat columns. Each batch is turned into columns as it comes (the
-        Python strings of one batch at a time)."""
-        parts: dict[str, list[Any]] = {k: [] for k in ("hashes", "offsets", "data", "sha", "has_sha", "has_error",
-                                                       "label", "stat", "has_stat")}
+        Python strings of one batch at a time), appended to the columns' files once they are
+        large."""
+        spill = spill or Spill()
+        build = {"hashes": spill.builder(np.int64), "offsets": spill.builder(np.int64),
+                 "data": spill.builder(np.uint8), "sha": spill.builder(np.uint8, (32,)),
+                 "has_sha": spill.builder(bool), "has_error": spill.builder(bool), "label": spill.builder(np.int8),
+                 "stat": spill.builder(np.int64, (4,)), "has_stat": spill.builder(bool)}
+        build["offsets"].append(np.zeros(1, np.int64))
         error_kinds: dict[int, str] = {}
         odd: dict[int, str] = {}
         rows = size = 0
         for batch in batches:
             n = batch.num_rows
             paths = batch.column("path").to_pylist()
-            parts["hashes"].append(np.fromiter(map(hash, paths), np.int64, count=n))
+            build["hashes"].append(np.fromiter(map(hash, paths), np.int64, count=n))
             encoded = [p.encode("utf-8", "surrogatepass") for p in paths]
-            parts["offsets"].append(size + np.cumsum([len(e) for e in encoded], dtype=np.int64))
-            parts["data"].append(b"".join(encoded))
-            size += len(parts["data"][-1])
-            del paths, encoded
+            build["offsets"].append(size + np.cumsum([len(e) for e in encoded], dtype=np.int64))
+            joined = b"".join(encoded)
+            build["data"].append(np.frombuffer(joined, np.uint8))
+            size += len(joined)
+            del paths, encoded, joined
             values = batch.column("sha256").to_pylist()
             digests = [content_digest(v) if v else bytes(32) for v in values]
-            parts["sha"].append(np.frombuffer(b"".join(digests), np.uint8).reshape(n, 32))
-            parts["has_sha"].append(np.array([bool(v) for v in values], bool))
+            build["sha"].append(np.frombuffer(b"".join(digests), np.uint8).reshape(n, 32))
+            build["has_sha"].append(np.array([bool(v) for v in values], bool))
             odd.update({rows + i: v for i, (v, d) in enumerate(zip(values, digests)) if v and d.hex() != v})
             errors = batch.column("error").is_valid().to_numpy(zero_copy_only=False)
-            parts["has_error"].append(errors)
+            build["has_error"].append(errors)
             if errors.any():
                 kinds = batch.column("error_kind").to_pylist()
                 error_kinds.update({rows + int(i): kinds[i] for i in np.flatnonzero(errors) if kinds[i] is not None})
-            parts["label"].append(batch.column("label").fill_null(_NO_LABEL).to_numpy(zero_copy_only=False)
+            build["label"].append(batch.column("label").fill_null(_NO_LABEL).to_numpy(zero_copy_only=False)
                                   .astype(np.int8))
             stats = [batch.column(name) for name in ("num_bytes", *STAT_COLUMNS)]
-            parts["has_stat"].append(np.logical_and.reduce([c.is_valid().to_numpy(zero_copy_only=False)
-                                                            for c in stats]))
-            parts["stat"].append(np.stack([c.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+            build["has_stat"].append(np.logical_and.reduce([c.is_valid().to_numpy(zero_copy_only=False)
+                                                           for c in stats]))
+            build["stat"].append(np.stack([c.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
                                            for c in stats], axis=1))
             rows += n
+        done = {name: builder.finish() for name, builder in build.items()}
+        hashes = done.pop("hashes")
+        return cls(hashes, _IndexColumns(**done, error_kinds=error_kinds, odd_sha=odd), spill)
 
-        def joined(name: str, empty: np.ndarray) -> np.ndarray:
-            # one column at a time, its batches dropped as soon as it is joined: the peak is the
-            # index plus one column, not twice the index
-            pieces, parts[name] = parts[name], []
-            return np.concatenate(pieces) if pieces else empty
-
-        no_rows = np.zeros(0, bool)
-        parts["offsets"].insert(0, np.zeros(1, np.int64))
-        data, parts["data"] = parts["data"], []
-        return cls(_IndexColumns(
-            hashes=joined("hashes", np.zeros(0, np.int64)), offsets=joined("offsets", np.zeros(1, np.int64)),
-            data=data[0] if len(data) == 1 else b"".join(data),
-            sha=joined("sha", np.zeros((0, 32), np.uint8)), has_sha=joined("has_sha", no_rows),
-            has_error=joined("has_error", no_rows), label=joined("label", np.zeros(0, np.int8)),
-            stat=joined("stat", np.zeros((0, 4), np.int64)), has_stat=joined("has_stat", no_rows),
-            error_kinds=error_kinds, odd_sha=odd))
-
-    def _first_rows(self) -> np.ndarray:
-        """Which rows are their path's first (a later row of the same path is shadowed)."""
-        first = np.ones(len(self._order), bool)
-        same = np.flatnonzero(self._hashes[1:] == self._hashes[:-1]) + 1  # rare: repeated paths, or hash ties
-        for k in same:
-            here = self._path_at(int(self._order[k]))
-            start = k - 1
-            while start >= 0 and self._hashes[start] == self._hashes[k]:
-                if self._path_at(int(self._order[start])) == here:
-                    first[self._order[k]] = False
-                    break
-                start -= 1
-        return first
+    def _shadowed_rows(self) -> set[int]:
+        """Rows that are not their path's first (a later row of the same path is shadowed)."""
+        shadowed: set[int] = set()
+        hashes = self._hashes
+        for start in range(0, len(hashes) - 1, 1 << 20):  # in slices: the comparison's mask stays small
+            part = np.asarray(hashes[start:start + (1 << 20) + 1])
+            for k in (np.flatnonzero(part[1:] == part[:-1]) + 1 + start).tolist():  # rare: repeats, hash ties
+                here = self._path_at(int(self._order[k]))
+                back = k - 1
+                while back >= 0 and hashes[back] == hashes[k]:
+                    if self._path_at(int(self._order[back])) == here:
+                        shadowed.add(int(self._order[k]))
+                        break
+                    back -= 1
+        return shadowed
 
     def _path_bytes(self, row: int) -> bytes:
-        return self._c.data[self._c.offsets[row]:self._c.offsets[row + 1]]
+        return self._c.data[self._c.offsets[row]:self._c.offsets[row + 1]].tobytes()
 
     def _path_at(self, row: int) -> str:
         return self._path_bytes(row).decode("utf-8", "surrogatepass")
@@ -431,8 +435,8 @@ class StoreIndex(Mapping[str, IndexEntry]):
         while k < len(hashes) and hashes[k] == h:
             row = int(self._order[k])
             encoded = encoded or path.encode("utf-8", "surrogatepass")
-            if self._first[row] and self._path_bytes(row) == encoded:
-                return None if self._gone[row] else row
+            if row not in self._shadowed and self._path_bytes(row) == encoded:
+                return None if row in self._gone else row
             k += 1
         return None
 
@@ -453,15 +457,27 @@ class StoreIndex(Mapping[str, IndexEntry]):
     def __contains__(self, path: object) -> bool:
         return self._row(path) is not None  # type: ignore[arg-type]
 
-    def _live(self) -> np.ndarray:
-        return np.flatnonzero(self._first & ~self._gone)
+    def _dropped(self) -> np.ndarray:
+        return np.fromiter(sorted(self._shadowed | self._gone), np.int64)
+
+    def _live(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """``rows`` (default: all), without the shadowed and popped ones."""
+        rows = np.arange(len(self._c.label)) if rows is None else rows
+        dropped = self._dropped()
+        return rows[~np.isin(rows, dropped)] if len(dropped) else rows
+
+    def _live_slices(self, step: int = 1 << 16) -> Iterator[np.ndarray]:
+        """The live rows, a slice at a time (a whole index's row numbers would be 8 bytes a row)."""
+        for start in range(0, len(self._c.label), step):
+            yield self._live(np.arange(start, min(start + step, len(self._c.label))))
 
     def __iter__(self) -> Iterator[str]:
-        for row in self._live():
-            yield self._path_at(int(row))
+        for rows in self._live_slices():
+            for row in rows.tolist():
+                yield self._path_at(row)
 
     def __len__(self) -> int:
-        return len(self._live())
+        return len(self._c.label) - len(self._shadowed | self._gone)
 
     def pop(self, path: str, *default: Any) -> IndexEntry | None:
         row = self._row(path)
@@ -469,19 +485,28 @@ class StoreIndex(Mapping[str, IndexEntry]):
             if default:
                 return default[0]
             raise KeyError(path)
-        self._gone[row] = True
+        self._gone.add(row)
         return self._entry(row)
 
     def error_paths(self) -> list[str]:
         """Paths whose row is an error row."""
-        return [self._path_at(int(row)) for row in self._live() if self._c.has_error[row]]
+        errors = np.flatnonzero(np.asarray(self._c.has_error))
+        return [self._path_at(int(row)) for row in self._live(errors)]
 
     def contents(self) -> tuple[np.ndarray, np.ndarray]:
         """``(sha256s as an (n, 32) array of bytes, labels or -1)`` of the rows with features, in
-        store order."""
-        rows = self._live()
-        rows = rows[self._c.has_sha[rows] & ~self._c.has_error[rows]]
-        return self._c.sha[rows], self._c.label[rows]
+        store order (a copy: 33 bytes a row; :meth:`iter_contents` gives it in slices)."""
+        parts = list(self.iter_contents())
+        if not parts:
+            return np.zeros((0, 32), np.uint8), np.zeros(0, np.int8)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def iter_contents(self, step: int = 1 << 16) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`contents` in slices of at most ``step`` rows, in store order."""
+        for rows in self._live_slices(step):
+            rows = rows[np.asarray(self._c.has_sha[rows]) & ~np.asarray(self._c.has_error[rows])]
+            if len(rows):
+                yield np.asarray(self._c.sha[rows]), np.asarray(self._c.label[rows])
 
 
 @dataclass

@@ -1,0 +1,162 @@
+"""Large read-only columns kept in files the kernel pages in and out, rather than in the process.
+
+A resume over a store of ten million rows needs, for every stored row, its path, content hash,
+file stat and label (:class:`~tidy_detect.features.store.StoreIndex`), and every stored content
+(:class:`~tidy_detect.features.extractor.ContentIndex`): about 0.16 KiB a row, 1.6 GB that would
+otherwise stay in the process's memory for the whole run. Once such a column is built it is only
+read, so it is written to a file and mapped (``np.memmap``): pages are read when looked up and
+are page cache, which the kernel drops under memory pressure (a container's memory limit
+included) instead of killing the run. The file is unlinked as soon as it is mapped, so nothing is
+left behind, even when the run is killed.
+
+Only columns of at least :data:`MIN_BYTES` go to files (a small store stays in memory, where it
+costs nothing). ``TIDY_DETECT_SPILL_DIR`` names the folder for the files (default: the system's
+temporary folder; point it at a disk when that is a RAM-backed ``tmpfs``), and ``off`` keeps
+everything in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import weakref
+from typing import Any
+
+import numpy as np
+
+from tidy_detect.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+SPILL_ENV = "TIDY_DETECT_SPILL_DIR"
+MIN_BYTES = 4 << 20  # columns smaller than this stay in memory (a 4 MiB column: 131,072 content hashes)
+
+
+def spill_folder() -> str | None:
+    """Where columns are spilled (None: they are not; ``TIDY_DETECT_SPILL_DIR=off``)."""
+    value = os.environ.get(SPILL_ENV, "").strip()
+    if value.lower() == "off":
+        return None
+    return value or tempfile.gettempdir()
+
+
+class Spill:
+    """Maps columns into files of one temporary folder (see the module docstring); made per index.
+
+    ``put`` moves a finished array out of memory; ``builder`` gathers a column chunk by chunk,
+    in memory until it is large and then in its file, so a column is never held whole while it
+    is built.
+    """
+
+    def __init__(self, min_bytes: int | None = None) -> None:
+        self.min_bytes = MIN_BYTES if min_bytes is None else min_bytes
+        self.folder = spill_folder()
+        self._made: str | None = None
+        self._count = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.folder is not None
+
+    def _path(self) -> str:
+        if self._made is None:
+            try:
+                os.makedirs(self.folder, exist_ok=True)  # type: ignore[arg-type]
+                self._made = tempfile.mkdtemp(prefix="tidy-detect-index-", dir=self.folder)
+            except OSError as exc:
+                raise StoreError(f"{self.folder}: cannot write the resume index's files there "
+                                 f"({exc.strerror or exc}); set {SPILL_ENV} to a writable folder, or "
+                                 f"{SPILL_ENV}=off to keep the index in memory") from exc
+            # the files are unlinked once mapped; the folder goes when this object does
+            weakref.finalize(self, shutil.rmtree, self._made, True)
+        self._count += 1
+        return os.path.join(self._made, f"{self._count}.bin")
+
+    def _map(self, path: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        if not shape[0]:
+            os.unlink(path)
+            return np.zeros(shape, dtype)
+        mapped = np.memmap(path, dtype=dtype, mode="r", shape=shape)
+        try:
+            os.unlink(path)  # the mapping keeps the data; no file is left behind
+        except OSError:  # a system that cannot unlink an open file: removed with the folder
+            pass
+        # a plain ndarray over the map (which it keeps alive as its base): np.memmap's own
+        # indexing makes a subclass object per element read, several times slower per lookup
+        return np.asarray(mapped)
+
+    def put(self, array: np.ndarray) -> np.ndarray:
+        """``array``, or a read-only memory map of a file holding it when it is large."""
+        if not self.enabled or array.nbytes < self.min_bytes:
+            return array
+        path = self._path()
+        try:
+            np.ascontiguousarray(array).tofile(path)
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot write the resume index ({exc.strerror or exc}); free space there, "
+                             f"set {SPILL_ENV} to another folder, or {SPILL_ENV}=off") from exc
+        return self._map(path, array.dtype, array.shape)
+
+    def builder(self, dtype: Any, width: tuple[int, ...] = ()) -> "ColumnBuilder":
+        """A column of ``dtype`` (rows of shape ``width``) built by appending chunks."""
+        return ColumnBuilder(self, np.dtype(dtype), width)
+
+
+class ColumnBuilder:
+    """Chunks of one column: in memory while they are small, then appended to a file."""
+
+    def __init__(self, spill: Spill, dtype: np.dtype, width: tuple[int, ...]) -> None:
+        self.spill, self.dtype, self.width = spill, dtype, width
+        self._chunks: list[np.ndarray] = []
+        self._held = 0
+        self._rows = 0
+        self._file: Any = None
+        self._path = ""
+
+    def append(self, chunk: np.ndarray) -> None:
+        chunk = np.ascontiguousarray(chunk, dtype=self.dtype).reshape((-1, *self.width))
+        self._rows += len(chunk)
+        if self._file is not None:
+            self._write(chunk)
+            return
+        self._chunks.append(chunk)
+        self._held += chunk.nbytes
+        if self.spill.enabled and self._held >= self.spill.min_bytes:
+            self._path = self.spill._path()
+            self._file = open(self._path, "wb")
+            chunks, self._chunks = self._chunks, []
+            for held in chunks:
+                self._write(held)
+
+    def _write(self, chunk: np.ndarray) -> None:
+        try:
+            self._file.write(chunk.tobytes())
+        except OSError as exc:
+            raise StoreError(f"{self._path}: cannot write the resume index ({exc.strerror or exc}); free space "
+                             f"there, set {SPILL_ENV} to another folder, or {SPILL_ENV}=off") from exc
+
+    def finish(self) -> np.ndarray:
+        """The whole column: an array, or a read-only map of its file."""
+        shape = (self._rows, *self.width)
+        if self._file is None:
+            chunks, self._chunks = self._chunks, []
+            return np.concatenate(chunks) if chunks else np.zeros(shape, self.dtype)
+        self._file.close()
+        self._file = None
+        return self.spill._map(self._path, self.dtype, shape)
+
+
+def is_mapped(array: np.ndarray) -> bool:
+    """Whether ``array`` reads a mapped file (what :meth:`Spill.put` and builders give when large)."""
+    while array is not None:
+        if isinstance(array, np.memmap):
+            return True
+        array = getattr(array, "base", None)
+        if not isinstance(array, np.ndarray):
+            return False
+    return False
+
+
+__all__ = ["ColumnBuilder", "MIN_BYTES", "SPILL_ENV", "Spill", "is_mapped", "spill_folder"]
