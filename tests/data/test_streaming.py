@@ -161,3 +161,30 @@ def test_an_item_stream_asks_what_its_inputs_are_once(tree, tmp_path, monkeypatc
     stream = select_inputs([table, tree], stream=True).items
     assert list(stream) == list(stream) == list(stream)
     assert asked == [str(table), str(tree)]  # a brace pattern over remote shards is expanded once, not per listing
+
+
+def test_extract_with_a_layout_walks_the_tree_and_samples_without_listing_it_whole(extractor, tmp_path, monkeypatch):
+    """A layout run walks its tree (never read_dataset's whole list), and a sampled one stores
+    exactly the list the whole listing samples, saved as inputs.csv in the same order."""
+    from tidy_detect.data import layouts
+    from tidy_detect.data.sampling import load_list
+
+    root = tmp_path / "bench"
+    make_tree(root, {"gen_a": 3, "gen_b": 2})
+    expected = select_inputs([root], layout="generic").items  # the whole list (before it streamed)
+    sampled = select_inputs([root], layout="generic", max_per_class=2, seed=1).items
+    opened = []
+    original = layouts.open_dataset
+    monkeypatch.setattr(layouts, "read_dataset", lambda *a, **k: pytest.fail("the tree was read whole"))
+    monkeypatch.setattr(layouts, "open_dataset", lambda *a, **k: opened.append(a[0]) or original(*a, **k))
+    store = tmp_path / "store"
+    summary = extract([root], store, extractor=extractor, layout="generic")
+    assert (summary.total, summary.processed) == (10, 10) and len(opened) == 3  # check, plan, extract
+    rows = [(r["path"], r["label"], r["group"]) for r in FeatureStore(store).rows(["path", "label", "group"])]
+    assert sorted(rows) == sorted((i.path, i.label, i.group) for i in expected)
+    opened.clear()
+    other = tmp_path / "sampled"
+    summary = extract([root], other, extractor=extractor, layout="generic", max_per_class=2, seed=1)
+    assert summary.processed == len(sampled) == 8 and len(opened) == 3  # pairing, count, take
+    assert [(i.path, i.label, i.group) for i in load_list(other / "inputs.csv")] == \
+        [(i.path, i.label, i.group) for i in sampled]
