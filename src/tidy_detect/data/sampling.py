@@ -108,6 +108,13 @@ def stratum_quotas(sizes: Mapping[Any, int], total: int) -> dict[Any, int]:
     return quotas
 
 
+def _check_available(label: int, available: int, per_class: int) -> None:
+    if available < per_class:  # the protocol is never silently changed
+        name = "real" if label == 0 else "fake"
+        raise InputError(f"--per-label {per_class} asks for {per_class} {name} images, but the dataset has "
+                         f"{available}; lower --per-label")
+
+
 def stratified_per_class(items: Iterable[ImageItem], per_class: int, seed: int = DEFAULT_SEED) -> list[ImageItem]:
     """Exactly ``per_class`` real and ``per_class`` fake items, spread evenly over the strata.
 
@@ -139,11 +146,7 @@ def stratified_per_class(items: Iterable[ImageItem], per_class: int, seed: int =
         strata[item.label][(str(item.group or ""), item.subgroup or "")].append(item)
     chosen: list[tuple[tuple[str, int, str], list[ImageItem]]] = []
     for label, by_stratum in strata.items():
-        available = sum(len(v) for v in by_stratum.values())
-        if available < per_class:
-            name = "real" if label == 0 else "fake"
-            raise InputError(f"--per-label {per_class} asks for {per_class} {name} images, but the dataset has "
-                             f"{available}; lower --per-label")
+        _check_available(label, sum(len(v) for v in by_stratum.values()), per_class)
         quotas = stratum_quotas({k: len(v) for k, v in by_stratum.items()}, per_class)
         for (group, subgroup), members in by_stratum.items():
             chosen.append(((group, label, subgroup), _shuffled(members, seed)[:quotas[(group, subgroup)]]))
@@ -234,10 +237,6 @@ def sample_listing(listing: Callable[[], Iterable[tuple[Any, ImageItem]]], pairi
     for _, item in listing():
         for cell in cells_of(item):
             cells.count(cell, item)
-    if per_class is not None:
-        picks = _stratified_picks(cells.sizes, per_class, seed)
-    else:
-        picks = {cell: dict.fromkeys(shuffle_prefix(n, max_per_class, seed)) for cell, n in cells.sizes.items()}
     if not cells.sorted:
         listed = list(listing())
         items = [item for _, item in listed]
@@ -249,6 +248,10 @@ def sample_listing(listing: Callable[[], Iterable[tuple[Any, ImageItem]]], pairi
                 by_cell[cell].append(item)
         paths = {it.path for cell in by_cell.values() for it in _shuffled(cell, seed)[:max_per_class]}
         return [it for _, it in sorted(((o, it) for o, it in listed if it.path in paths), key=_first)]
+    if per_class is not None:
+        picks = _stratified_picks(cells.sizes, per_class, seed)
+    else:
+        picks = {cell: dict.fromkeys(shuffle_prefix(n, max_per_class, seed)) for cell, n in cells.sizes.items()}
     ranks: collections.Counter[Any] = collections.Counter()
     chosen: list[tuple[Any, ImageItem]] = []
     for order, item in listing():
@@ -281,11 +284,7 @@ def _stratified_picks(sizes: Mapping[Any, int], per_class: int, seed: int) -> di
     picks: dict[Any, dict[int, int]] = {}
     for label in (0, 1):
         by_stratum = {stratum: n for (lab, stratum), n in sizes.items() if lab == label}
-        available = sum(by_stratum.values())
-        if available < per_class:
-            name = "real" if label == 0 else "fake"
-            raise InputError(f"--per-label {per_class} asks for {per_class} {name} images, but the dataset has "
-                             f"{available}; lower --per-label")
+        _check_available(label, sum(by_stratum.values()), per_class)
         for stratum, quota in stratum_quotas(by_stratum, per_class).items():
             ranks = shuffle_prefix(by_stratum[stratum], quota, seed)
             picks[(label, stratum)] = {rank: position for position, rank in enumerate(ranks)}
