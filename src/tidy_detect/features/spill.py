@@ -6,8 +6,9 @@ file stat and label (:class:`~tidy_detect.features.store.StoreIndex`), and every
 otherwise stay in the process's memory for the whole run. Once such a column is built it is only
 read, so it is written to a file and mapped (``np.memmap``): pages are read when looked up and
 are page cache, which the kernel drops under memory pressure (a container's memory limit
-included) instead of killing the run. The file is unlinked as soon as it is mapped, so nothing is
-left behind, even when the run is killed.
+included) instead of killing the run. The file is unlinked as soon as it is mapped, so no file is
+left behind, even when the run is killed (killed while it builds the index, it leaves its folder,
+``tidy-detect-index-*``, and the column it was writing).
 
 Only columns of at least :data:`MIN_BYTES` go to files (a small store stays in memory, where it
 costs nothing). ``TIDY_DETECT_SPILL_DIR`` names the folder for the files (default: the system's
