@@ -236,30 +236,42 @@ def test_content_index_keeps_the_first_label_of_stored_and_new_contents():
     assert len(content) == 3
 
 
-def test_content_index_answers_the_same_when_its_run_keys_are_merged_into_columns(monkeypatch):
-    """The run's keys move from a small dict into sorted columns as it fills: with a buffer of 3
-    (a merge every few adds) the answers equal those of an index that never merges."""
+@pytest.mark.parametrize("max_run, spilled", [(10 ** 9, False), (8, False), (8, True)])
+def test_content_index_answers_the_same_when_its_run_keys_are_merged_into_columns(monkeypatch, tmp_path, max_run,
+                                                                                spilled):
+    """The run's keys move from a small dict into sorted runs as it fills, and runs merge: with a
+    buffer of 3 (a run every few adds), runs capped at 8 keys or not, in mapped files or not, the
+    answers equal those of an index that never leaves its dict."""
     import hashlib
     import random
 
     import numpy as np
 
     from tidy_detect.features.extractor import ContentIndex
+    from tidy_detect.features.spill import SPILL_ENV, Spill, is_mapped
 
+    monkeypatch.setenv(SPILL_ENV, str(tmp_path / "spill"))
     rng = random.Random(4)
-    shas = [hashlib.sha256(bytes([k])).hexdigest() for k in range(40)]
+    shas = [hashlib.sha256(bytes([k])).hexdigest() for k in range(120)]
     stored = (np.frombuffer(bytes.fromhex("".join(shas[:10])), np.uint8).reshape(10, 32),
               np.array([-1, 0, 1] * 3 + [-1], np.int8))
-    merged, plain = ContentIndex(stored), ContentIndex(stored)
+    merged, plain = ContentIndex(stored, Spill(min_bytes=0 if spilled else None)), ContentIndex(stored)
     monkeypatch.setattr(merged, "BUFFER", 3)
+    monkeypatch.setattr(merged, "MAX_RUN", max_run)
     plain.BUFFER = 10 ** 9
-    for _ in range(300):
-        sha, label = rng.choice(shas), rng.choice([None, 0, 1])
+    relabelled = 0
+    for _ in range(600):
+        sha, label = rng.choice(shas), rng.choice([None, None, 0, 1])
         assert merged.add(sha, label) == plain.add(sha, label), sha
         probe = rng.choice(shas)
         assert (probe in merged) == (probe in plain)
-    assert len(merged._run[0]) > 0 and merged.labels() == plain.labels() and merged == plain
+        relabelled = max(relabelled, len(merged._relabel))
+    assert relabelled  # some run keys got their first label after their run was made
+    assert merged._runs and merged.labels() == plain.labels() and merged == plain
     assert all(sha in merged for sha in shas) and "ab" * 32 not in merged
+    sizes = [len(run[0]) for run in merged._runs]
+    assert all(size <= max(max_run, 3) for size in sizes) and sizes == sorted(sizes, reverse=True)
+    assert all(is_mapped(run[0]) == spilled for run in merged._runs)
 
 
 def test_the_keys_a_read_has_seen_are_each_let_through_once_across_merges(monkeypatch):

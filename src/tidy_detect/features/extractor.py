@@ -656,11 +656,18 @@ class ContentIndex:
     the label it first came with: what finds duplicates (their features are copied, not extracted
     again) and label conflicts. A content is keyed by the first 16 bytes of its sha256, held in
     sorted NumPy columns (17 bytes each: two 64-bit halves and a label): the store's, and the
-    run's own, which gather in a dict of at most ``BUFFER`` keys first and are merged into their
-    columns when it fills (hex strings and paths took about 0.35 KiB a content, a dict of every
-    key 85 bytes)."""
+    run's own, which gather in a dict of at most ``BUFFER`` keys first and then become a sorted
+    run of their own (hex strings and paths took about 0.35 KiB a content, a dict of every key 85
+    bytes). Runs of equal size are merged, as a binary counter adds, up to ``MAX_RUN`` keys, so
+    a run of ten million images has a few dozen runs, each key merged a few times; large columns
+    (the store's, and runs from about 500,000 keys) live in mapped files (see
+    :mod:`tidy_detect.features.spill`), so what the process holds stays bounded whatever the
+    number of contents: the buffer, the runs still under the spill size, and the labels that
+    keys of a run received after it was made (a content first seen unlabelled, then labelled)
+    until its next merge."""
 
-    BUFFER = 1 << 16  # the run's newest keys, in a dict until merged into the sorted columns
+    BUFFER = 1 << 16  # the run's newest keys, in a dict until they become a sorted run
+    MAX_RUN = 1 << 21  # runs are not merged past this (a merge sorts both runs in memory: ~70 MB)
 
     def __init__(self, stored: tuple[np.ndarray, np.ndarray] | Iterable[tuple[np.ndarray, np.ndarray]] | None = None,
                  spill: Spill | None = None) -> None:
@@ -687,10 +694,10 @@ class ContentIndex:
         del order
         first = np.ones(len(hi), bool)
         first[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
-        spill = spill or Spill()
-        self._stored = (spill.put(hi[first]), spill.put(lo[first]), spill.put(labels[first]))
-        empty = np.zeros(0, np.uint64)
-        self._run = (empty, empty.copy(), np.zeros(0, np.int8))  # this run's merged keys, sorted by hi
+        self._spill = spill or Spill()
+        self._stored = (self._spill.put(hi[first]), self._spill.put(lo[first]), self._spill.put(labels[first]))
+        self._runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # this run's keys, each run sorted by hi
+        self._relabel: dict[bytes, int] = {}  # a run's key that got its first label after the run was made
 
     @staticmethod
     def key(sha256: str) -> bytes:
@@ -715,7 +722,9 @@ class ContentIndex:
         """The first label of a known key (None: known without a label), or _UNSEEN."""
         if key in self._new:
             return self._new[key]
-        for columns in (self._run, self._stored):  # the run's label wins over the store's unlabelled row
+        if key in self._relabel:
+            return self._relabel[key]
+        for columns in (*self._runs, self._stored):  # the run's label wins over the store's unlabelled row
             k = self._find(columns, key)
             if k is not None:
                 label = int(columns[2][k])
@@ -728,26 +737,38 @@ class ContentIndex:
         key = self.key(sha256)
         first = self._label_of(key)
         if first is _UNSEEN or (first is None and label is not None):
-            k = None if key in self._new else self._find(self._run, key)
-            if k is not None:
-                self._run[2][k] = label  # the run's key gets its first label
+            if first is None and label is not None and key not in self._new and \
+                    any(self._find(run, key) is not None for run in self._runs):
+                self._relabel[key] = label  # a run's key gets its first label (runs may be mapped: read-only)
             else:
                 self._new[key] = label  # new, or a stored key without a label gets this run's
                 if len(self._new) >= self.BUFFER:
-                    self._merge()
+                    self._flush()
             first = label
         return first
 
-    def _merge(self) -> None:
-        keys = b"".join(self._new)
-        halves = np.frombuffer(keys, ">u8").astype(np.uint64).reshape(-1, 2)
+    def _flush(self) -> None:
+        """The buffer becomes a sorted run; equal runs are merged (up to MAX_RUN keys)."""
+        halves = np.frombuffer(b"".join(self._new), ">u8").astype(np.uint64).reshape(-1, 2)
         labels = np.array([-1 if v is None else v for v in self._new.values()], np.int8)
-        hi = np.concatenate([self._run[0], halves[:, 0]])
-        lo = np.concatenate([self._run[1], halves[:, 1]])
-        lab = np.concatenate([self._run[2], labels])
-        order = np.argsort(hi, kind="stable")  # two sorted runs: a merge; equal halves keep both keys
-        self._run = (hi[order], lo[order], lab[order])
         self._new = {}
+        runs = [(halves[:, 0], halves[:, 1], labels)]
+        while self._runs and len(self._runs[-1][0]) <= len(runs[0][0]) and \
+                len(self._runs[-1][0]) + len(runs[0][0]) <= self.MAX_RUN:
+            runs.insert(0, self._runs.pop())
+        hi = np.concatenate([run[0] for run in runs])
+        lo = np.concatenate([run[1] for run in runs])
+        lab = np.concatenate([run[2] for run in runs])
+        del runs
+        order = np.argsort(hi, kind="stable")  # equal halves keep both keys
+        hi, lo, lab = hi[order], lo[order], lab[order]
+        del order
+        for key, relabelled in list(self._relabel.items()):  # labels given since: written into the run now
+            k = self._find((hi, lo, lab), key)
+            if k is not None:
+                lab[k] = relabelled
+                del self._relabel[key]
+        self._runs.append((self._spill.put(hi), self._spill.put(lo), self._spill.put(lab)))
 
     def __contains__(self, sha256: object) -> bool:
         return isinstance(sha256, str) and self._label_of(self.key(sha256)) is not _UNSEEN
@@ -756,9 +777,10 @@ class ContentIndex:
         """Every known content's key and first label (for tests and small stores: it makes a
         Python object per content)."""
         found: dict[bytes, int | None] = {}
-        for his, los, labels in (self._stored, self._run):  # the run's keys after, so they win
+        for his, los, labels in (self._stored, *self._runs):  # the run's keys after, so they win
             for h, l, b in zip(his, los, labels):
                 found[int(h).to_bytes(8, "big") + int(l).to_bytes(8, "big")] = None if b < 0 else int(b)
+        found.update(self._relabel)
         found.update(self._new)
         return found
 
