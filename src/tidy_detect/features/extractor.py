@@ -659,7 +659,7 @@ class ContentIndex:
     run's own, which gather in a dict of at most ``BUFFER`` keys first and then become a sorted
     run of their own (hex strings and paths took about 0.35 KiB a content, a dict of every key 85
     bytes). Runs of equal size are merged, as a binary counter adds, up to ``MAX_RUN`` keys, so
-    a run of ten million images has a few dozen runs, each key merged a few times; large columns
+    a run of ten million images has about ten runs, each key merged a few times; large columns
     (the store's, and runs from about 500,000 keys) live in mapped files (see
     :mod:`tidy_detect.features.spill`), so what the process holds stays bounded whatever the
     number of contents: the buffer, the runs still under the spill size, and the labels that
