@@ -188,3 +188,27 @@ def test_extract_with_a_layout_walks_the_tree_and_samples_without_listing_it_who
     assert summary.processed == len(sampled) == 8 and len(opened) == 3  # pairing, count, take
     assert [(i.path, i.label, i.group) for i in load_list(other / "inputs.csv")] == \
         [(i.path, i.label, i.group) for i in sampled]
+
+
+def test_a_manifest_is_read_row_by_row(tmp_path):
+    """A manifest input is read as it is listed: its first row comes before a bad later row is
+    reached, and a stream over it is refused by its check, naming the line."""
+    from tidy_detect.data.inputs import iter_manifest, read_manifest
+    from tidy_detect.errors import InputError
+
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,label\na.png,1\nb.png,0\nc.png,maybe\n")
+    rows = iter_manifest(manifest)
+    first = next(rows)
+    assert (first.path, first.label) == (str(tmp_path / "a.png"), 1)
+    assert next(rows).path == str(tmp_path / "b.png")
+    with pytest.raises(InputError, match="line 4"):
+        next(rows)
+    with pytest.raises(InputError, match="line 4"):
+        read_manifest(manifest)
+    with pytest.raises(InputError, match="line 4"):
+        select_inputs([manifest], stream=True)
+    manifest.write_text("path,label\na.png,1\nb.png,0\n")
+    stream = select_inputs([manifest], stream=True).items
+    assert isinstance(stream, ItemStream) and [i.path for i in stream] == [str(tmp_path / "a.png"),
+                                                                          str(tmp_path / "b.png")]

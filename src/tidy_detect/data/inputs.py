@@ -239,13 +239,23 @@ def walk_folder(root: Path | trees.Node, summary: InputSummary | None = None) ->
 
 
 def read_manifest(path: str | Path) -> list[ImageItem]:
+    """The items of :func:`iter_manifest`, as a list.
+
+    Raises:
+        InputError: as :func:`iter_manifest`.
+    """
+    return list(iter_manifest(path))
+
+
+def iter_manifest(path: str | Path) -> Iterator[ImageItem]:
     """Items from a CSV with a ``path`` column and optional ``label``, ``group``, ``caption``,
     ``subgroup`` (e.g. the LSUN class of a CNNDetection training image). The manifest is a local
     file or an object behind a URI (read as a stream).
 
     Relative paths are taken relative to the manifest's folder (its URI's folder for a remote
     manifest); URIs (``s3://...``), absolute paths and source identities (``/data/x.zip!/a.png``)
-    are kept as written.
+    are kept as written. Rows are read and yielded one at a time (a manifest of ten million lines is
+    never held); the errors below come as the reading reaches them.
 
     Raises:
         InputError: unreadable file, no ``path`` column, an empty path or a bad label (with the line).
@@ -263,7 +273,6 @@ def read_manifest(path: str | Path) -> list[ImageItem]:
             handle = path.open(newline="", encoding=encoding)
     except OSError as exc:
         raise InputError(f"{path}: cannot open the manifest ({getattr(exc, 'strerror', None) or exc})") from exc
-    items = []
     reader = None
     with handle:
         try:
@@ -289,13 +298,13 @@ def read_manifest(path: str | Path) -> list[ImageItem]:
                     image = str(local if local.is_absolute() else path.parent.absolute() / local)
                     if sources.SEPARATOR in raw and os.path.isabs(raw):
                         image = raw  # an identity: its member name is kept exactly
-                items.append(ImageItem(
+                yield ImageItem(
                     image,
                     parse_label(row.get("label"), f"{path}, line {line}"),
                     (row.get("group") or "").strip() or None,
                     row.get("caption") if (row.get("caption") or "").strip() else None,
                     (row.get("subgroup") or "").strip() or None,
-                ))
+                )
         except csv.Error as exc:
             where = f", line {reader.line_num}" if reader is not None else ""
             raise InputError(f"{path}{where}: not valid CSV ({exc})") from exc
@@ -304,7 +313,6 @@ def read_manifest(path: str | Path) -> list[ImageItem]:
             raise InputError(f"{path}: the manifest is not {name} text ({exc.reason}); save it as UTF-8") from exc
         except OSError as exc:
             raise InputError(f"{path}: cannot read the manifest ({getattr(exc, 'strerror', None) or exc})") from exc
-    return items
 
 
 class _Readable(io.RawIOBase):
@@ -513,7 +521,7 @@ def iter_inputs(inputs: Iterable[str | Path], summary: InputSummary | None = Non
             found: Iterable[ImageItem] = walk_folder(trees.open_tree(text) if remote.is_uri(text) else Path(text),
                                                      summary)
         elif kind == "manifest":
-            found = iter(read_manifest(text))
+            found = iter_manifest(text)
         elif kind == "file":
             found = iter([ImageItem(text if remote.is_uri(text) else str(Path(text).absolute()))])
         elif kind == "other":
@@ -547,6 +555,7 @@ __all__ = [
     "input_kind",
     "items_from_source",
     "items_from_table_set",
+    "iter_manifest",
     "iter_inputs",
     "iter_table_set",
     "label_from_parts",
