@@ -11,6 +11,10 @@ written into ``--work`` on the first run for a row count (then run again: the fi
 wrote them, so its figures are not a fresh process's).
 
     python benchmarks/resume_memory.py 30000 --work /tmp/resume-30k    # once to write, once to measure
+
+``--content-build 1000000,4000000,8000000`` instead measures (tracemalloc) the peak of building
+the stored contents' index from random 32-byte hashes given in 65,536-row slices, every column
+mapped: it stops growing once the store is larger than one chunk (``ContentIndex.MAX_RUN``).
 """
 
 from __future__ import annotations
@@ -27,9 +31,15 @@ import input_kinds  # noqa: E402  (the memory test's table, store and RSS reader
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("rows", type=int, help="rows of the table and the store")
-    parser.add_argument("--work", type=Path, required=True, help="folder for the table and the store (kept)")
+    parser.add_argument("rows", type=int, nargs="?", help="rows of the table and the store")
+    parser.add_argument("--work", type=Path, help="folder for the table and the store (kept)")
+    parser.add_argument("--content-build", help="row counts for the stored contents' build peak (see above)")
     args = parser.parse_args(argv)
+    if args.content_build:
+        content_build([int(n) for n in args.content_build.split(",") if n])
+        return 0
+    if args.rows is None or args.work is None:
+        parser.error("give ROWS and --work, or --content-build")
 
     from tidy_detect.features import spill
 
@@ -63,6 +73,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{summary.total:,} rows, {summary.skipped:,} skipped, plan alive: {plan is not None}; "
           f"input footer {pq.ParquetFile(table).metadata.serialized_size / 2 ** 20:.1f} MiB")
     return 0
+
+
+def content_build(counts: list[int]) -> None:
+    import tracemalloc
+
+    import numpy as np
+
+    from tidy_detect.features.extractor import ContentIndex
+    from tidy_detect.features.spill import Spill
+
+    def slices(n: int, step: int = 1 << 16):
+        rng = np.random.default_rng(0)
+        for start in range(0, n, step):
+            m = min(step, n - start)
+            yield rng.integers(0, 256, (m, 32), dtype=np.uint8), rng.integers(-1, 2, m).astype(np.int8)
+
+    for n in counts:
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        content = ContentIndex(slices(n), Spill(min_bytes=0))
+        now, peak = tracemalloc.get_traced_memory()
+        print(f"{n:>11,} rows: build peak {(peak - before) / 2 ** 20:7.1f} MiB ({(peak - before) / n:5.1f} B a row), "
+              f"kept {(now - before) / 2 ** 20:6.2f} MiB, {len(content._stored)} stored runs", flush=True)
+        del content
+        tracemalloc.stop()
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def test_a_spilled_index_answers_as_the_one_in_memory(tmp_path, spill_dir, monke
         assert np.array_equal(one, other)
     assert ContentIndex(spilled.iter_contents(step=7), Spill(min_bytes=0)) == ContentIndex(plain.contents())
     stored = ContentIndex(spilled.iter_contents(), Spill(min_bytes=0))
-    assert all(is_mapped(column) for column in stored._stored)
+    assert stored._stored and all(is_mapped(column) for run in stored._stored for column in run)
     sha = hashlib.sha256(b"7").hexdigest()
     assert sha in stored and stored.add(sha, 1) == ContentIndex(plain.contents()).add(sha, 1)
 

@@ -274,6 +274,35 @@ def test_content_index_answers_the_same_when_its_run_keys_are_merged_into_column
     assert all(is_mapped(run[0]) == spilled for run in merged._runs)
 
 
+def test_content_index_sorts_the_store_a_chunk_at_a_time_with_the_same_answers(monkeypatch):
+    """The store's keys become sorted runs of at most MAX_RUN rows (merged while they stay under
+    it), never one sort of the whole store: with runs of 4 rows, a key repeated across runs with
+    and without labels still answers with its first labelled row in store order."""
+    import hashlib
+    import random
+
+    import numpy as np
+
+    from tidy_detect.features.extractor import ContentIndex
+
+    rng = random.Random(9)
+    shas = [hashlib.sha256(bytes([k])).hexdigest() for k in range(25)]
+    rows = [rng.choice(shas) for _ in range(90)]
+    labels = np.array([rng.choice([-1, -1, 0, 1]) for _ in rows], np.int8)
+    sha = np.frombuffer(bytes.fromhex("".join(rows)), np.uint8).reshape(len(rows), 32)
+    slices = [(sha[i:i + 7], labels[i:i + 7]) for i in range(0, len(rows), 7)]
+    whole = ContentIndex((sha, labels))
+    monkeypatch.setattr(ContentIndex, "MAX_RUN", 4)
+    chunked = ContentIndex(iter(slices))
+    assert len(chunked._stored) > 1 and all(len(run[0]) <= 4 for run in chunked._stored)
+    assert chunked.labels() == whole.labels()
+    for key in shas:
+        expected = next((int(b) for s, b in zip(rows, labels) if s == key and b >= 0), None)
+        assert (key in chunked) == (key in rows)
+        if key in rows:
+            assert chunked.add(key, 1) == whole.add(key, 1) == (expected if expected is not None else 1)
+
+
 def test_the_keys_a_read_has_seen_are_each_let_through_once_across_merges(monkeypatch):
     """iter_batches' de-duplication keeps 64-bit key hashes in sorted runs, merged as they pile up
     (every 2 batches here): it lets each key through once, like a set, whatever the merges."""

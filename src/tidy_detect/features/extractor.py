@@ -659,7 +659,9 @@ class ContentIndex:
     run's own, which gather in a dict of at most ``BUFFER`` keys first and then become a sorted
     run of their own (hex strings and paths took about 0.35 KiB a content, a dict of every key 85
     bytes). Runs of equal size are merged, as a binary counter adds, up to ``MAX_RUN`` keys, so
-    a run of ten million images has about ten runs, each key merged a few times; large columns
+    a run of ten million images has about ten runs, each key merged a few times. The store's keys
+    are sorted the same way, a chunk of at most ``MAX_RUN`` rows at a time, into runs in store
+    order (a key's first labelled row wins across them). Large columns
     (the store's, and runs from about 500,000 keys) live in mapped files (see
     :mod:`tidy_detect.features.spill`), so what the process holds stays bounded whatever the
     number of contents: the buffer, the runs still under the spill size, and the labels that
@@ -676,17 +678,38 @@ class ContentIndex:
         (:meth:`~tidy_detect.features.store.StoreIndex.iter_contents`). ``spill``: where the
         store's columns go once sorted when they are large (see :mod:`tidy_detect.features.spill`)."""
         self._new: dict[bytes, int | None] = {}  # key -> first label, this run's newest keys
-        his, los, labs = [], [], []
+        self._spill = spill or Spill()
+        # the store's keys as sorted runs in store order, each at most MAX_RUN rows sorted at a
+        # time (never the whole store at once); a key may sit in several (see _stored_label)
+        self._stored: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        chunk: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        held = 0
         for sha, lab in ([stored] if isinstance(stored, tuple) else stored or ()):  # a slice's 32-byte hashes at a time
-            his.append(sha[:, :8].copy().view(">u8").ravel().astype(np.uint64))
-            los.append(sha[:, 8:16].copy().view(">u8").ravel().astype(np.uint64))
-            labs.append(np.asarray(lab, np.int8))
-        hi = np.concatenate(his) if his else np.zeros(0, np.uint64)
-        lo = np.concatenate(los) if los else np.zeros(0, np.uint64)
-        labels = np.concatenate(labs) if labs else np.zeros(0, np.int8)
-        del his, los, labs
-        # by key, a labelled row before an unlabelled one, then in store order (lexsort is
-        # stable): a key's first row is the label it first came with
+            start = 0
+            while start < len(sha):
+                end = start + self.MAX_RUN - held  # fill the chunk to MAX_RUN rows, no more
+                part = sha[start:end]
+                chunk.append((part[:, :8].copy().view(">u8").ravel().astype(np.uint64),
+                              part[:, 8:16].copy().view(">u8").ravel().astype(np.uint64),
+                              np.asarray(lab[start:end], np.int8)))
+                held += len(part)
+                start = end
+                if held >= self.MAX_RUN:
+                    self._add_stored(chunk)
+                    chunk, held = [], 0
+        if chunk:
+            self._add_stored(chunk)
+        self._runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # this run's keys, each run sorted by hi
+        self._relabel: dict[bytes, int] = {}  # a run's key that got its first label after the run was made
+
+    @staticmethod
+    def _first_of_each(parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``parts`` (in store order) as one run sorted by key, each key once: its first labelled
+        row, else its first row (lexsort is stable, so equal keys keep their order)."""
+        hi = np.concatenate([p[0] for p in parts])
+        lo = np.concatenate([p[1] for p in parts])
+        labels = np.concatenate([p[2] for p in parts])
         order = np.lexsort((labels == -1, lo, hi))
         hi = hi[order]
         lo = lo[order]
@@ -694,10 +717,29 @@ class ContentIndex:
         del order
         first = np.ones(len(hi), bool)
         first[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
-        self._spill = spill or Spill()
-        self._stored = (self._spill.put(hi[first]), self._spill.put(lo[first]), self._spill.put(labels[first]))
-        self._runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # this run's keys, each run sorted by hi
-        self._relabel: dict[bytes, int] = {}  # a run's key that got its first label after the run was made
+        return hi[first], lo[first], labels[first]
+
+    def _add_stored(self, chunk: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        """A chunk of the store's keys becomes a run; equal runs merge (up to MAX_RUN keys)."""
+        parts = [self._first_of_each(chunk)]
+        while self._stored and len(self._stored[-1][0]) <= len(parts[0][0]) and \
+                len(self._stored[-1][0]) + len(parts[0][0]) <= self.MAX_RUN:
+            parts.insert(0, self._stored.pop())  # the older run first: store order decides ties
+        run = self._first_of_each(parts) if len(parts) > 1 else parts[0]
+        self._stored.append(tuple(self._spill.put(column) for column in run))  # type: ignore[arg-type]
+
+    def _stored_label(self, key: bytes) -> Any:
+        """A stored key's first label across the store's runs (runs in store order: the first
+        labelled row wins, else None), or _UNSEEN."""
+        found: Any = _UNSEEN
+        for run in self._stored:
+            k = self._find(run, key)
+            if k is not None:
+                label = int(run[2][k])
+                if label >= 0:
+                    return label
+                found = None
+        return found
 
     @staticmethod
     def key(sha256: str) -> bytes:
@@ -724,12 +766,12 @@ class ContentIndex:
             return self._new[key]
         if key in self._relabel:
             return self._relabel[key]
-        for columns in (*self._runs, self._stored):  # the run's label wins over the store's unlabelled row
+        for columns in self._runs:  # the run's label wins over the store's unlabelled row
             k = self._find(columns, key)
             if k is not None:
                 label = int(columns[2][k])
                 return None if label < 0 else label
-        return _UNSEEN
+        return self._stored_label(key)
 
     def add(self, sha256: str, label: int | None = None) -> int | None:
         """Record content ``sha256`` (with ``label``, if its first labelled row); returns the
@@ -777,7 +819,12 @@ class ContentIndex:
         """Every known content's key and first label (for tests and small stores: it makes a
         Python object per content)."""
         found: dict[bytes, int | None] = {}
-        for his, los, labels in (self._stored, *self._runs):  # the run's keys after, so they win
+        for his, los, labels in self._stored:  # in store order: a key's first label stays
+            for h, l, b in zip(his, los, labels):
+                key = int(h).to_bytes(8, "big") + int(l).to_bytes(8, "big")
+                if found.get(key) is None:
+                    found[key] = None if b < 0 else int(b)
+        for his, los, labels in self._runs:  # the run's keys after, so they win
             for h, l, b in zip(his, los, labels):
                 found[int(h).to_bytes(8, "big") + int(l).to_bytes(8, "big")] = None if b < 0 else int(b)
         found.update(self._relabel)
