@@ -119,3 +119,18 @@ def test_resume_with_a_spilled_index_skips_what_is_done(tmp_path, spill_dir, mon
     plan = pending_items(items, store)
     assert [item.path for item in plan.todo] == [f"/img/{i}.png" for i in range(300, 320, 3)]
     assert _files(spill_dir) == []
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
+def test_the_bucketed_argsort_is_numpys_stable_argsort(spill_dir, chunk):
+    rng = np.random.default_rng(chunk)
+    keys = np.concatenate([rng.integers(-2 ** 63, 2 ** 63 - 1, 3000, dtype=np.int64, endpoint=True),
+                           rng.integers(-3, 3, 500).astype(np.int64),  # ties, and both sides of zero
+                           np.array([-2 ** 63, 2 ** 63 - 1, 0, -1] * 5, np.int64)])
+    rng.shuffle(keys)
+    order = Spill(min_bytes=0).argsort(keys, chunk=chunk)
+    assert is_mapped(order) and np.array_equal(order, np.argsort(keys, kind="stable"))
+    assert not is_mapped(Spill(min_bytes=10 ** 9).argsort(keys))
+    assert _files(spill_dir) == []
+    empty = Spill(min_bytes=0).argsort(np.zeros(0, np.int64))
+    assert len(empty) == 0

@@ -90,7 +90,7 @@ class Spill:
 
     def put(self, array: np.ndarray) -> np.ndarray:
         """``array``, or a read-only memory map of a file holding it when it is large."""
-        if not self.enabled or array.nbytes < self.min_bytes:
+        if not self.enabled or array.nbytes < self.min_bytes or is_mapped(array):
             return array
         path = self._path()
         try:
@@ -99,6 +99,56 @@ class Spill:
             raise StoreError(f"{path}: cannot write the resume index ({exc.strerror or exc}); free space there, "
                              f"set {SPILL_ENV} to another folder, or {SPILL_ENV}=off") from exc
         return self._map(path, array.dtype, array.shape)
+
+    def empty(self, length: int, dtype: Any) -> np.ndarray:
+        """A writable column of ``length`` values: in a mapped file when it is large."""
+        dtype = np.dtype(dtype)
+        if not self.enabled or length * dtype.itemsize < self.min_bytes or not length:
+            return np.empty(length, dtype)
+        path = self._path()
+        try:
+            with open(path, "wb") as handle:
+                handle.truncate(length * dtype.itemsize)
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot write the resume index ({exc.strerror or exc}); free space there, "
+                             f"set {SPILL_ENV} to another folder, or {SPILL_ENV}=off") from exc
+        mapped = np.memmap(path, dtype=dtype, mode="r+", shape=(length,))
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return np.asarray(mapped)
+
+    def argsort(self, keys: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+        """``np.argsort(keys, kind="stable")`` of an int64 column, without its working memory
+        when the column is large: rows are first placed by their key's top 8 bits (256 buckets,
+        in row order, a chunk at a time) into a mapped result, then each bucket is sorted on its
+        own. Memory is a chunk and a bucket, not the column (24 bytes a row for NumPy's sort)."""
+        if not self.enabled or keys.nbytes < self.min_bytes:
+            return np.argsort(keys, kind="stable")
+        n = len(keys)
+
+        def bucket(part: np.ndarray) -> np.ndarray:  # the top 8 bits, in the keys' signed order
+            return ((np.asarray(part).view(np.uint64) ^ np.uint64(1 << 63)) >> np.uint64(56)).astype(np.intp)
+
+        counts = np.zeros(256, np.int64)
+        for start in range(0, n, chunk):
+            counts += np.bincount(bucket(keys[start:start + chunk]), minlength=256)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        order = self.empty(n, np.int64)
+        cursor = starts.copy()
+        for start in range(0, n, chunk):
+            b = bucket(keys[start:start + chunk])
+            within = np.argsort(b, kind="stable")
+            placed = b[within]
+            first = np.searchsorted(placed, placed, side="left")
+            order[cursor[placed] + (np.arange(len(placed)) - first)] = start + within
+            cursor += np.bincount(b, minlength=256)
+        for k in np.flatnonzero(counts):
+            lo, hi = int(starts[k]), int(starts[k] + counts[k])
+            rows = np.array(order[lo:hi])  # ascending: placed in row order, so the sort stays stable
+            order[lo:hi] = rows[np.argsort(np.asarray(keys[rows]), kind="stable")]
+        return order
 
     def builder(self, dtype: Any, width: tuple[int, ...] = ()) -> "ColumnBuilder":
         """A column of ``dtype`` (rows of shape ``width``) built by appending chunks."""

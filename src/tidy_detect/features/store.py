@@ -341,16 +341,20 @@ class StoreIndex(Mapping[str, IndexEntry]):
 
     A large index's columns are built into files and mapped (:class:`~tidy_detect.features.spill.Spill`):
     the run holds no memory per stored row, only page cache the kernel can drop; building it
-    sorts the paths' hashes in memory (16 bytes a row, freed once sorted)."""
+    sorts the paths' hashes by buckets into a mapped column (:meth:`Spill.argsort`), so the
+    build's working memory does not grow with the store either."""
 
     def __init__(self, hashes: np.ndarray, columns: _IndexColumns, spill: Spill | None = None) -> None:
         self._c = columns
         self._spill = spill or Spill()
-        order = np.argsort(hashes, kind="stable")  # equal hashes keep the store's row order
-        sorted_hashes = hashes[order]
-        del hashes
+        order = self._spill.argsort(hashes)  # stable: equal hashes keep the store's row order
         self._order = self._spill.put(order)
         del order
+        sorted_hashes = self._spill.empty(len(hashes), np.int64)
+        step = 1 << 16
+        for start in range(0, len(hashes), step):  # gathered a slice at a time
+            sorted_hashes[start:start + step] = hashes[self._order[start:start + step]]
+        del hashes
         self._hashes = self._spill.put(sorted_hashes)
         del sorted_hashes
         self._gone: set[int] = set()  # rows popped (resume removes a few)
