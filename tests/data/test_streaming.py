@@ -54,6 +54,73 @@ def test_each_image_once_across_inputs_without_remembering_table_rows(tree, tmp_
         [item.path for item in members[2:]]
 
 
+def _first_of_each(lists):
+    """Items of INPUTs listed one by one, concatenated, each path kept where it first comes."""
+    out, seen = [], set()
+    for items in lists:
+        for item in items:
+            if item.path not in seen:
+                seen.add(item.path)
+                out.append(item)
+    return out
+
+
+def test_folders_files_and_manifests_give_each_image_once_in_any_order(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_tree(a, {"gen_a": 2, "gen_b": 1})
+    make_tree(b, {"gen_c": 2}, seed=1)
+    inner = a / "gen_a"
+    one = a / "gen_b" / "1_fake" / "img0.png"
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path\n" + "\n".join([str(a / "gen_a/0_real/img1.png"), str(b / "gen_c/1_fake/img0.png"),
+                                                str(tmp_path / "elsewhere.png")]) + "\n")
+    (tmp_path / "elsewhere.png").write_bytes((a / "gen_a/0_real/img0.png").read_bytes())
+    orders = [[a, b], [a, b, a], [a, inner], [inner, a], [a, one], [one, a], [one, one], [a, manifest, b],
+              [a, b, manifest], [manifest, a, b], [b, inner, manifest, a, one], [manifest, manifest]]
+    for order in orders:
+        got = collect_inputs(order)
+        assert got == _first_of_each([collect_inputs([name]) for name in order]), order
+
+
+def test_disjoint_folders_remember_nothing(tmp_path):
+    """A generic run over many folders holds one folder's names at a time, not every path it has
+    yielded: the memory of listing three folders of 1,500 files each is that of one sub-folder."""
+    import tracemalloc
+
+    roots = []
+    for name in ("a", "b", "c"):
+        for sub in range(15):
+            folder = tmp_path / name / f"gen{sub}" / "1_fake"
+            folder.mkdir(parents=True)
+            for i in range(100):
+                (folder / f"image_with_a_long_name_{i:05d}.png").touch()
+        roots.append(tmp_path / name)
+
+    def peak(order):
+        sum(1 for _ in iter_inputs(order))  # first-use costs (imports, caches) out of the figure
+        tracemalloc.start()
+        try:
+            count = sum(1 for _ in iter_inputs(order))
+            return count, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path\n")
+    disjoint, disjoint_peak = peak(roots)
+    remembered, remembered_peak = peak([*roots, manifest])  # a later manifest may name any of them
+    assert disjoint == remembered == 4500
+    # remembering 3,000 paths (the last folder's are never remembered) costs some 850 KB; a walk
+    # of disjoint folders holds one sub-folder's names (some 26 KB here)
+    assert remembered_peak > disjoint_peak + 400_000, (disjoint_peak, remembered_peak)
+    assert disjoint_peak < 150_000, disjoint_peak
+    assert inputs_module._repeated_later([(str(roots[1]), "folder"), (str(roots[2]), "folder")]) is not None
+    later = inputs_module._repeated_later([(str(roots[1]), "folder")])
+    assert not later(str(roots[0] / "gen0/1_fake/image_with_a_long_name_00000.png"))
+    assert later(str(roots[1] / "gen0/1_fake/image_with_a_long_name_00000.png"))
+    assert inputs_module._repeated_later([]) is None
+
+
 def test_a_datasets_folder_and_one_of_its_files_give_each_row_once(tree, tmp_path):
     saved = make_saved_dataset(tree_files(tree), tmp_path / "saved")
     arrow = sorted(saved.glob("*.arrow"))

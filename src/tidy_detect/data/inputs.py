@@ -32,7 +32,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from tidy_detect.data import hub, remote, sources, trees
 from tidy_detect.data.sources import SourceOptions, source_suffix
@@ -481,8 +481,9 @@ def iter_inputs(inputs: Iterable[str | Path], summary: InputSummary | None = Non
 
     Files named directly are always included, whatever their suffix (a bad one becomes an error
     record later). Each image is yielded once. Keeping that promise costs memory only where two
-    INPUTs can name the same image: the items of folders, manifests and single files are
-    remembered while a later INPUT may repeat them; an archive, shard or table read as an INPUT is
+    INPUTs can name the same image: an item of a folder, manifest or single file is remembered
+    only when a later INPUT may name it again (a later manifest, the same file, or a folder
+    holding it: disjoint folders remember nothing); an archive, shard or table read as an INPUT is
     remembered by its name alone (its members' identities are unique within it, so the same file
     given twice is skipped the second time, and a manifest line naming one of its members after it
     is a repeat).
@@ -501,10 +502,9 @@ def iter_inputs(inputs: Iterable[str | Path], summary: InputSummary | None = Non
     """
     summary = summary if summary is not None else InputSummary()
     resolved = resolved if resolved is not None else resolve_inputs(inputs, split)
-    seen: set[str] = set()  # items of folders, manifests and files, while a later INPUT may repeat them
+    seen: set[str] = set()  # items a later INPUT may name again
     listed: set[str] = set()  # absolute names of the sources (archives, shards, tables) listed whole
     for position, (text, kind) in enumerate(resolved):
-        remember = position < len(resolved) - 1  # nothing comes after the last INPUT to repeat its items
         if kind in ("hub", "datasets"):
             found_set = hub.table_set(text, split)
             yield from (item for item in iter_table_set(found_set, options, skip_files=listed)
@@ -523,17 +523,52 @@ def iter_inputs(inputs: Iterable[str | Path], summary: InputSummary | None = Non
         elif kind == "manifest":
             found = iter_manifest(text)
         elif kind == "file":
-            found = iter([ImageItem(text if remote.is_uri(text) else str(Path(text).absolute()))])
+            found = iter([ImageItem(_file_path(text))])
         elif kind == "other":
             raise InputError(f"{text}: neither a file nor a folder")
         else:
             raise InputError(f"{text}: no such file or folder")
+        repeats = _repeated_later(resolved[position + 1:])
         for item in found:
             if item.path in seen or (listed and _member_of(item.path, listed)):
                 continue
-            if remember:
+            if repeats is not None and repeats(item.path):
                 seen.add(item.path)
             yield item
+
+
+def _file_path(text: str) -> str:
+    """The item path of a file named as an INPUT."""
+    return text if remote.is_uri(text) else str(Path(text).absolute())
+
+
+def _repeated_later(later: list[tuple[str, str]]) -> Callable[[str], bool] | None:
+    """Which item paths the INPUTs in ``later`` may yield again (None: none can).
+
+    Identity is the item path as written, so a later folder can only repeat the paths under its
+    own root, a later file only its own path; a later manifest may name any path. Tables,
+    datasets and archives yield member identities (``set.zip!/a.png``), which a manifest before
+    them may name but a walked file's path never is. So a run over many disjoint folders
+    remembers nothing, however many images they hold.
+    """
+    prefixes: list[str] = []
+    names: set[str] = set()
+    members = False
+    for text, kind in later:
+        if kind == "manifest":
+            return lambda path: True
+        if kind == "folder":
+            prefixes.append(text.rstrip("/") + "/" if remote.is_uri(text)
+                            else str(Path(text).absolute()).rstrip(os.sep) + os.sep)
+        elif kind == "file":
+            names.add(_file_path(text))
+        elif kind in ("source", "hub", "datasets"):
+            members = True
+    if not prefixes and not names and not members:
+        return None
+    under = tuple(prefixes)
+    return lambda path: (path in names or path.startswith(under)
+                         or (members and sources.split_identity(path) is not None))
 
 
 def _member_of(path: str, listed: set[str]) -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator, Union
@@ -54,11 +55,17 @@ def walk_tree(root: str | Path, counts: WalkCounts | None = None) -> Iterator[tu
     loop of links ends where it first comes back, and a file reached by two names keeps the first
     one in walk order. A file that cannot be stat'ed (a dangling link) is listed as it is; reading
     it later gives its error row.
+
+    Memory does not grow with the number of plain files: only the identities of folders, of files
+    with several hard links and of link targets are kept. A plain file (one link, not a symbolic
+    link) has one name, in one real folder, so a symbolic link to it repeats it exactly when that
+    folder has been walked already (or is being walked, and the real name sorts first); else the
+    link's target is remembered, and the real name is skipped if the walk reaches it later.
     """
     counts = counts if counts is not None else WalkCounts()
     base = str(root)
     seen_folders: set[tuple[int, int]] = set()
-    seen_files: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()  # hard-linked files and link targets listed so far
     for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
         try:
             st = os.stat(dirpath)
@@ -79,18 +86,43 @@ def walk_tree(root: str | Path, counts: WalkCounts | None = None) -> Iterator[tu
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
+            path = os.path.join(dirpath, name)
             try:
-                fst = os.stat(os.path.join(dirpath, name))
-                key = (fst.st_dev, fst.st_ino)
+                fst = os.lstat(path)
+                link = stat.S_ISLNK(fst.st_mode)
+                if link:
+                    fst = os.stat(path)
             except OSError:
                 names.append(name)
                 continue
-            if key in seen_files:
+            key = (fst.st_dev, fst.st_ino)
+            if key in seen_files or (link and fst.st_nlink == 1
+                                     and _listed_already(path, name, identity, seen_folders)):
                 counts.repeated_files += 1
                 continue
-            seen_files.add(key)
+            if link or fst.st_nlink > 1:
+                seen_files.add(key)
             names.append(name)
         yield dirpath, parts, names
+
+
+def _listed_already(link: str, name: str, folder: tuple[int, int] | None,
+                    walked: set[tuple[int, int]]) -> bool:
+    """Whether the walk has listed the target of the symbolic link ``link`` (named ``name``, in
+    the folder being walked, ``folder``) under the target's own name: the target has one name,
+    so that happened if its folder was walked before, or is this folder and the name sorts first."""
+    real = os.path.realpath(link)
+    real_name = os.path.basename(real)
+    if real_name.startswith("."):
+        return False
+    try:
+        parent = os.stat(os.path.dirname(real))
+    except OSError:
+        return False
+    where = (parent.st_dev, parent.st_ino)
+    if where == folder:
+        return real_name < name
+    return where in walked
 
 
 class Tree:
