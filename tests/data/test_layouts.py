@@ -290,6 +290,28 @@ def test_manifest_layout_keeps_file_order(tmp_path):
     assert [(Path(i.path).name, i.label, i.subgroup) for i in ds.items] == [("b.png", 1, "cat"), ("a.png", 0, None)]
 
 
+def test_a_manifest_layout_is_read_row_by_row_each_row_once(tmp_path, monkeypatch):
+    from tidy_detect.data import inputs as inputs_module
+    from tidy_detect.data.layouts import open_dataset
+    from tidy_detect.data.selection import select_inputs
+    from tidy_detect.features.spill import KeySet
+
+    _imgs(tmp_path / "imgs", *(f"{i}.png" for i in range(40)))
+    manifest = tmp_path / "list.csv"
+    lines = [f"imgs/{i % 25}.png,{i % 2},g{i % 25 % 3}" for i in range(60)]  # 35 repeats of 25 rows
+    manifest.write_text("path,label,group\n" + "\n".join(lines) + "\n")
+    monkeypatch.setattr(inputs_module, "read_manifest", lambda *a: pytest.fail("the manifest was read whole"))
+    monkeypatch.setattr(KeySet, "BUFFER", 4)  # the repeats are found in sorted runs too
+    listing = open_dataset(manifest, "manifest")
+    rows = iter(listing.items)
+    first = next(rows)
+    assert Path(first.path).name == "0.png" and not isinstance(listing.items, list)
+    items = [first, *rows]
+    assert [Path(i.path).name for i in items] == [f"{i}.png" for i in range(25)]
+    streamed = list(select_inputs([manifest], layout="manifest", stream=True).items)
+    assert streamed == items == list(read_dataset(manifest, "manifest").items)
+
+
 # ---------------------------------------------------------------------------------------------
 # Detection, registry, errors, extraction inputs
 

@@ -134,3 +134,51 @@ def test_the_bucketed_argsort_is_numpys_stable_argsort(spill_dir, chunk):
     assert _files(spill_dir) == []
     empty = Spill(min_bytes=0).argsort(np.zeros(0, np.int64))
     assert len(empty) == 0
+
+
+@pytest.mark.parametrize("buffer,max_run", [(4, 16), (7, 10_000), (1 << 16, 1 << 21)])
+def test_a_key_set_answers_as_a_set(spill_dir, monkeypatch, buffer, max_run):
+    from tidy_detect.features.spill import KeySet
+
+    monkeypatch.setattr(KeySet, "BUFFER", buffer)
+    monkeypatch.setattr(KeySet, "MAX_RUN", max_run)
+    keys = KeySet(Spill(min_bytes=64))  # runs of 8 keys and more are mapped
+    plain: set[str] = set()
+    rng = random.Random(buffer)
+    for _ in range(3000):
+        key = f"/data/{rng.randrange(1500)}.png\0{rng.choice(['a', 'b', 'None'])}"
+        assert keys.add(key) == (key not in plain)
+        plain.add(key)
+    assert len(keys) == len(plain)
+    assert all(key in keys for key in plain)
+    assert not any(f"/other/{i}.png\0a" in keys for i in range(500))
+    assert 3 not in keys
+    if buffer < 100:
+        assert len(keys._runs) > 1 and any(is_mapped(hi) for hi, _ in keys._runs)
+        assert all(len(hi) <= max(max_run, buffer) for hi, _ in keys._runs)
+
+
+@pytest.mark.parametrize("buffer,batch", [(4, 1), (4, 7), (16, 100), (1 << 16, 500)])
+def test_adding_keys_in_batches_is_adding_them_one_by_one(spill_dir, monkeypatch, buffer, batch):
+    from tidy_detect.features.spill import KeySet
+
+    monkeypatch.setattr(KeySet, "BUFFER", buffer)
+    monkeypatch.setattr(KeySet, "MAX_RUN", 64)
+    one, many = KeySet(Spill(min_bytes=64)), KeySet(Spill(min_bytes=64))
+    rng = random.Random(batch)
+    keys = [f"{rng.randrange(800)}.png\0{rng.randrange(3)}" for _ in range(3000)]
+    expected = [one.add(key) for key in keys]
+    got = [new for start in range(0, len(keys), batch) for new in many.add_many(keys[start:start + batch])]
+    assert got == expected and len(many) == len(one) == len(set(keys))
+    assert many.add_many([]) == []
+
+
+def test_a_batch_finds_a_key_behind_another_with_the_same_high_half(monkeypatch):
+    from tidy_detect.features.spill import KeySet
+
+    monkeypatch.setattr(KeySet, "BUFFER", 2)
+    made = {"a": b"\1" * 8 + b"\1" * 8, "b": b"\1" * 8 + b"\2" * 8, "c": b"\1" * 8 + b"\3" * 8}
+    monkeypatch.setattr(KeySet, "_digest", staticmethod(lambda key: made[key]))
+    keys = KeySet(Spill(min_bytes=1 << 30))
+    assert keys.add_many(["a", "b"]) == [True, True]  # one run: a, b (the same high half)
+    assert keys.add_many(["b", "c", "a", "c"]) == [False, True, False, False]

@@ -69,11 +69,12 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from tidy_detect.data import hub, remote, sources, trees
 from tidy_detect.data.inputs import LABEL_FOLDERS, ImageItem, InputSummary, collect_inputs, expand_inputs, \
-    input_kind, items_from_source, iter_table_set, normalize_input
-from tidy_detect.data.sampling import list_counts, load_list, pairing_users
+    input_kind, items_from_source, iter_manifest, iter_table_set, normalize_input
+from tidy_detect.data.sampling import list_counts, pairing_users
 from tidy_detect.data.sources import SourceOptions
 from tidy_detect.data.trees import Folder, WalkCounts, subfolders  # noqa: F401  (subfolders: part of this API)
 from tidy_detect.errors import ConfigError, InputError, UnknownNameError
+from tidy_detect.features.spill import KeySet
 from tidy_detect.images import is_image_path
 
 CNNDETECTION_CLASSES = (
@@ -364,18 +365,32 @@ def _looks_like_manifest(root: Folder) -> bool:
     return isinstance(root, Path) and root.is_file() and root.suffix.lower() == ".csv"
 
 
+_MANIFEST_CHUNK = 4096  # rows checked against the rows before at once
+
+
 @register_layout("manifest", looks_like=_looks_like_manifest, is_file=True,
                  expects="a CSV file with columns path[,label,group,caption,subgroup]")
 def read_manifest_layout(root: Folder, *, split: str | None, pairing: Mapping[str, str] | None,
                          walker: Walker) -> Found:
-    items, seen = [], set()
-    for item in load_list(root):  # a manifest is read whole: it is a list already
-        if walker.exclude and walker.exclude.matches(item.path, _posix_relative(item.path, walker.root)):
-            walker.skipped[EXCLUDED] += 1
-        elif (item.path, item.group) not in seen:
-            seen.add((item.path, item.group))
-            items.append(item)
-    return Found(items, None, keep_order=True)
+    def rows() -> Iterator[ImageItem]:
+        seen = KeySet()  # (path, group) of the rows given, at some 16 bytes a row
+        chunk: list[ImageItem] = []
+
+        def fresh() -> Iterator[ImageItem]:
+            new = seen.add_many([f"{item.path}\0{item.group}" for item in chunk])
+            yield from (item for item, is_new in zip(chunk, new) if is_new)
+            chunk.clear()
+
+        for item in iter_manifest(root):  # row by row: a manifest of ten million lines is never held
+            if walker.exclude and walker.exclude.matches(item.path, _posix_relative(item.path, walker.root)):
+                walker.skipped[EXCLUDED] += 1
+                continue
+            chunk.append(item)
+            if len(chunk) >= _MANIFEST_CHUNK:
+                yield from fresh()
+        yield from fresh()
+
+    return Found(rows(), None, keep_order=True)
 
 
 def _genimage_splits(folder: Folder) -> list[str]:
@@ -892,14 +907,15 @@ def expand_pairing(items: Iterable[ImageItem], pairing: Mapping[str, str]) -> li
         The expanded items, in input order (the copies of one real next to each other).
     """
     users = pairing_users(pairing)
-    expanded = []
-    for item in items:
-        if item.label == 0 and str(item.group) in users:
-            expanded.extend(ImageItem(item.path, 0, group, item.caption, item.subgroup)
-                            for group in users[str(item.group)])
-        else:
-            expanded.append(item)
-    return expanded
+    return [copy for item in items for copy in expand_item(item, users)]
+
+
+def expand_item(item: ImageItem, users: Mapping[str, list[str]]) -> list[ImageItem]:
+    """The items of one extraction item in the per-generator view (see :func:`expand_pairing`;
+    ``users`` from :func:`~tidy_detect.data.sampling.pairing_users`)."""
+    if item.label == 0 and str(item.group) in users:
+        return [ImageItem(item.path, 0, group, item.caption, item.subgroup) for group in users[str(item.group)]]
+    return [item]
 
 
 def dataset_roots(inputs: Iterable[str | Path]) -> list[str]:
@@ -990,6 +1006,7 @@ __all__ = [
     "dataset_roots",
     "datasets_for_inputs",
     "detect_layout",
+    "expand_item",
     "expand_pairing",
     "get_layout",
     "items_for_datasets",

@@ -37,7 +37,7 @@ from tidy_detect.data import remote, sources
 from tidy_detect.data.inputs import ImageItem
 from tidy_detect.data.perturb import Perturbation
 from tidy_detect.errors import ConfigError, ImageError, InputError, InputsFailedError, NothingProcessedError, TidyError
-from tidy_detect.features.spill import Spill
+from tidy_detect.features.spill import Spill, find_key
 from tidy_detect.features.store import FeatureStore, IndexEntry, StoreIndex, content_digest
 from tidy_detect.models.device import DeviceMemoryError, is_cuda
 from tidy_detect.views import crop_box
@@ -751,14 +751,7 @@ class ContentIndex:
     @staticmethod
     def _find(columns: tuple[np.ndarray, np.ndarray, np.ndarray], key: bytes) -> int | None:
         """The position of ``key`` in sorted ``(hi, lo, labels)`` columns, or None."""
-        his, los, _ = columns
-        hi, lo = np.uint64(int.from_bytes(key[:8], "big")), np.uint64(int.from_bytes(key[8:16], "big"))
-        k = int(np.searchsorted(his, hi))
-        while k < len(his) and his[k] == hi:
-            if los[k] == lo:
-                return k
-            k += 1
-        return None
+        return find_key(columns[0], columns[1], key)
 
     def _label_of(self, key: bytes) -> Any:
         """The first label of a known key (None: known without a label), or _UNSEEN."""

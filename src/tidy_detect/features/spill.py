@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -199,6 +199,109 @@ class ColumnBuilder:
         return self.spill._map(self._path, self.dtype, shape)
 
 
+def find_key(his: np.ndarray, los: np.ndarray, key: bytes) -> int | None:
+    """The position of a 16-byte ``key`` (two big-endian 64-bit halves) in columns of halves
+    sorted by the high one, or None."""
+    hi, lo = np.uint64(int.from_bytes(key[:8], "big")), np.uint64(int.from_bytes(key[8:16], "big"))
+    k = int(np.searchsorted(his, hi))
+    while k < len(his) and his[k] == hi:
+        if los[k] == lo:
+            return k
+        k += 1
+    return None
+
+
+class KeySet:
+    """A set of keys (any strings) that holds about 16 bytes a key, in mapped runs once large:
+    what a listing of ten million rows remembers to give each row once.
+
+    A key is kept as its 128-bit BLAKE2b digest (two 64-bit halves; a false "seen" among 10^10
+    keys has a chance near 10^-19). The newest keys wait in a Python set of at most ``BUFFER``;
+    then they become a sorted run, and runs of equal size merge as a binary counter adds, up to
+    ``MAX_RUN`` keys, so a lookup searches a few runs. Runs of :data:`MIN_BYTES` and more go to
+    ``spill`` (mapped files).
+    """
+
+    BUFFER = 1 << 16
+    MAX_RUN = 1 << 21  # a merge sorts both runs in memory: some 80 MB at this size
+
+    def __init__(self, spill: Spill | None = None) -> None:
+        self._spill = spill if spill is not None else Spill()
+        self._new: set[bytes] = set()
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (hi, lo), sorted by (hi, lo)
+        self._count = 0
+
+    @staticmethod
+    def _digest(key: str) -> bytes:
+        import hashlib
+
+        return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+    def _in_runs(self, digest: bytes) -> bool:
+        return any(find_key(his, los, digest) is not None for his, los in self._runs)
+
+    def add(self, key: str) -> bool:
+        """Add ``key``; whether it was new."""
+        digest = self._digest(key)
+        if digest in self._new or self._in_runs(digest):
+            return False
+        self._new.add(digest)
+        self._count += 1
+        if len(self._new) >= self.BUFFER:
+            self._flush()
+        return True
+
+    def add_many(self, keys: Sequence[str]) -> list[bool]:
+        """Add ``keys`` in order; for each, whether it was new (a key given twice is new the
+        first time). The runs are searched once for the whole batch, which is what makes a
+        listing of millions of rows fast: use batches of a few thousand."""
+        digests = [self._digest(key) for key in keys]
+        found = np.zeros(len(digests), bool)
+        if self._runs and digests:
+            halves = np.frombuffer(b"".join(digests), ">u8").astype(np.uint64).reshape(-1, 2)
+            for his, los in self._runs:
+                at = np.minimum(np.searchsorted(his, halves[:, 0]), len(his) - 1)
+                same_hi = his[at] == halves[:, 0]
+                found |= same_hi & (los[at] == halves[:, 1])
+                for i in np.flatnonzero(same_hi & ~found):  # another key with the same high half first
+                    found[i] = self._in_runs(digests[i])
+        waiting = self._new  # the buffer the runs were searched beside (a flush below starts another)
+        added: set[bytes] = set()  # this batch's new keys, also once the buffer has become a run
+        new = []
+        for digest, known in zip(digests, found):
+            fresh = not known and digest not in waiting and digest not in added
+            if fresh:
+                added.add(digest)
+                self._new.add(digest)
+                self._count += 1
+                if len(self._new) >= self.BUFFER:
+                    self._flush()
+            new.append(fresh)
+        return new
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        digest = self._digest(key)
+        return digest in self._new or self._in_runs(digest)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _flush(self) -> None:
+        halves = np.frombuffer(b"".join(self._new), ">u8").astype(np.uint64).reshape(-1, 2)
+        self._new = set()
+        parts = [(halves[:, 0], halves[:, 1])]
+        while self._runs and len(self._runs[-1][0]) <= len(parts[0][0]) and \
+                len(self._runs[-1][0]) + len(parts[0][0]) <= self.MAX_RUN:
+            parts.insert(0, self._runs.pop())
+        hi = np.concatenate([part[0] for part in parts])
+        lo = np.concatenate([part[1] for part in parts])
+        del parts, halves
+        order = np.lexsort((lo, hi))
+        self._runs.append((self._spill.put(hi[order]), self._spill.put(lo[order])))
+
+
 def is_mapped(array: np.ndarray) -> bool:
     """Whether ``array`` reads a mapped file (what :meth:`Spill.put` and builders give when large)."""
     while array is not None:
@@ -210,4 +313,4 @@ def is_mapped(array: np.ndarray) -> bool:
     return False
 
 
-__all__ = ["ColumnBuilder", "MIN_BYTES", "SPILL_ENV", "Spill", "is_mapped", "spill_folder"]
+__all__ = ["ColumnBuilder", "KeySet", "find_key", "MIN_BYTES", "SPILL_ENV", "Spill", "is_mapped", "spill_folder"]
