@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import typer
 from PIL import Image
 from typer.testing import CliRunner
@@ -172,3 +173,84 @@ def test_cli_counts_generator_metadata_per_class(tmp_path):
     assert any("provenance metadata" in w["message"] for w in report["warnings"])
     table = CliRunner().invoke(app, ["datasets", "inspect", str(root), "--generator-metadata", "3"])
     assert table.exit_code == 0 and "generator metadata" in table.output, table.output
+
+
+def _listed_metadata_sample(items, per_cell: int, seed: int = 0) -> list:
+    """How the generator-metadata sample is drawn from a whole list (the order of its checks)."""
+    import collections
+    import random
+
+    cells = collections.defaultdict(list)
+    for item in items:
+        cells[(str(item.group), item.label)].append(item)
+    chosen = []
+    for key in sorted(cells, key=str):
+        members = sorted({i.path: i for i in cells[key]}.values(), key=lambda i: i.path)
+        chosen.extend(random.Random(seed).sample(members, min(per_cell, len(members))))
+    return chosen
+
+
+def test_a_walked_inspection_reports_what_the_list_reports(tmp_path, monkeypatch):
+    """`datasets inspect` walks its input (twice when it probes) instead of holding it: for every
+    kind of tree, the report and the metadata sample are the list's, probing included."""
+    from tests.conftest import make_tree
+    from tests.data.conftest import make_parquet, make_shards, make_zip, tree_files
+    from tidy_detect.data.inspect import inspect_listings
+    from tidy_detect.data.layouts import dataset_roots, datasets_for_inputs, merge_datasets, open_dataset
+
+    bench = tmp_path / "bench"
+    make_tree(bench, {"progan": 4, "dalle": 3})
+    diffusion = tmp_path / "diffusion_datasets"
+    for name in ("a.png", "b.png", "c.JPEG"):
+        _img(diffusion / "ldm_200" / "1_fake" / name)
+        _img(diffusion / "glide_100_10" / "1_fake" / name)
+        _img(diffusion / "laion" / "0_real" / name.replace(".png", ".jpg"))
+    unsorted = tmp_path / "unsorted"  # "car-2/" sorts before "car/x" but is walked after it
+    for sub in ("car", "car-2"):
+        for i in range(3):
+            _img(unsorted / "gen" / "1_fake" / sub / f"{i}.png")
+            _img(unsorted / "gen" / "0_real" / sub / f"{i}.jpg", fmt="JPEG")
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,label,group\n" + "".join(
+        f"bench/progan/{c}/img{i}.png,{c[0]},{g}\n" for g in ("one", "two") for c in ("0_real", "1_fake")
+        for i in (3, 1, 2)))
+    files = tree_files(bench)
+    cases = [(str(_tree(tmp_path / "ds")), "auto", None), (str(bench), "auto", None), (str(bench), "generic", None),
+             (str(diffusion), "auto", None), (str(diffusion), "auto", {"ldm_200": "laion"}),
+             (str(unsorted), "generic", None), (str(manifest), "auto", None),
+             (str(make_parquet(files, tmp_path / "bench.parquet")), "auto", None),
+             (make_shards(files, tmp_path / "shards", per_shard=4), "auto", None),
+             (str(make_zip(files, tmp_path / "bench.zip")), "auto", None)]
+    for path, layout, pairing in cases:
+        datasets = merge_datasets(datasets_for_inputs([path], layout, pairing=pairing), path)
+        for probe, metadata in ((0, 0), (2, 0), (0, 2), (3, 5), (50, 1)):
+            want = inspect_dataset(datasets, probe=probe)
+            opened = []
+
+            def open_listings():
+                opened.append(1)
+                return [open_dataset(root, layout, pairing=pairing) for root in dataset_roots([path])]
+
+            report, chosen = inspect_listings(open_listings, path, probe=probe, metadata=metadata)
+            assert report == want, (path, probe)
+            assert json.dumps(report) == json.dumps(want)  # the same keys in the same order
+            assert chosen == _listed_metadata_sample(datasets.items, metadata), (path, metadata)
+            assert len(opened) == (2 if probe or metadata else 1)
+
+
+def test_the_cli_inspection_walks_and_never_reads_the_list(tmp_path, monkeypatch):
+    from tidy_detect.cli import command, out
+    from tidy_detect.data import layouts
+
+    monkeypatch.setattr(layouts, "read_dataset", lambda *a, **k: pytest.fail("the dataset was read whole"))
+    app = typer.Typer()
+    app.command("noop")(lambda: None)
+    register(app, command, out)
+    root = _tree(tmp_path / "ds")
+    result = CliRunner().invoke(app, ["datasets", "inspect", str(root), "--json", "--probe", "2",
+                                      "--generator-metadata", "2"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["groups"]["disguised"]["probed"]["real"] == {"JPEG": 2}
+    assert report["generator_metadata_checked"] == 2
+    assert report["groups"]["biased"]["generator_metadata"]["real"]["checked"] == 2

@@ -62,16 +62,20 @@ def register(app: typer.Typer, command: Callable[..., Any], out: Console) -> typ
         caption_column: Optional[str] = CaptionColumnOpt,
     ) -> None:
         """Print the detected layout and, per group, real/fake counts and file formats; warn about format bias."""
-        from tidy_detect.data.inspect import inspect_dataset
-        from tidy_detect.data.layouts import datasets_for_inputs, merge_datasets, parse_pairing
+        from tidy_detect.data.inspect import inspect_listings
+        from tidy_detect.data.layouts import dataset_roots, open_dataset, parse_pairing
 
-        found = datasets_for_inputs([path], layout, split=split, exclude=exclude or None,
-                                    pairing=parse_pairing(pairing or []) or None,
-                                    options=source_options(image_column, label_column, group_column, caption_column))
-        dataset = merge_datasets(found, path)
-        report = inspect_dataset(dataset, probe=probe)
+        roots = dataset_roots([path])
+        pairs = parse_pairing(pairing or []) or None
+        options = source_options(image_column, label_column, group_column, caption_column)
+
+        def open_listings() -> list[Any]:  # walked, not held: a million-file tree costs no list
+            return [open_dataset(root, layout, split=split, exclude=exclude or None, pairing=pairs, options=options)
+                    for root in roots]
+
+        report, chosen = inspect_listings(open_listings, path, probe=probe, metadata=generator_metadata)
         if generator_metadata:
-            add_generator_metadata(report, dataset.items, generator_metadata)
+            apply_generator_metadata(report, chosen, generator_metadata)
         if as_json:
             out.print_json(json.dumps(report))
             return
@@ -80,23 +84,14 @@ def register(app: typer.Typer, command: Callable[..., Any], out: Console) -> typ
     return datasets_app
 
 
-def add_generator_metadata(report: dict[str, Any], items: Any, per_cell: int, seed: int = 0) -> None:
-    """Add, per group, the counts of :func:`tidy_detect.provenance.count_generator_metadata` on up
-    to ``per_cell`` images per group and class (chosen with ``seed``) to an inspect report, and its
-    warnings to the report's warnings. (The dataset code never reads provenance: evaluation must not
-    depend on it, so the command line joins the two.)"""
-    import collections
-    import random
-
+def apply_generator_metadata(report: dict[str, Any], chosen: list[Any], per_cell: int) -> None:
+    """Add, per group, the counts of :func:`tidy_detect.provenance.count_generator_metadata` on
+    the ``chosen`` items (up to ``per_cell`` per group and class, see
+    :func:`tidy_detect.data.inspect.inspect_listings`) to an inspect report, and its warnings to
+    the report's warnings. (The dataset code never reads provenance: evaluation must not depend on
+    it, so the command line joins the two.)"""
     from tidy_detect.provenance import count_generator_metadata
 
-    cells: dict[tuple[str, Any], list[Any]] = collections.defaultdict(list)
-    for item in items:
-        cells[(str(item.group), item.label)].append(item)
-    chosen = []
-    for key in sorted(cells, key=str):
-        members = sorted({i.path: i for i in cells[key]}.values(), key=lambda i: i.path)
-        chosen.extend(random.Random(seed).sample(members, min(per_cell, len(members))))
     counts = count_generator_metadata(chosen)
     for group, entry in report["groups"].items():
         if group in counts["groups"]:

@@ -18,12 +18,12 @@ import collections
 import functools
 import random
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from tidy_detect.data import sources
 from tidy_detect.data.inputs import ImageItem
 from tidy_detect.data.layouts import COLUMNS, Dataset
-from tidy_detect.errors import ConfigError
+from tidy_detect.errors import ConfigError, InputError
 from tidy_detect.images import DEFAULT_MAX_FILE_BYTES
 
 DOMINANT_SHARE = 0.9  # a class this much one format is "one format"
@@ -175,6 +175,212 @@ def inspect_dataset(dataset: Dataset, probe: int = 0, seed: int = 0,
     }
 
 
+class _Cell:
+    """One (group, class) of a streamed inspection: its size, whether its paths came sorted, and
+    (second walk) the items at the chosen ranks, or every path when they did not come sorted."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.last: str | None = None
+        self.sorted = True
+        self.probe_ranks: set[int] = set()
+        self.meta_ranks: list[int] = []
+        self.at: dict[int, ImageItem] = {}
+        self.items: list[ImageItem] = []
+
+    def count(self, path: str) -> None:
+        if self.last is not None and not self.last < path:
+            self.sorted = False
+        self.last = path
+        self.size += 1
+
+
+def _with_first_times(items: Iterable[tuple[ImageItem, int]], paths: Any, batch: int = 4096
+                      ) -> Iterator[tuple[ImageItem, bool]]:
+    """``(item, whether its path is new to paths)``, the paths added a batch at a time."""
+    chunk: list[ImageItem] = []
+    for item, _ in items:
+        chunk.append(item)
+        if len(chunk) >= batch:
+            yield from zip(chunk, paths.add_many([i.path for i in chunk]))
+            chunk = []
+    yield from zip(chunk, paths.add_many([i.path for i in chunk]))
+
+
+def inspect_listings(open_listings: Callable[[], Sequence[Any]], root: str, probe: int = 0, seed: int = 0,
+                     share: float = DOMINANT_SHARE, metadata: int = 0) -> tuple[dict[str, Any], list[ImageItem]]:
+    """:func:`inspect_dataset` of the datasets ``open_listings()`` opens (merged as
+    :func:`~tidy_detect.data.layouts.merge_datasets` merges them), walking them instead of holding
+    their items: the same report, in memory that does not grow with the dataset.
+
+    The counts need one walk. Probing (``probe``) and the generator-metadata sample (``metadata``
+    items per group and class, seed 0, as ``datasets inspect --generator-metadata`` takes them)
+    choose by rank in each cell's sorted paths, so they need a second walk, which meets each item
+    at its rank again (a cell whose paths do not come in sorted order keeps its paths, as the
+    list did).
+
+    Args:
+        open_listings: opens the datasets anew (each :class:`~tidy_detect.data.layouts.Listing`
+            yields its items once); called once per walk.
+        root: what the report calls the datasets when there are several.
+
+    Returns:
+        The report, and the items chosen for the generator-metadata check (in the order
+        ``datasets inspect`` checks them).
+
+    Raises:
+        ConfigError: as :func:`inspect_dataset`.
+        InputError: as :func:`~tidy_detect.data.layouts.read_dataset` and ``merge_datasets``.
+    """
+    from tidy_detect.data.layouts import expand_item
+    from tidy_detect.data.sampling import pairing_users
+    from tidy_detect.features.spill import KeySet
+
+    if isinstance(probe, bool) or not isinstance(probe, int) or probe < 0:
+        raise ConfigError(f"probe must be an integer >= 0, got {probe!r}")
+    if not 0.5 < share <= 1.0:
+        raise ConfigError(f"share must be in (0.5, 1], got {share!r}")
+
+    def walk(listings: Sequence[Any]) -> Iterator[tuple[ImageItem, int]]:
+        """(item, which copy of its extraction item it is) in the per-generator view."""
+        for listing in listings:
+            users = pairing_users(listing.pairing) if listing.pairing and not listing.keep_order else {}
+            listed = False
+            for item in listing.items:
+                listed = True
+                if users:
+                    yield from ((copy, k) for k, copy in enumerate(expand_item(item, users)))
+                else:
+                    yield item, 0
+            if not listed:
+                raise listing.empty_error()
+
+    listings = open_listings()
+    if not listings:
+        raise InputError(f"{root}: nothing to read")
+    layouts = sorted({listing.layout for listing in listings})
+    if len(layouts) > 1:
+        raise InputError(f"{root}: its files are read with different layouts ({', '.join(layouts)}); inspect "
+                         f"them one by one")
+    entries: dict[str, dict[str, Any]] = {}
+    suffixes: dict[str, dict[str, collections.Counter[str]]] = {}
+    subgroups: dict[str, dict[str, dict[str, int]]] = {}
+    cells: dict[tuple[str, Any], _Cell] = {}
+    total = files = shared = 0
+    # One tree's walk lists each file once (its copies, a shared real under each generator, come
+    # together); a manifest may name a file under two groups, and several roots may overlap:
+    # then the paths seen are remembered (16 bytes a path, see KeySet) to count each file once.
+    keyed = len(listings) > 1 or any(listing.keep_order for listing in listings)
+    paths, twice = KeySet(), KeySet()
+    # (item, whether its file is new, whether its file has just become shared)
+    walked = ((item, first, not first and twice.add(item.path))
+              for item, first in _with_first_times(walk(listings), paths)) if keyed else \
+        ((item, copy == 0, copy == 1) for item, copy in walk(listings))
+    for item, first_time, now_shared in walked:
+        group, name = str(item.group), _CLASS_NAMES[item.label]
+        entry = entries.get(group)
+        if entry is None:
+            entry = entries[group] = {"real": 0, "fake": 0, "unlabelled": 0}
+            suffixes[group] = collections.defaultdict(collections.Counter)
+        entry[name] += 1
+        suffixes[group][name][format_from_suffix(item.path)] += 1
+        if item.subgroup is not None:
+            subgroups.setdefault(group, {}).setdefault(item.subgroup, {"real": 0, "fake": 0, "unlabelled": 0})[name] += 1
+        total += 1
+        files += first_time
+        shared += now_shared
+        if probe or metadata:
+            cells.setdefault((group, item.label), _Cell()).count(item.path)
+    pairing: dict[str, str] = {}  # a group without an entry takes its own reals
+    for listing in listings:
+        pairing.update(listing.pairing or {})
+
+    if probe or metadata:
+        for key, cell in cells.items():
+            if cell.sorted:
+                cell.probe_ranks = set(random.Random(seed).sample(range(cell.size), min(probe, cell.size)))
+                cell.meta_ranks = random.Random(0).sample(range(cell.size), min(metadata, cell.size))
+        seen: dict[tuple[str, Any], int] = collections.Counter()
+        for item, _ in walk(open_listings()):
+            key = (str(item.group), item.label)
+            cell = cells.get(key)
+            if cell is None:
+                continue  # the tree changed between the walks
+            if not cell.sorted:
+                cell.items.append(item)
+                continue
+            rank = seen[key]
+            seen[key] += 1
+            if rank in cell.probe_ranks or rank in cell.meta_ranks:
+                cell.at[rank] = item
+        for cell in cells.values():
+            if not cell.sorted:  # as the list does: the cell's paths sorted, then sampled
+                members = sorted({i.path: i for i in cell.items}.values(), key=lambda i: i.path)
+                cell.probe_ranks = set(random.Random(seed).sample(range(len(members)), min(probe, len(members))))
+                cell.meta_ranks = random.Random(0).sample(range(len(members)), min(metadata, len(members)))
+                cell.at = dict(enumerate(members))
+
+    probed_cache: dict[str, str] = {}
+    groups: dict[str, Any] = {}
+    warnings = []
+    for group in sorted(entries):
+        entry = entries[group]
+        entry["reals_from"] = pairing.get(group, group)
+        formats: Any = suffixes[group]
+        entry["formats"] = {name: dict(sorted(c.items())) for name, c in sorted(formats.items())}
+        source = "file suffix"
+        if probe:
+            formats = {}
+            for label in (0, 1, None):
+                cell = cells.get((group, label))
+                if cell is None:
+                    continue
+                counts: collections.Counter[str] = collections.Counter()
+                for rank in sorted(cell.probe_ranks):
+                    if rank not in cell.at:
+                        continue  # the tree lost files between the walks
+                    path = cell.at[rank].path
+                    if path not in probed_cache:
+                        probed_cache[path] = probe_format(path)
+                    counts[probed_cache[path]] += 1
+                formats[_CLASS_NAMES[label]] = counts
+            entry["probed"] = {name: dict(sorted(c.items())) for name, c in sorted(formats.items())}
+            source = f"reading {probe} files per class"
+        # the list's key order: counts, reals_from, formats, [probed], [subgroups]
+        groups[group] = {k: entry[k] for k in ("real", "fake", "unlabelled", "reals_from", "formats", "probed")
+                         if k in entry}
+        if group in subgroups:
+            groups[group]["subgroups"] = dict(sorted(subgroups[group].items()))
+        message = format_warning(group, formats.get("real", collections.Counter()),
+                                 formats.get("fake", collections.Counter()), source, share)
+        if message:
+            warnings.append({"group": group, "message": message})
+    chosen = [cells[key].at[rank] for key in sorted(cells, key=str) for rank in cells[key].meta_ranks
+              if rank in cells[key].at] if metadata else []
+    first = listings[0]
+    skipped: collections.Counter[str] = collections.Counter()
+    for listing in listings:
+        skipped.update(listing.skipped)
+    notes = [n for listing in listings for n in (listing.walker.notes if listing.walker else ())]
+    if first.layout == COLUMNS and not probe:
+        notes.append("table rows have no file names, so their formats show as NONE; --probe N reads them")
+    report = {
+        "name": first.name,
+        "layout": first.layout,
+        "root": first.root if len(listings) == 1 else root,
+        "container": first.container if len(listings) == 1 else f"{len(listings)} × {first.container}",
+        "split": first.split,
+        "items": total,
+        "files": files,
+        "shared_files": shared,
+        "skipped": dict(sorted(skipped.items())),
+        "notes": notes,
+        "groups": groups,
+        "warnings": warnings,
+    }
+    return report, chosen
+
+
 def _probe(items: Iterable[ImageItem], n: int, seed: int, cache: dict[str, str]
            ) -> dict[str, collections.Counter[str]]:
     cells: dict[str, list[str]] = collections.defaultdict(list)
@@ -193,4 +399,5 @@ def _probe(items: Iterable[ImageItem], n: int, seed: int, cache: dict[str, str]
     return found
 
 
-__all__ = ["DOMINANT_SHARE", "format_from_suffix", "format_warning", "inspect_dataset", "probe_format"]
+__all__ = ["DOMINANT_SHARE", "format_from_suffix", "format_warning", "inspect_dataset", "inspect_listings",
+           "probe_format"]
