@@ -12,7 +12,17 @@ a fresh process per (count, mode) the peak RSS above the process's RSS after its
   extraction iterates it (each item dropped when read);
 - ``sampled``: ``select_inputs(..., max_per_class=1000)``, the evaluation protocol (two passes
   over the walk; only the sample is held);
-- ``sampled-list``: the same sample made the way it was before (the list, then the sample).
+- ``sampled-list``: the same sample made the way it was before (the list, then the sample);
+- ``generic``: the tree read without a layout (one folder INPUT, labels from the folder names),
+  streamed as ``extract`` streams it;
+- ``generic-many``: the same, each generator's folder given as its own INPUT (disjoint folders:
+  nothing is remembered between them);
+- ``manifest``: a CSV manifest of the tree's files (``ROOT.csv``, written once) read with
+  ``--layout manifest``, streamed (each row once: a row's (path, group) is remembered in 16 bytes,
+  in mapped runs once large);
+- ``inspect``: ``datasets inspect`` of the tree (``--layout genimage``), which walks it;
+  ``inspect-list``: the same report from the dataset held as a list (how it was made before; the
+  benchmark checks that both reports are equal).
 
 Flat means the streamed and sampled figures do not grow with the count; ``per file`` is the
 growth per file from the smallest count. A walk holds one folder's names at a time (to sort
@@ -36,7 +46,8 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ("listed", "streamed", "sampled", "sampled-list")
+MODES = ("listed", "streamed", "sampled", "sampled-list", "generic", "generic-many", "manifest", "inspect",
+         "inspect-list")
 GENERATORS = ("ADM", "BigGAN", "glide", "Midjourney", "stable_diffusion_v_1_4", "stable_diffusion_v_1_5",
               "VQDM", "wukong")
 
@@ -76,6 +87,18 @@ def write_tree(root: Path, files: int, folder_size: int = 0) -> float:
     return time.perf_counter() - start
 
 
+def write_manifest(root: Path) -> None:
+    """``ROOT.csv``: every file of the tree with its label and generator, in walk order."""
+    with open(f"{root}.csv", "w", encoding="utf-8") as out:
+        out.write("path,label,group\n")
+        for folder, _, names in sorted(os.walk(root)):
+            parts = Path(folder).relative_to(root).parts
+            if len(parts) < 4:
+                continue
+            label = 1 if parts[-1] == "ai" else 0
+            out.writelines(f"{folder}/{name},{label},{parts[0]}\n" for name in sorted(names))
+
+
 def _rss_mib() -> tuple[float, float]:
     """(current, peak) resident memory of this process, MiB."""
     now = peak = 0.0
@@ -102,6 +125,22 @@ def child(root: str, mode: str, out: str) -> None:
     elif mode == "sampled":
         sample = select_inputs([root], layout="genimage", max_per_class=1000).items
         count = len(sample)
+    elif mode == "generic":
+        count = sum(1 for _ in select_inputs([root], stream=True).items)
+    elif mode in ("inspect", "inspect-list"):
+        from tidy_detect.data.inspect import inspect_dataset, inspect_listings
+        from tidy_detect.data.layouts import open_dataset, read_dataset
+
+        if mode == "inspect":
+            report, _ = inspect_listings(lambda: [open_dataset(root, "genimage")], root)
+        else:
+            report = inspect_dataset(read_dataset(root, "genimage"))
+        count = report["items"]
+        sample = [report]
+    elif mode == "manifest":
+        count = sum(1 for _ in select_inputs([f"{root}.csv"], layout="manifest", stream=True).items)
+    elif mode == "generic-many":
+        count = sum(1 for _ in select_inputs(sorted(str(p) for p in Path(root).iterdir()), stream=True).items)
     else:
         items = items_for_datasets(datasets_for_inputs([root], "genimage"))
         chosen = {it.path for it in sample_per_class(expand_pairing(items, {}), 1000, seed=0)}
@@ -110,7 +149,7 @@ def child(root: str, mode: str, out: str) -> None:
     seconds = time.perf_counter() - start
     _, peak = _rss_mib()
     Path(out).write_text(json.dumps({"count": count, "seconds": seconds, "base_mib": base, "peak_mib": peak,
-                                     "sample": [it.path for it in sample]}))
+                                     "sample": [it if isinstance(it, dict) else it.path for it in sample]}))
 
 
 def measure(root: Path, mode: str, work: Path) -> dict:
@@ -140,12 +179,17 @@ def main(argv: list[str] | None = None) -> int:
             root = work / f"GenImage-{files}-{args.folder_size}"
             if not root.exists():
                 print(f"writing {files:,} files ... {write_tree(root, files, args.folder_size):.1f} s")
+            if "manifest" in modes and not Path(f"{root}.csv").exists():
+                write_manifest(root)
             samples = {}
             for mode in modes:
                 found = measure(root, mode, work)
                 samples[mode] = found.pop("sample")
                 found.update(files=files, mode=mode, grown_mib=found["peak_mib"] - found["base_mib"])
                 results.append(found)
+            if "inspect" in samples and "inspect-list" in samples:
+                same = samples["inspect"] == samples["inspect-list"]
+                print(f"{files:,} files: the walked inspection {'equals' if same else 'DIFFERS FROM'} the listed one")
             if "sampled" in samples and "sampled-list" in samples:
                 same = samples["sampled"] == samples["sampled-list"]
                 print(f"{files:,} files: the streamed sample {'equals' if same else 'DIFFERS FROM'} the listed one "
