@@ -103,7 +103,9 @@ def format_warning(group: str, real: collections.Counter[str], fake: collections
 
 def inspect_dataset(dataset: Dataset, probe: int = 0, seed: int = 0,
                     share: float = DOMINANT_SHARE) -> dict[str, Any]:
-    """Counts, formats and warnings of a dataset, as plain (JSON-ready) data.
+    """Counts, formats and warnings of a dataset, as plain (JSON-ready) data: what
+    :func:`inspect_listings` reports when it walks the same input, here read from the dataset's
+    items.
 
     Args:
         dataset: from :func:`tidy_detect.data.layouts.read_dataset`.
@@ -120,59 +122,25 @@ def inspect_dataset(dataset: Dataset, probe: int = 0, seed: int = 0,
 
     Raises:
         ConfigError: ``probe`` < 0 or ``share`` outside (0.5, 1].
+        InputError: a dataset without items.
     """
-    if isinstance(probe, bool) or not isinstance(probe, int) or probe < 0:
-        raise ConfigError(f"probe must be an integer >= 0, got {probe!r}")
-    if not 0.5 < share <= 1.0:
-        raise ConfigError(f"share must be in (0.5, 1], got {share!r}")
-    by_group: dict[str, list[ImageItem]] = collections.defaultdict(list)
-    for item in dataset.items:
-        by_group[str(item.group)].append(item)
-    probed_cache: dict[str, str] = {}
-    groups: dict[str, Any] = {}
-    warnings = []
-    for group in sorted(by_group):
-        items = by_group[group]
-        entry: dict[str, Any] = {"real": 0, "fake": 0, "unlabelled": 0,
-                                 "reals_from": dataset.pairing.get(group, group)}
-        suffixes: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
-        subgroups: dict[str, dict[str, int]] = {}
-        for item in items:
-            name = _CLASS_NAMES[item.label]
-            entry[name] += 1
-            suffixes[name][format_from_suffix(item.path)] += 1
-            if item.subgroup is not None:
-                subgroups.setdefault(item.subgroup, {"real": 0, "fake": 0, "unlabelled": 0})[name] += 1
-        entry["formats"] = {name: dict(sorted(c.items())) for name, c in sorted(suffixes.items())}
-        formats, source = suffixes, "file suffix"
-        if probe:
-            formats = _probe(items, probe, seed, probed_cache)
-            entry["probed"] = {name: dict(sorted(c.items())) for name, c in sorted(formats.items())}
-            source = f"reading {probe} files per class"
-        if subgroups:
-            entry["subgroups"] = dict(sorted(subgroups.items()))
-        message = format_warning(group, formats.get("real", collections.Counter()),
-                                 formats.get("fake", collections.Counter()), source, share)
-        if message:
-            warnings.append({"group": group, "message": message})
-        groups[group] = entry
-    notes = list(dataset.notes)
-    if dataset.layout == COLUMNS and not probe:
-        notes.append("table rows have no file names, so their formats show as NONE; --probe N reads them")
-    return {
-        "name": dataset.name,
-        "layout": dataset.layout,
-        "root": dataset.root,
-        "container": dataset.container,
-        "split": dataset.split,
-        "items": len(dataset.items),
-        "files": len(dataset.unique_paths()),
-        "shared_files": len(dataset.shared_paths()),
-        "skipped": dict(dataset.skipped),
-        "notes": notes,
-        "groups": groups,
-        "warnings": warnings,
-    }
+    report, _ = inspect_listings(lambda: [_HeldListing(dataset)], dataset.root, probe=probe, seed=seed,
+                                 share=share)
+    return report
+
+
+class _HeldListing:
+    """A :class:`Dataset` (items already per generator) read as a listing by :func:`inspect_listings`."""
+
+    keep_order = True  # its items are the per-generator view already: no pairing to expand
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.name, self.layout, self.root, self.split = dataset.name, dataset.layout, dataset.root, dataset.split
+        self.container, self.items, self.pairing = dataset.container, dataset.items, dataset.pairing
+        self.skipped, self.notes = dataset.skipped, dataset.notes
+
+    def empty_error(self) -> InputError:
+        return InputError(f"{self.root}: holds no images")
 
 
 class _Cell:
@@ -209,9 +177,9 @@ def _with_first_times(items: Iterable[tuple[ImageItem, int]], paths: Any, batch:
 
 def inspect_listings(open_listings: Callable[[], Sequence[Any]], root: str, probe: int = 0, seed: int = 0,
                      share: float = DOMINANT_SHARE, metadata: int = 0) -> tuple[dict[str, Any], list[ImageItem]]:
-    """:func:`inspect_dataset` of the datasets ``open_listings()`` opens (merged as
-    :func:`~tidy_detect.data.layouts.merge_datasets` merges them), walking them instead of holding
-    their items: the same report, in memory that does not grow with the dataset.
+    """The report of :func:`inspect_dataset` (see there for its fields) for the datasets
+    ``open_listings()`` opens, merged as :func:`~tidy_detect.data.layouts.merge_datasets` merges
+    them, walking them instead of holding their items: memory does not grow with the dataset.
 
     The counts need one walk. Probing (``probe``) and the generator-metadata sample (``metadata``
     items per group and class, seed 0, as ``datasets inspect --generator-metadata`` takes them)
@@ -361,7 +329,7 @@ def inspect_listings(open_listings: Callable[[], Sequence[Any]], root: str, prob
     skipped: collections.Counter[str] = collections.Counter()
     for listing in listings:
         skipped.update(listing.skipped)
-    notes = [n for listing in listings for n in (listing.walker.notes if listing.walker else ())]
+    notes = [n for listing in listings for n in listing.notes]
     if first.layout == COLUMNS and not probe:
         notes.append("table rows have no file names, so their formats show as NONE; --probe N reads them")
     report = {
@@ -379,24 +347,6 @@ def inspect_listings(open_listings: Callable[[], Sequence[Any]], root: str, prob
         "warnings": warnings,
     }
     return report, chosen
-
-
-def _probe(items: Iterable[ImageItem], n: int, seed: int, cache: dict[str, str]
-           ) -> dict[str, collections.Counter[str]]:
-    cells: dict[str, list[str]] = collections.defaultdict(list)
-    for item in items:
-        cells[_CLASS_NAMES[item.label]].append(item.path)
-    found: dict[str, collections.Counter[str]] = {}
-    for name, paths in cells.items():
-        paths = sorted(set(paths))
-        chosen = random.Random(seed).sample(paths, min(n, len(paths)))
-        counts: collections.Counter[str] = collections.Counter()
-        for path in chosen:
-            if path not in cache:
-                cache[path] = probe_format(path)
-            counts[cache[path]] += 1
-        found[name] = counts
-    return found
 
 
 __all__ = ["DOMINANT_SHARE", "format_from_suffix", "format_warning", "inspect_dataset", "inspect_listings",

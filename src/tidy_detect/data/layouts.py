@@ -693,6 +693,11 @@ class Listing:
     def skipped(self) -> dict[str, int]:
         return dict(sorted(self.walker.skipped.items())) if self.walker else {}
 
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What the walk noted (folders it did not list, and why): complete once ``items`` ends."""
+        return tuple(self.walker.notes) if self.walker else ()
+
     def empty_error(self) -> InputError:
         """The error for a listing that yielded nothing."""
         if self.walker is None:
@@ -712,8 +717,8 @@ class Listing:
             raise self.empty_error()
         pairing = self.pairing_of({str(item.group) for item in listed})
         items = tuple(listed) if self.keep_order else tuple(sorted(expand_pairing(listed, pairing), key=_item_order))
-        return Dataset(self.name, self.layout, self.root, items, self.split, pairing, self.skipped,
-                       tuple(self.walker.notes) if self.walker else (), self.container)
+        return Dataset(self.name, self.layout, self.root, items, self.split, pairing, self.skipped, self.notes,
+                       self.container)
 
 
 def read_dataset(root: str | Path, layout: str = "auto", split: str | None = None,
