@@ -18,12 +18,14 @@ import collections
 import functools
 import random
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from tidy_detect.data import sources
 from tidy_detect.data.inputs import ImageItem
-from tidy_detect.data.layouts import COLUMNS, Dataset
+from tidy_detect.data.layouts import COLUMNS, Dataset, expand_item
+from tidy_detect.data.sampling import pairing_users
 from tidy_detect.errors import ConfigError, InputError
+from tidy_detect.features.spill import KeySet
 from tidy_detect.images import DEFAULT_MAX_FILE_BYTES
 
 DOMINANT_SHARE = 0.9  # a class this much one format is "one format"
@@ -162,17 +164,11 @@ class _Cell:
         self.last = path
         self.size += 1
 
-
-def _with_first_times(items: Iterable[tuple[ImageItem, int]], paths: Any, batch: int = 4096
-                      ) -> Iterator[tuple[ImageItem, bool]]:
-    """``(item, whether its path is new to paths)``, the paths added a batch at a time."""
-    chunk: list[ImageItem] = []
-    for item, _ in items:
-        chunk.append(item)
-        if len(chunk) >= batch:
-            yield from zip(chunk, paths.add_many([i.path for i in chunk]))
-            chunk = []
-    yield from zip(chunk, paths.add_many([i.path for i in chunk]))
+    def choose(self, n: int, probe: int, seed: int, metadata: int) -> None:
+        """The ranks (among ``n`` sorted paths) to probe, with ``seed``, and to check for metadata
+        (seed 0): ``random.Random(seed).sample`` picks indices that depend only on n and k."""
+        self.probe_ranks = set(random.Random(seed).sample(range(n), min(probe, n)))
+        self.meta_ranks = random.Random(0).sample(range(n), min(metadata, n))
 
 
 def inspect_listings(open_listings: Callable[[], Sequence[Any]], root: str, probe: int = 0, seed: int = 0,
@@ -200,10 +196,6 @@ def inspect_listings(open_listings: Callable[[], Sequence[Any]], root: str, prob
         ConfigError: as :func:`inspect_dataset`.
         InputError: as :func:`~tidy_detect.data.layouts.read_dataset` and ``merge_datasets``.
     """
-    from tidy_detect.data.layouts import expand_item
-    from tidy_detect.data.sampling import pairing_users
-    from tidy_detect.features.spill import KeySet
-
     if isinstance(probe, bool) or not isinstance(probe, int) or probe < 0:
         raise ConfigError(f"probe must be an integer >= 0, got {probe!r}")
     if not 0.5 < share <= 1.0:
@@ -242,7 +234,8 @@ def inspect_listings(open_listings: Callable[[], Sequence[Any]], root: str, prob
     paths, twice = KeySet(), KeySet()
     # (item, whether its file is new, whether its file has just become shared)
     walked = ((item, first, not first and twice.add(item.path))
-              for item, first in _with_first_times(walk(listings), paths)) if keyed else \
+              for item, first in paths.firsts((item for item, _ in walk(listings)), key=lambda i: i.path)) \
+        if keyed else \
         ((item, copy == 0, copy == 1) for item, copy in walk(listings))
     for item, first_time, now_shared in walked:
         group, name = str(item.group), _CLASS_NAMES[item.label]
@@ -264,10 +257,9 @@ def inspect_listings(open_listings: Callable[[], Sequence[Any]], root: str, prob
         pairing.update(listing.pairing or {})
 
     if probe or metadata:
-        for key, cell in cells.items():
+        for cell in cells.values():
             if cell.sorted:
-                cell.probe_ranks = set(random.Random(seed).sample(range(cell.size), min(probe, cell.size)))
-                cell.meta_ranks = random.Random(0).sample(range(cell.size), min(metadata, cell.size))
+                cell.choose(cell.size, probe, seed, metadata)
         seen: dict[tuple[str, Any], int] = collections.Counter()
         for item, _ in walk(open_listings()):
             key = (str(item.group), item.label)
@@ -284,8 +276,7 @@ def inspect_listings(open_listings: Callable[[], Sequence[Any]], root: str, prob
         for cell in cells.values():
             if not cell.sorted:  # as the list does: the cell's paths sorted, then sampled
                 members = sorted({i.path: i for i in cell.items}.values(), key=lambda i: i.path)
-                cell.probe_ranks = set(random.Random(seed).sample(range(len(members)), min(probe, len(members))))
-                cell.meta_ranks = random.Random(0).sample(range(len(members)), min(metadata, len(members)))
+                cell.choose(len(members), probe, seed, metadata)
                 cell.at = dict(enumerate(members))
 
     probed_cache: dict[str, str] = {}

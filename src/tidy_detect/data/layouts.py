@@ -365,32 +365,20 @@ def _looks_like_manifest(root: Folder) -> bool:
     return isinstance(root, Path) and root.is_file() and root.suffix.lower() == ".csv"
 
 
-_MANIFEST_CHUNK = 4096  # rows checked against the rows before at once
-
-
 @register_layout("manifest", looks_like=_looks_like_manifest, is_file=True,
                  expects="a CSV file with columns path[,label,group,caption,subgroup]")
 def read_manifest_layout(root: Folder, *, split: str | None, pairing: Mapping[str, str] | None,
                          walker: Walker) -> Found:
-    def rows() -> Iterator[ImageItem]:
-        seen = KeySet()  # (path, group) of the rows given, at some 16 bytes a row
-        chunk: list[ImageItem] = []
-
-        def fresh() -> Iterator[ImageItem]:
-            new = seen.add_many([f"{item.path}\0{item.group}" for item in chunk])
-            yield from (item for item, is_new in zip(chunk, new) if is_new)
-            chunk.clear()
-
+    def kept() -> Iterator[ImageItem]:
         for item in iter_manifest(root):  # row by row: a manifest of ten million lines is never held
             if walker.exclude and walker.exclude.matches(item.path, _posix_relative(item.path, walker.root)):
                 walker.skipped[EXCLUDED] += 1
-                continue
-            chunk.append(item)
-            if len(chunk) >= _MANIFEST_CHUNK:
-                yield from fresh()
-        yield from fresh()
+            else:
+                yield item
 
-    return Found(rows(), None, keep_order=True)
+    # each (path, group) once, at some 16 bytes a row
+    rows = KeySet().firsts(kept(), key=lambda item: f"{item.path}\0{item.group}")
+    return Found((item for item, new in rows if new), None, keep_order=True)
 
 
 def _genimage_splits(folder: Folder) -> list[str]:

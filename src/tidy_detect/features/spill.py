@@ -23,11 +23,13 @@ import os
 import shutil
 import tempfile
 import weakref
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
 from tidy_detect.errors import StoreError
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -241,15 +243,8 @@ class KeySet:
         return any(find_key(his, los, digest) is not None for his, los in self._runs)
 
     def add(self, key: str) -> bool:
-        """Add ``key``; whether it was new."""
-        digest = self._digest(key)
-        if digest in self._new or self._in_runs(digest):
-            return False
-        self._new.add(digest)
-        self._count += 1
-        if len(self._new) >= self.BUFFER:
-            self._flush()
-        return True
+        """Add ``key``; whether it was new (one key: :meth:`add_many` is the fast way for many)."""
+        return self.add_many([key])[0]
 
     def add_many(self, keys: Sequence[str]) -> list[bool]:
         """Add ``keys`` in order; for each, whether it was new (a key given twice is new the
@@ -278,6 +273,17 @@ class KeySet:
                     self._flush()
             new.append(fresh)
         return new
+
+    def firsts(self, items: Iterable[T], key: Callable[[T], str], batch: int = 4096) -> Iterator[tuple[T, bool]]:
+        """``(item, whether its key is new)`` for each of ``items``, in order, their keys added
+        ``batch`` at a time (see :meth:`add_many`)."""
+        chunk: list[T] = []
+        for item in items:
+            chunk.append(item)
+            if len(chunk) >= batch:
+                yield from zip(chunk, self.add_many([key(i) for i in chunk]))
+                chunk = []
+        yield from zip(chunk, self.add_many([key(i) for i in chunk]))
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, str):
